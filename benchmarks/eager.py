@@ -1,0 +1,52 @@
+"""The eager baseline every benchmark compares against: what TRL's GRPOTrainer computed before fused kernels.
+
+``log_softmax`` over the whole vocabulary in the logits' dtype, ``gather`` of the targets, the per-token loss in
+float32 and autograd for the gradient. It materialises the log-softmax (N x V) in the forward and the gradient of
+the gather plus the log-softmax's gradient (2 x N x V) in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo_kernels import reference as ref
+
+
+def eager_grpo_loss(
+    logits: torch.Tensor,  # [B, T, V]
+    token_ids: torch.Tensor,  # [B, T]
+    advantages: torch.Tensor,  # [B]
+    *,
+    mask: torch.Tensor,  # [B, T]
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    temperature: float = 1.0,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Returns ``(loss, per_token_logps, entropy or None)``."""
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    logp = (logits / temperature if temperature != 1.0 else logits).log_softmax(-1)
+    lp = logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1).float()
+    entropy = -(logp.exp() * logp).sum(-1).float() if return_entropy else None
+    old = lp.detach() if old_logprobs is None else old_logprobs
+    log_ratio = lp - old
+    m = mask.float()
+    if importance_sampling_level == "sequence":
+        log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    ratio = torch.exp(log_ratio)
+    per_token = ref.policy_loss(ratio, advantages.unsqueeze(1), lp, loss_type=loss_type, epsilon_low=epsilon_low,
+                                epsilon_high=epsilon_high)  # fmt: skip
+    if beta != 0.0:
+        per_token = per_token + beta * ref.kl_divergence(lp, ref_logprobs, "k3")
+    if loss_type in ("grpo", "sapo"):
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * m).sum() / m.sum().clamp(min=1.0)
+    else:
+        loss = (per_token * m).sum() / m.sum().clamp(min=1.0)
+    return loss, lp, entropy

@@ -1,0 +1,198 @@
+"""The per-token half of the GRPO loss in closed form: everything after the log-probs.
+
+Once ``lp_t`` is known, every other input of the loss is a per-token scalar, so the loss and its gradient
+``g_t = d loss / d lp_t`` (spec section 8) are cheap ``[N]`` vector math. This module writes that math with explicit
+derivatives (no autograd), in the form the Triton and CUDA kernels implement in their epilogues; the torch backend
+uses it directly, and the GPU backends use it for the sequence-level ratio, whose ``g_t`` needs a per-sequence
+reduction between the two passes over the logits.
+
+Notation (all ``[N]`` over the flattened tokens): ``c_t`` the aggregation coefficient (so that ``loss =
+sum_t c_t L_t``), ``r`` the log-ratio, ``rho = exp(r)``, ``P`` the policy term, ``K`` the KL estimate.
+
+    L_t   = w_t P_t + beta K_t (rho if bias-corrected)
+    token:    g_t = c_t (dL_t/dr + dL_t/dlp_t|direct)
+    sequence: g_t = c_t dL_t/dlp_t|direct + sigma_t sum_{t' in s} c_t' dL_t'/dr_s,   sigma_t = m_t / max(1, n_s)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+CLIP_LOW = 1  # bit of LossForward.clip_flags: rho < 1 - eps_low and A < 0
+CLIP_HIGH = 2  # bit of LossForward.clip_flags: rho > 1 + eps_high and A > 0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The scalar hyper-parameters and modes of the loss (already validated, epsilon_high resolved)."""
+
+    loss_type: str = "dapo"
+    beta: float = 0.0
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    dual_clip: float | None = None
+    temperature: float = 1.0
+    importance_sampling_level: str = "token"
+    kl_estimator: str = "k3"
+    bias_corrected_kl: bool = False
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+
+    @property
+    def sequence_level(self) -> bool:
+        return self.importance_sampling_level == "sequence"
+
+
+class TokenBatch(NamedTuple):
+    """The per-token inputs of the loss, flattened over ``N = B * T`` (padded) or ``N`` (packed) tokens.
+
+    Built by the API from the user's tensors; every field is contiguous and on the logits' device.
+    """
+
+    token_ids: torch.Tensor  # [N] int64, -1 where the position does not take part
+    coef: torch.Tensor  # [N] aggregation coefficient c_t (mask weight / normaliser; 0 where not taking part)
+    advantages: torch.Tensor  # [N] float32, 0 where not taking part
+    old_logprobs: torch.Tensor | None  # [N] float32 or None (ratio 1, gradient kept)
+    ref_logprobs: torch.Tensor | None  # [N] float32, None when beta == 0
+    is_weights: torch.Tensor | None  # [N] float32 or None
+    cu_seqlens: torch.Tensor  # [S+1] int64: sequence s owns tokens cu_seqlens[s]:cu_seqlens[s+1]
+    seq_ids: torch.Tensor  # [N] int64: the sequence of each token
+    seq_weights: torch.Tensor  # [N] sigma_t = m_t / max(1, n_s): weight of token t in its sequence's mean
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+
+class LossForward(NamedTuple):
+    """What a backend's fused forward returns. ``[N]`` tensors are float32 (float64 for float64 logits)."""
+
+    loss: torch.Tensor  # [] sum_t c_t L_t
+    logprobs: torch.Tensor  # [N] lp_t (0 where not taking part)
+    lse: torch.Tensor  # [N] log-sum-exp of z/temperature, saved for the backward
+    entropy: torch.Tensor  # [N] H_t, or [0] when not asked for
+    grad_logprobs: torch.Tensor  # [N] g_t = d loss / d lp_t
+    per_token_loss: torch.Tensor  # [N] L_t (0 where not taking part)
+    kl: torch.Tensor  # [N] K_t after bias correction (0 when beta == 0)
+    clip_flags: torch.Tensor  # [N] uint8, CLIP_LOW | CLIP_HIGH bits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Deterministic segment reductions (no atomics): segments are contiguous runs of tokens.
+# ----------------------------------------------------------------------------------------------------------------
+def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``out[s] = sum(values[cu[s]:cu[s+1]])`` via a float64 prefix sum: deterministic on every device."""
+    prefix = torch.cumsum(values.to(torch.float64), dim=0)
+    prefix = torch.cat([prefix.new_zeros(1), prefix])
+    return (prefix[cu_seqlens[1:]] - prefix[cu_seqlens[:-1]]).to(values.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-token pieces with their derivatives
+# ----------------------------------------------------------------------------------------------------------------
+def kl_and_grad(lp: torch.Tensor, ref: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``K`` and ``dK/dlp`` for ``k = lp_ref - lp`` (spec section 5)."""
+    k = ref - lp
+    if estimator == "k3":
+        ek = torch.exp(k)
+        return ek - k - 1, 1 - ek
+    if estimator == "k1":
+        return -k, torch.ones_like(k)
+    if estimator == "k2":
+        return 0.5 * k * k, -k
+    if estimator == "low_var_kl":  # clamp's gradient passes at the bounds (as torch.clamp's does)
+        kc = torch.clamp(k, -20.0, 20.0)
+        ekc = torch.exp(kc)
+        raw = ekc - kc - 1
+        passes = (k >= -20.0) & (k <= 20.0) & (raw <= 10.0)
+        return torch.clamp(raw, -10.0, 10.0), torch.where(passes, 1 - ekc, torch.zeros_like(k))
+    raise ValueError(f"unknown kl_estimator {estimator!r}")
+
+
+def _min_grad(a: torch.Tensor, b: torch.Tensor, da: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
+    """Derivative of ``min(a, b)``; at a tie the two sides share it equally, as ``torch.minimum`` does."""
+    return torch.where(a < b, da, torch.where(a > b, db, 0.5 * (da + db)))
+
+
+def policy_and_grads(
+    rho: torch.Tensor, adv: torch.Tensor, lp: torch.Tensor, config: LossConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(P, dP/dr, dP/dlp|direct)`` of spec section 4 for ratio ``rho = exp(r)``."""
+    zero = torch.zeros_like(rho)
+    if config.loss_type == "cispo":
+        capped = torch.clamp(rho, max=config.epsilon_high)  # stop-gradient: no dP/dr
+        return -capped * adv * lp, zero, -capped * adv
+    if config.loss_type == "sapo":
+        tau = torch.where(
+            adv > 0, torch.full_like(rho, config.sapo_temperature_pos), torch.full_like(rho, config.sapo_temperature_neg)
+        )
+        s = torch.sigmoid(tau * (rho - 1))
+        return -(4.0 / tau) * s * adv, -4.0 * s * (1 - s) * rho * adv, zero
+    # clip family: P = -min(rho1 A, rho2 A), then the dual clip
+    lo, hi = 1 - config.epsilon_low, 1 + config.epsilon_high
+    rho2 = torch.clamp(rho, lo, hi)
+    drho2 = torch.where((rho >= lo) & (rho <= hi), rho, zero)
+    if config.delta is not None:
+        rho1 = torch.clamp(rho, max=config.delta)
+        drho1 = torch.where(rho <= config.delta, rho, zero)
+    else:
+        rho1, drho1 = rho, rho
+    a, b = rho1 * adv, rho2 * adv
+    p = -torch.minimum(a, b)
+    dp = -_min_grad(a, b, drho1 * adv, drho2 * adv)
+    if config.dual_clip is not None:
+        floor = -config.dual_clip * adv
+        dual = adv < 0
+        dp = torch.where(dual, _min_grad(p, floor, dp, zero), dp)
+        p = torch.where(dual, torch.minimum(p, floor), p)
+    return p, dp, zero
+
+
+def loss_forward_from_logprobs(
+    lp: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, batch: TokenBatch, config: LossConfig
+) -> LossForward:
+    """The fused loss's forward once ``lp`` is known: loss, ``g_t``, per-token loss, KL and clip flags."""
+    valid = batch.token_ids >= 0
+    zero = torch.zeros_like(lp)
+    cast = lambda x: None if x is None else x.to(lp.dtype)  # noqa: E731
+    adv, old, ref, w = cast(batch.advantages), cast(batch.old_logprobs), cast(batch.ref_logprobs), cast(batch.is_weights)
+    coef = batch.coef.to(lp.dtype)
+
+    log_ratio = torch.where(valid, lp - old, zero) if old is not None else zero
+    if config.sequence_level:
+        seq_log_ratio = segment_sum(batch.seq_weights.to(lp.dtype) * log_ratio, batch.cu_seqlens)
+        log_ratio = seq_log_ratio[batch.seq_ids]
+    rho = torch.exp(log_ratio)
+
+    p, dp_dr, dp_dlp = policy_and_grads(rho, adv, lp, config)
+    if w is not None:
+        p, dp_dr, dp_dlp = p * w, dp_dr * w, dp_dlp * w
+    loss_t, dl_dr, dl_dlp = p, dp_dr, dp_dlp
+    kl = zero
+    if config.beta != 0.0:
+        kl, dkl = kl_and_grad(lp, ref, config.kl_estimator)
+        if config.bias_corrected_kl:  # d(K rho)/dlp = K' rho + (K rho) dr/dlp
+            dkl = dkl * rho
+            kl = kl * rho
+            dl_dr = dl_dr + config.beta * kl
+        loss_t = loss_t + config.beta * kl
+        dl_dlp = dl_dlp + config.beta * dkl
+
+    if config.sequence_level:
+        seq_grad = segment_sum(coef * torch.where(valid, dl_dr, zero), batch.cu_seqlens)
+        g = coef * dl_dlp + batch.seq_weights.to(lp.dtype) * seq_grad[batch.seq_ids]
+    else:
+        g = coef * (dl_dr + dl_dlp)
+
+    loss_t = torch.where(valid, loss_t, zero)
+    g = torch.where(valid, g, zero)
+    kl = torch.where(valid, kl, zero) if config.beta != 0.0 else zero
+    low = (rho < 1 - config.epsilon_low) & (adv < 0) & valid
+    high = (rho > 1 + config.epsilon_high) & (adv > 0) & valid
+    flags = low.to(torch.uint8) * CLIP_LOW + high.to(torch.uint8) * CLIP_HIGH
+    loss = (coef * loss_t).sum()
+    return LossForward(loss, lp, lse, entropy, g, loss_t, kl, flags)

@@ -1,0 +1,427 @@
+"""The executable spec: every number the package computes, in plain PyTorch.
+
+This module is the ground truth every backend (chunked torch, Triton, CUDA) is tested against. It follows
+``shared/spec/grpo-math.md`` line by line and favours clarity over speed: it materialises the full softmax, uses
+autograd for every gradient and loops over sequences in Python where that is the plainest way to say it.
+
+Give it float64 tensors to get a float64 answer (that is how the tests use it); any other floating dtype is
+computed in float32, as the kernels do.
+
+Conventions shared with the public API (:mod:`grpo_kernels.api`):
+
+* ``logits`` ``[B, T, V]`` aligned with ``token_ids`` ``[B, T]`` (the caller has already shifted), or packed
+  ``[N, V]`` + ``[N]`` with ``cu_seqlens`` ``[S+1]``; packed input without ``cu_seqlens`` is one sequence.
+* A position takes part when ``mask != 0`` and ``token_id != ignore_index``. Positions that do not take part are
+  ignored entirely: their log-prob and entropy are 0, their gradient row is 0, and whatever the other per-token
+  inputs hold there (even NaN) has no effect. A NaN at a position that does take part propagates to the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+IS_LEVELS = ("token", "sequence")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+MULTI_REWARD_MODES = ("sum_then_normalize", "normalize_then_sum")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 input, float32 for everything else (the accumulation dtype of every kernel)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Per-token log-probabilities and entropy
+# ----------------------------------------------------------------------------------------------------------------
+def token_logprobs(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    compute_in: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lp = u_y - lse`` and ``H = -sum_v p_v log p_v`` with ``u = z / temperature``.
+
+    Args:
+        logits: ``[..., V]`` floating point.
+        token_ids: ``[...]`` integer, in ``[0, V)`` or ``ignore_index``.
+        mask: ``[...]``; positions with ``mask == 0`` do not take part.
+        compute_in: compute the softmax in this dtype instead (the outputs are still float32/float64). Only the
+            tests use it, to measure the error eager PyTorch makes in low precision (``compute_in=torch.bfloat16``).
+
+    Returns:
+        ``(lp, H)``, each ``[...]`` in float32 (float64 for float64 logits), differentiable w.r.t. ``logits``.
+        Positions that do not take part hold 0 and get a zero gradient.
+    """
+    vocab = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab)
+    flat_ids = token_ids.reshape(-1).long()
+    valid = flat_ids != ignore_index
+    if mask is not None:
+        valid = valid & (mask.reshape(-1) != 0)
+    bad = valid & ((flat_ids < 0) | (flat_ids >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"token_ids must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+
+    dtype = compute_dtype(logits)
+    # Only the rows that take part are computed, so that NaN in an ignored row cannot reach a gradient.
+    u = flat_logits[valid].to(compute_in or dtype) / temperature
+    logp = torch.log_softmax(u, dim=-1)
+    p = logp.exp()
+    # 0 * log 0 = 0 for masked-out vocabulary entries (z = -inf): keep -inf out of both value and gradient.
+    safe_logp = torch.where(p > 0, logp, torch.zeros_like(logp))
+    lp_valid = logp.gather(-1, flat_ids[valid].unsqueeze(-1)).squeeze(-1).to(dtype)
+    h_valid = -(p * safe_logp).sum(-1).to(dtype)
+
+    lp = torch.zeros(flat_ids.shape, dtype=dtype, device=logits.device)
+    h = torch.zeros(flat_ids.shape, dtype=dtype, device=logits.device)
+    lp = lp.index_put((valid.nonzero().squeeze(-1),), lp_valid)
+    h = h.index_put((valid.nonzero().squeeze(-1),), h_valid)
+    return lp.reshape(token_ids.shape), h.reshape(token_ids.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Group-relative advantages
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class GroupAdvantages:
+    """Advantages plus the statistics of the groups they came from.
+
+    ``group_mean``/``group_std`` are indexed by group: group ``i`` is rows ``i*G .. i*G+G-1`` for a fixed group
+    size, or the ``i``-th smallest distinct value of ``group_ids``.
+    """
+
+    advantages: torch.Tensor  # [B]
+    group_mean: torch.Tensor  # [num_groups]
+    group_std: torch.Tensor  # [num_groups]; NaN where a group has fewer than 2 valid rewards
+    frac_zero_std: torch.Tensor  # scalar: fraction of groups whose std is (close to) 0
+
+
+def _nanstd(x: torch.Tensor) -> torch.Tensor:
+    """Bessel-corrected std of the non-NaN entries of a 1-D tensor; NaN when fewer than 2 are valid."""
+    v = x[~torch.isnan(x)]
+    if v.numel() < 2:
+        return torch.full((), float("nan"), dtype=x.dtype, device=x.device)
+    return torch.sqrt(((v - v.mean()) ** 2).sum() / (v.numel() - 1))
+
+
+def _nanmean(x: torch.Tensor) -> torch.Tensor:
+    v = x[~torch.isnan(x)]
+    if v.numel() == 0:
+        return torch.full((), float("nan"), dtype=x.dtype, device=x.device)
+    return v.mean()
+
+
+def _group_index(batch: int, group_size: int | None, group_ids: torch.Tensor | None, device) -> torch.Tensor:
+    if group_ids is not None:
+        return torch.unique(group_ids.reshape(-1), sorted=True, return_inverse=True)[1]
+    return torch.arange(batch, device=device) // group_size
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    *,
+    group_size: int | None = None,
+    group_ids: torch.Tensor | None = None,
+    scale: str = "group",
+    eps: float = 1e-4,
+    reward_weights: torch.Tensor | None = None,
+    multi_reward: str = "sum_then_normalize",
+) -> GroupAdvantages:
+    """Group-relative advantages (spec section 2), with TRL's NaN handling.
+
+    ``rewards`` is ``[B]`` or ``[B, R]`` (R reward functions, weighted by ``reward_weights`` ``[R]``, default 1).
+    A NaN reward is excluded from the group statistics and gets advantage 0; a row whose rewards are all NaN is
+    unscorable. A group with fewer than 2 valid rewards has no baseline: its members get advantage 0.
+    """
+    dtype = compute_dtype(rewards)
+    r = rewards.to(dtype)
+    if r.dim() == 1:
+        r = r.unsqueeze(1)
+    batch, num_rewards = r.shape
+    w = torch.ones(num_rewards, dtype=dtype) if reward_weights is None else reward_weights.to(dtype).cpu()
+    w = w.to(r.device)
+    group = _group_index(batch, group_size, group_ids, r.device)
+    num_groups = int(group.max()) + 1 if batch else 0
+    unscorable = torch.isnan(r).all(dim=1)
+
+    def per_group(values: torch.Tensor, fn) -> torch.Tensor:
+        return torch.stack([fn(values[group == g]) for g in range(num_groups)]) if num_groups else values[:0]
+
+    if multi_reward == "sum_then_normalize":
+        total = torch.where(torch.isnan(r), torch.zeros_like(r), r * w).sum(dim=1)
+        total = torch.where(unscorable, torch.full_like(total, float("nan")), total)
+        mean = per_group(total, _nanmean)
+        std = per_group(total, _nanstd)
+        centred = total - mean[group]
+        if scale == "group":
+            adv = centred / (std[group] + eps)
+        elif scale == "batch":
+            adv = centred / (_nanstd(total) + eps)
+        else:
+            adv = centred
+    else:  # normalize_then_sum: per reward column per group, weighted sum, then over the whole batch
+        normalised = torch.empty_like(r)
+        for k in range(num_rewards):
+            col = r[:, k]
+            mean_k = per_group(col, _nanmean)
+            std_k = per_group(col, _nanstd)
+            normalised[:, k] = (col - mean_k[group]) / (std_k[group] + eps)
+        total = torch.where(torch.isnan(normalised), torch.zeros_like(normalised), normalised * w).sum(dim=1)
+        total = torch.where(unscorable, torch.full_like(total, float("nan")), total)
+        mean = per_group(total, _nanmean)
+        std = per_group(total, _nanstd)
+        adv = (total - _nanmean(total)) / (_nanstd(total) + eps)
+
+    adv = torch.nan_to_num(adv, nan=0.0)
+    zero_std = torch.isclose(std, torch.zeros_like(std))
+    frac_zero_std = zero_std.to(dtype).mean() if num_groups else torch.zeros((), dtype=dtype)
+    return GroupAdvantages(adv, mean, std, frac_zero_std)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3-6. Ratio, per-token loss, KL, aggregation
+# ----------------------------------------------------------------------------------------------------------------
+def kl_divergence(lp: torch.Tensor, lp_ref: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token KL estimate of the policy to the reference, from ``k = lp_ref - lp`` (spec section 5)."""
+    k = lp_ref - lp
+    if estimator == "k3":
+        return torch.exp(k) - k - 1
+    if estimator == "k1":
+        return -k
+    if estimator == "k2":
+        return 0.5 * k * k
+    if estimator == "low_var_kl":
+        kc = torch.clamp(k, -20.0, 20.0)
+        return torch.clamp(torch.exp(kc) - kc - 1, -10.0, 10.0)
+    raise ValueError(f"unknown kl_estimator {estimator!r}")
+
+
+def policy_loss(
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    lp: torch.Tensor,
+    *,
+    loss_type: str,
+    epsilon_low: float,
+    epsilon_high: float,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+) -> torch.Tensor:
+    """Per-token policy loss ``L`` (spec section 4), before IS weights and KL."""
+    if loss_type == "cispo":
+        return -torch.clamp(ratio, max=epsilon_high).detach() * advantages * lp
+    if loss_type == "sapo":
+        tau = torch.where(
+            advantages > 0,
+            torch.full_like(advantages, sapo_temperature_pos),
+            torch.full_like(advantages, sapo_temperature_neg),
+        )
+        return -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1)) * advantages
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    unclipped = torch.clamp(ratio, max=delta) if delta is not None else ratio
+    loss = -torch.min(unclipped * advantages, clipped * advantages)
+    if dual_clip is not None:
+        loss = torch.where(advantages < 0, torch.min(loss, -dual_clip * advantages), loss)
+    return loss
+
+
+@dataclass
+class GRPOLossResult:
+    loss: torch.Tensor  # scalar
+    logprobs: torch.Tensor  # [B, T] (packed: [N]), differentiable here (the API detaches it)
+    entropy: torch.Tensor  # [B, T] (packed: [N])
+    per_token_loss: torch.Tensor  # [B, T] (packed: [N]), L after IS weights and KL; 0 where not taking part
+    kl_mean: torch.Tensor
+    clip_low: torch.Tensor
+    clip_high: torch.Tensor
+    clip_region: torch.Tensor
+    entropy_mean: torch.Tensor
+    logprob_mean: torch.Tensor
+
+
+def _pad(x: torch.Tensor, cu_seqlens: list[int], fill: float) -> torch.Tensor:
+    """Packed ``[N, ...]`` -> padded ``[S, T_max, ...]``, filling the tail of short sequences with ``fill``."""
+    lengths = [cu_seqlens[s + 1] - cu_seqlens[s] for s in range(len(cu_seqlens) - 1)]
+    out = x.new_full((len(lengths), max(lengths, default=0), *x.shape[1:]), fill)
+    for s, n in enumerate(lengths):
+        out[s, :n] = x[cu_seqlens[s] : cu_seqlens[s] + n]
+    return out
+
+
+def _unpad(x: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
+    """Padded ``[S, T_max]`` -> packed ``[N]``."""
+    parts = [x[s, : cu_seqlens[s + 1] - cu_seqlens[s]] for s in range(len(cu_seqlens) - 1)]
+    return torch.cat(parts) if parts else x.reshape(0)
+
+
+def _seq_or_token(x: torch.Tensor, num_seqs: int, cu_seqlens: list[int]) -> torch.Tensor:
+    """Packed per-sequence (``[S]``, ``[S, 1]``) or per-token (``[N]``) input -> padded ``[S, 1]`` or ``[S, T]``."""
+    if x.numel() == num_seqs and x.dim() <= 2 and (x.dim() < 2 or x.shape[-1] == 1):
+        return x.reshape(num_seqs, 1)
+    return _pad(x.reshape(-1), cu_seqlens, 0.0)
+
+
+def grpo_loss(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    temperature: float = 1.0,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    kl_estimator: str = "k3",
+    bias_corrected_kl: bool = False,
+    is_weights: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    cu_seqlens: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    compute_in: torch.dtype | None = None,
+) -> GRPOLossResult:
+    """The GRPO loss of spec sections 1 and 3-7, written the obvious way (full softmax + autograd).
+
+    Padded input: ``logits [B, T, V]``, per-token tensors ``[B, T]``, ``advantages``/``is_weights`` ``[B]``,
+    ``[B, 1]`` or ``[B, T]``. Packed input: ``logits [N, V]`` with ``cu_seqlens [S+1]`` (absent: one sequence),
+    per-token tensors ``[N]``, ``advantages``/``is_weights`` ``[S]`` or ``[N]``.
+    """
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    packed = logits.dim() == 2
+    if packed:  # bring everything to the padded layout; the outputs are packed again at the end
+        cu = [0, logits.shape[0]] if cu_seqlens is None else [int(c) for c in cu_seqlens.tolist()]
+        num_seqs = len(cu) - 1
+        logits = _pad(logits, cu, 0.0)
+        token_ids = _pad(token_ids.reshape(-1), cu, ignore_index)
+        mask = _pad(mask.reshape(-1), cu, 0) if mask is not None else None
+        advantages = _seq_or_token(advantages, num_seqs, cu)
+        is_weights = _seq_or_token(is_weights, num_seqs, cu) if is_weights is not None else None
+        old_logprobs = _pad(old_logprobs.reshape(-1), cu, 0.0) if old_logprobs is not None else None
+        ref_logprobs = _pad(ref_logprobs.reshape(-1), cu, 0.0) if ref_logprobs is not None else None
+
+    lp, entropy = token_logprobs(
+        logits, token_ids, temperature=temperature, mask=mask, ignore_index=ignore_index, compute_in=compute_in
+    )
+    dtype = lp.dtype
+    valid = token_ids != ignore_index
+    if mask is not None:
+        valid = valid & (mask != 0)
+    m = torch.where(valid, mask.to(dtype) if mask is not None else torch.ones_like(lp), torch.zeros_like(lp))
+
+    def per_token(x: torch.Tensor | None) -> torch.Tensor | None:
+        """``[B]``, ``[B, 1]`` or ``[B, T]`` -> ``[B, T]``, zero where not taking part (NaN there has no effect)."""
+        if x is None:
+            return None
+        x = x.to(dtype)
+        x = (x.unsqueeze(1) if x.dim() == 1 else x).expand_as(lp)
+        return torch.where(valid, x, torch.zeros_like(x))
+
+    adv, old, ref, w_is = (per_token(x) for x in (advantages, old_logprobs, ref_logprobs, is_weights))
+
+    # 3. Importance ratio. lp_old absent => stop_grad(lp): ratio 1 with the gradient kept.
+    log_ratio = lp - (old if old is not None else lp.detach())
+    if importance_sampling_level == "sequence":
+        log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    ratio = torch.exp(log_ratio)
+
+    # 4. Per-token policy loss, then IS weights, then KL.
+    per_token_loss = policy_loss(
+        ratio,
+        adv,
+        lp,
+        loss_type=loss_type,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        delta=delta,
+        dual_clip=dual_clip,
+        sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
+    )
+    if w_is is not None:
+        per_token_loss = per_token_loss * w_is
+    kl = torch.zeros_like(lp)
+    if beta != 0.0:
+        kl = kl_divergence(lp, ref, kl_estimator)
+        if bias_corrected_kl:
+            kl = kl * ratio
+        per_token_loss = per_token_loss + beta * kl
+    per_token_loss = torch.where(valid, per_token_loss, torch.zeros_like(per_token_loss))
+
+    # 6. Aggregation.
+    num_seqs = m.shape[0]
+    weighted = per_token_loss * m
+    if loss_type in ("grpo", "sapo"):
+        loss = (weighted.sum(-1) / m.sum(-1).clamp(min=1.0)).mean() if num_seqs else weighted.sum()
+    elif loss_type == "bnpo":
+        loss = weighted.sum() / m.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = weighted.sum() / (num_seqs * max_completion_length)
+    elif loss_type in ("dapo", "cispo"):
+        items = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=dtype)
+        loss = weighted.sum() / items.clamp(min=1.0)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+
+    # 7. Metrics: masked token means, no gradient.
+    with torch.no_grad():
+        count = m.sum().clamp(min=1.0)
+
+        def masked_mean(x: torch.Tensor) -> torch.Tensor:
+            return (x.expand_as(m) * m).sum() / count
+
+        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(dtype)
+        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(dtype)
+        metrics = dict(
+            kl_mean=masked_mean(kl),
+            clip_low=masked_mean(low),
+            clip_high=masked_mean(high),
+            clip_region=masked_mean(torch.maximum(low, high)),
+            entropy_mean=masked_mean(entropy),
+            logprob_mean=masked_mean(lp),
+        )
+
+    if packed:
+        lp, entropy, per_token_loss = (_unpad(x, cu) for x in (lp, entropy, per_token_loss))
+    return GRPOLossResult(loss=loss, logprobs=lp, entropy=entropy, per_token_loss=per_token_loss, **metrics)
+
+
+def gradient_of_loss_wrt_logprobs(loss: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """``g_t = d loss / d lp_t`` (spec section 8): what a fused kernel computes per token."""
+    (g,) = torch.autograd.grad(loss, lp, retain_graph=True)
+    return g
+
+
+__all__ = [
+    "ADVANTAGE_SCALES",
+    "GRPOLossResult",
+    "GroupAdvantages",
+    "IS_LEVELS",
+    "KL_ESTIMATORS",
+    "LOSS_TYPES",
+    "MULTI_REWARD_MODES",
+    "compute_dtype",
+    "gradient_of_loss_wrt_logprobs",
+    "group_advantages",
+    "grpo_loss",
+    "kl_divergence",
+    "policy_loss",
+    "token_logprobs",
+]
+

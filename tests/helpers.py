@@ -1,0 +1,52 @@
+"""Test helpers: random inputs (never zeros), error measures and the low-precision tolerance rule."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import DEVICE
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; inf if out has a NaN where ref has none."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if torch.isnan(out).any() and not torch.isnan(ref).any():
+        return float("inf")
+    diff = torch.nan_to_num(out - ref, nan=0.0)  # NaN in both: agreement
+    return float(diff.norm() / ref.norm().clamp(min=1e-30))
+
+
+def low_precision_ok(ours: float, eager: float, floor: float = 1e-6) -> bool:
+    """The flash-attn / cut-cross-entropy rule: our error vs float64 within 2x eager's (same dtype) + a floor."""
+    return ours <= 2.0 * eager + floor
+
+
+def make_batch(
+    batch: int,
+    seq: int,
+    vocab: int,
+    *,
+    dtype=torch.float32,
+    seed: int = 0,
+    scale: float = 2.0,
+    masked_tail: bool = True,
+    empty_row: bool = True,
+    device=DEVICE,
+):
+    """Random logits [B, T, V] (scale * randn), ids, a mask with ragged tails (and one empty row), advantages [B],
+    and old/ref log-probs near the current policy's (so ratios straddle the clip range)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, seq, vocab, generator=g) * scale).to(dtype)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq)
+    if masked_tail:
+        for b in range(batch):
+            mask[b, int(torch.randint(1, seq + 1, (1,), generator=g)) :] = 0
+    if empty_row and batch > 1:
+        mask[-1] = 0
+    adv = torch.randn(batch, generator=g)
+    lp = torch.log_softmax(logits.double(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    old = (lp + 0.3 * torch.randn(batch, seq, generator=g, dtype=torch.float64)).float()
+    ref = (lp + 0.3 * torch.randn(batch, seq, generator=g, dtype=torch.float64)).float()
+    to = lambda x: x.to(device)  # noqa: E731
+    return dict(logits=to(logits), ids=to(ids), mask=to(mask), adv=to(adv), old=to(old), ref=to(ref))
