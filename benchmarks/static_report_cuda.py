@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 KERNEL_SOURCES = ("logprobs.cu", "grpo_loss.cu", "advantages.cu")  # as grpo_kernels/backends/_cuda_build.py
 TARGETS = ("sm_80", "sm_90")
-NVCC_FLAGS = ("-std=c++17", "-O3", "--expt-relaxed-constexpr")
+NVCC_FLAGS = ("-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Werror", "all-warnings")
 
 
 class CompileError(RuntimeError):

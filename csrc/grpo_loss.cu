@@ -7,17 +7,10 @@ namespace grpo_kernels {
 
 cudaError_t grpo_loss_forward(const LogitsArg& logits, const int64_t* ids, double temperature, const TokenArgs& tokens,
                               const LossParams& params, const TokenOutputs& out, cudaStream_t stream) {
-  if (logits.rows() == 0) return cudaSuccess;
-  return dispatch_dtype(logits.dtype, [&](auto tag) {
+  return launch_rows(logits, [&](auto tag, auto team, dim3 grid, dim3 block) {
     using T = decltype(tag);
-    return dispatch_team(logits.vocab, [&](auto team) {
-      constexpr int kTeam = decltype(team)::value;
-      using Shape = TeamShape<kTeam>;
-      const int blocks = grid_blocks(logits.rows(), Shape::kTeamsPerBlock, Shape::kThreads);
-      row_forward_kernel<T, kTeam, GrpoOutputs><<<blocks, Shape::kThreads, 0, stream>>>(
-          rows_view<const T>(logits), ids, inverse_temperature(temperature), GrpoOutputs{tokens, params, out});
-      return cudaGetLastError();
-    });
+    row_forward_kernel<T, decltype(team)::value, GrpoOutputs><<<grid, block, 0, stream>>>(
+        rows_view<const T>(logits), ids, inverse_temperature(temperature), GrpoOutputs{tokens, params, out});
   });
 }
 

@@ -58,4 +58,18 @@ RowsView<T> rows_view(const LogitsArg& a) {
 
 inline float inverse_temperature(double temperature) { return static_cast<float>(1.0 / temperature); }
 
+// The row kernels' launch: calls launch(T{}, std::integral_constant<int, kTeam>{}, grid, block) with the element
+// type, team size and grid for `logits`; nothing for an empty batch.
+template <typename F>
+cudaError_t launch_rows(const LogitsArg& logits, F&& launch) {
+  if (logits.rows() == 0) return cudaSuccess;
+  return dispatch_dtype(logits.dtype, [&](auto tag) {
+    return dispatch_team(logits.vocab, [&](auto team) {
+      using Shape = TeamShape<decltype(team)::value>;
+      launch(tag, team, dim3(grid_blocks(logits.rows(), Shape::kTeamsPerBlock, Shape::kThreads)), dim3(Shape::kThreads));
+      return cudaGetLastError();
+    });
+  });
+}
+
 }  // namespace grpo_kernels

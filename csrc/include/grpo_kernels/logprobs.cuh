@@ -58,21 +58,31 @@ GK_DEVICE void push_vectors(LseState& st, const T* row, const int64_t (&first)[L
   }
 }
 
-// Online log-sum-exp state of this thread's share of one row (u = z * inv_tau).
-template <typename T, int kTeam>
-GK_DEVICE LseState row_partial_lse(const T* row, int64_t vocab, float inv_tau, int rank) {
+// Calls f(first) for this thread's 16-byte vectors of a row, kLoadsInFlight at a time, then one at a time;
+// first[j] is the first element of the j-th vector.
+template <typename T, int kTeam, typename F>
+GK_DEVICE void for_each_vector_batch(const RowSplit& split, int rank, F&& f) {
   constexpr int K = Vec<T>::kSize;
-  const RowSplit split = split_row<T>(row, vocab);
-  LseState st = lse_empty();
-  if (rank < split.head) lse_push(st, to_float(row[rank]) * inv_tau);
   int64_t v = rank;
   for (; v + (kLoadsInFlight - 1) * kTeam < split.vecs; v += kLoadsInFlight * kTeam) {
     int64_t first[kLoadsInFlight];
     GK_UNROLL
     for (int j = 0; j < kLoadsInFlight; ++j) first[j] = split.head + (v + j * kTeam) * K;
-    push_vectors<T, kLoadsInFlight>(st, row, first, inv_tau);
+    f(first);
   }
-  for (; v < split.vecs; v += kTeam) push_vectors<T, 1>(st, row, {split.head + v * K}, inv_tau);
+  for (; v < split.vecs; v += kTeam) {
+    const int64_t first[1] = {split.head + v * K};
+    f(first);
+  }
+}
+
+// Online log-sum-exp state of this thread's share of one row (u = z * inv_tau).
+template <typename T, int kTeam>
+GK_DEVICE LseState row_partial_lse(const T* row, int64_t vocab, float inv_tau, int rank) {
+  const RowSplit split = split_row<T>(row, vocab);
+  LseState st = lse_empty();
+  if (rank < split.head) lse_push(st, to_float(row[rank]) * inv_tau);
+  for_each_vector_batch<T, kTeam>(split, rank, [&](const auto& first) { push_vectors(st, row, first, inv_tau); });
   if (split.tail + rank < vocab) lse_push(st, to_float(row[split.tail + rank]) * inv_tau);
   return st;
 }
@@ -161,7 +171,6 @@ GK_DEVICE void grad_vectors(const T* row, T* out, const int64_t (&first)[L], con
 // element is read by the thread that then overwrites it.
 template <typename T, int kTeam>
 GK_DEVICE void write_row_grad(const T* row, T* out, int64_t vocab, const RowGrad& grad_at, int rank) {
-  constexpr int K = Vec<T>::kSize;
   auto scalar = [&](int64_t v) { out[v] = from_float<T>(grad_at(grad_at.valid ? to_float(row[v]) : 0.f, v)); };
   if (reinterpret_cast<uintptr_t>(row) % 16 != reinterpret_cast<uintptr_t>(out) % 16) {
     for (int64_t v = rank; v < vocab; v += kTeam) scalar(v);  // `out` aligned unlike the logits: no vectors
@@ -169,14 +178,7 @@ GK_DEVICE void write_row_grad(const T* row, T* out, int64_t vocab, const RowGrad
   }
   const RowSplit split = split_row<T>(row, vocab);
   if (rank < split.head) scalar(rank);
-  int64_t v = rank;
-  for (; v + (kLoadsInFlight - 1) * kTeam < split.vecs; v += kLoadsInFlight * kTeam) {
-    int64_t first[kLoadsInFlight];
-    GK_UNROLL
-    for (int j = 0; j < kLoadsInFlight; ++j) first[j] = split.head + (v + j * kTeam) * K;
-    grad_vectors<T, kLoadsInFlight>(row, out, first, grad_at);
-  }
-  for (; v < split.vecs; v += kTeam) grad_vectors<T, 1>(row, out, {split.head + v * K}, grad_at);
+  for_each_vector_batch<T, kTeam>(split, rank, [&](const auto& first) { grad_vectors(row, out, first, grad_at); });
   if (split.tail + rank < vocab) scalar(split.tail + rank);
 }
 
