@@ -178,7 +178,8 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_two_pass_kernel(RowsView<c
     const float g = outputs.epilogue(n, true, u_target - lse, lse, entropy, rank == 0 && threadIdx.x == 0);
 
     // 4. gradient of the slice, from shared memory (the only global traffic left: the write)
-    const RowGrad grad_at{{lse, entropy, g * loss_scale * inv_tau, 0.f}, y - begin, inv_tau, true};
+    // no entropy term (b = 0), so H is not needed either: 0 keeps a non-finite H from reaching 0 * H
+    const RowGrad grad_at{{lse, 0.f, g * loss_scale * inv_tau, 0.f}, y - begin, inv_tau, true};
     for (int64_t i = threadIdx.x; i < count_vecs; i += kThreads) {
       float z[K];
       detail::load_shared_vec(slice + i * K, z);
