@@ -66,7 +66,7 @@ class Unit:
 
 def _content_key(source: Path, target: str, nvcc: str) -> str:
     h = hashlib.sha256()
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     for part in (version, target, " ".join(NVCC_FLAGS)):
         h.update(part.encode())
     for path in [source, *sorted((CSRC / "include").rglob("*"))]:
@@ -92,7 +92,7 @@ def compile_unit(source: Path, target: str, cache: Path) -> Unit:
             [nvcc, f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v", str(ptx), "-o", str(cubin)],
         )
         for cmd in steps:
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise CompileError(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
         log.write_text(done.stdout + done.stderr)
@@ -170,7 +170,7 @@ def _demangle(names: list[str]) -> dict[str, str]:
     filt = shutil.which("c++filt")
     if filt is None:
         return {n: n for n in names}
-    out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True, check=True).stdout.splitlines()
     short = [re.sub(r"^void grpo_kernels::(sm90::)?|\(.*$", "", s).replace("grpo_kernels::", "") for s in out]
     return dict(zip(names, short))
 

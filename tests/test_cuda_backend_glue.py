@@ -10,12 +10,12 @@ import re
 
 import pytest
 import torch
+from helpers import make_batch, rel_err
 
 from grpo_kernels import group_advantages, grpo_loss, token_logprobs
 from grpo_kernels.backends import cuda as cuda_backend
 from grpo_kernels.backends.torch import BACKEND as TORCH
 from grpo_kernels.loss_math import LossConfig, TokenBatch
-from helpers import make_batch, rel_err
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device exists: the real ops are tested")
 
@@ -24,7 +24,7 @@ BINDING = cuda_backend._cuda_build.CSRC / "torch_binding.cu"
 
 def _schemas() -> list[str]:
     block = BINDING.read_text().split("TORCH_LIBRARY(grpo_kernels_cuda, m) {")[1].split("\n}")[0]
-    return ["".join(re.findall(r'"([^"]*)"', d)) for d in re.findall(r"m\.def\((.*?)\);", block, re.S)]
+    return ["".join(re.findall(r'"([^"]*)"', d)) for d in re.findall(r"m\.def\((.*?)\);", block, re.DOTALL)]
 
 
 def _token_logprobs_forward(logits, ids, temperature, lp, lse, entropy):

@@ -109,5 +109,5 @@ def test_torch_binding_compiles(tmp_path):
         (shim / "c10/cuda/impl/cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     cmd = [report.find_tool("nvcc"), "-std=c++17", "-arch=sm_90", f"-I{report.CSRC / 'include'}", f"-I{shim}",
            *(f"-I{p}" for p in includes), "-c", str(report.CSRC / "torch_binding.cu"), "-o", str(tmp_path / "b.o")]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import rel_err
 
 from grpo_kernels import reference as ref
 from grpo_kernels.loss_math import LossConfig, TokenBatch, kl_and_grad, loss_forward_from_logprobs, policy_and_grads
-from helpers import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 KL_CODES = {"k3": 0, "k1": 1, "k2": 2, "low_var_kl": 3}

@@ -5,13 +5,12 @@ backend's own methods are the ones called."""
 
 import pytest
 import torch
-
-import grpo_kernels.backends as backends
 from conftest import DEVICE
-from grpo_kernels import GRPOLoss, grpo_loss
+from helpers import make_batch, rel_err
+
+from grpo_kernels import GRPOLoss, backends, grpo_loss
 from grpo_kernels import reference as ref
 from grpo_kernels.backends.torch import TorchBackend
-from helpers import make_batch, rel_err
 
 CASES = [  # (loss_type, level, extra options)
     ("dapo", "token", dict(beta=0.04)),
