@@ -1,8 +1,42 @@
-"""Packaging metadata lives in pyproject.toml; setup.py is where the optional CUDA extension build will hook in.
+"""Packaging metadata lives in pyproject.toml; this file only adds the optional ahead-of-time CUDA build.
 
-`pip install .` never compiles anything.
+`pip install .` never compiles anything and never imports torch here (pip's build isolation has none). With
+``GRPO_KERNELS_BUILD_CUDA=1`` (and ``--no-build-isolation``, so the installed CUDA torch is used) it builds csrc/ into
+``grpo_kernels/_C_cuda*.so`` for the architectures in ``GRPO_KERNELS_CUDA_ARCHS`` (default "80;90"). Without it,
+the CUDA backend compiles itself on first use (see grpo_kernels/backends/_cuda_build.py).
 """
+
+import importlib.util
+import os
+from pathlib import Path
 
 from setuptools import setup
 
-setup()
+
+def _cuda_extension_kwargs() -> dict:
+    if os.environ.get("GRPO_KERNELS_BUILD_CUDA") != "1":
+        return {}
+    # load the build helper by path: importing the grpo_kernels package would import torch before it is needed
+    spec = importlib.util.spec_from_file_location("_cuda_build", Path(__file__).parent / "grpo_kernels/backends/_cuda_build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+
+    if torch.version.cuda is None or CUDA_HOME is None:
+        raise RuntimeError(
+            "GRPO_KERNELS_BUILD_CUDA=1 needs a CUDA build of torch and nvcc (CUDA_HOME); install with "
+            "--no-build-isolation so the installed CUDA torch is used, or unset it (the backend then builds on first use)"
+        )
+
+    root = Path(__file__).parent
+    extension = CUDAExtension(
+        name="grpo_kernels._C_cuda",
+        sources=[str(Path(s).relative_to(root.resolve())) for s in build.sources()],
+        include_dirs=build.include_dirs(),
+        extra_compile_args={"cxx": ["-O3"], "nvcc": build.nvcc_flags()},
+    )
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
+
+
+setup(**_cuda_extension_kwargs())

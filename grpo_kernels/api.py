@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import _ops
+from . import _grad_in_forward, _ops
 from .advantages import GroupAdvantages, make_layout
 from .backends import resolve_backend
 from .loss_math import CLIP_HIGH, CLIP_LOW, segment_sum
@@ -330,6 +330,8 @@ def grpo_loss(
     num_items_in_batch: int | float | Tensor | None = None,
     return_entropy: bool = False,
     inplace_backward: bool = False,
+    grad_in_forward: bool = False,
+    loss_scale: float = 1.0,
     backend: str = "auto",
     cu_seqlens: Tensor | None = None,
     sapo_temperature_pos: float = 1.0,
@@ -374,6 +376,14 @@ def grpo_loss(
         inplace_backward: write the logits' gradient over the logits buffer in the backward (no second ``[N, V]``
             allocation). The logits' values are gone after the backward; autograd raises if anything else saved
             them for its own backward. Not allowed on a leaf tensor that requires grad.
+        grad_in_forward: compute the logits' gradient in the forward (times ``loss_scale``): 2 passes over the
+            logits instead of 3 where the backend has such a kernel (CUDA on sm_90, token-level ratio), same numbers
+            elsewhere. With ``inplace_backward`` the gradient is written over the logits already in the forward, so
+            their values are gone when this returns. The backward returns the stored gradient as it is when the
+            incoming gradient equals ``loss_scale`` and rescales it otherwise (one more pass). The entropy is
+            returned without gradient in this mode (a metric).
+        loss_scale: the gradient the loss will receive in the backward (e.g. ``1 / gradient_accumulation_steps``
+            for ``(loss * loss_scale).backward()``), finite and != 0; used only with ``grad_in_forward``.
         backend: "auto" (fastest available for the device), "torch", "triton" or "cuda".
         cu_seqlens: ``[S+1]`` sequence offsets for packed ``[N, V]`` logits.
         sapo_temperature_pos / sapo_temperature_neg: SAPO's temperatures (TRL defaults 1.0 / 1.05).
@@ -395,6 +405,9 @@ def grpo_loss(
     _check_number("temperature", temperature, low=0, low_inclusive=False)
     _check_number("sapo_temperature_pos", sapo_temperature_pos, low=0, low_inclusive=False)
     _check_number("sapo_temperature_neg", sapo_temperature_neg, low=0, low_inclusive=False)
+    _check_number("loss_scale", loss_scale)
+    if loss_scale == 0:
+        raise ValueError("loss_scale must be != 0 (the backward divides the incoming gradient by it)")
     if loss_type == "dr_grpo":
         if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or max_completion_length <= 0:
             raise ValueError(f"loss_type='dr_grpo' needs max_completion_length, a positive int; got {max_completion_length!r}")
@@ -479,14 +492,18 @@ def grpo_loss(
     if is_weights is not None:
         w_is = per_token(_per_seq_or_token("is_weights", is_weights, layout, num_seqs, seq_shape, token_shape, seq_ids))
 
-    out = _ops.grpo_loss(
-        _as_3d(logits), ids, coef.contiguous(), adv, per_token(old_logprobs),
-        per_token(ref_logprobs) if beta != 0.0 else None, w_is, cu, seq_ids, seq_weights.contiguous(),
-        loss_type, kl_estimator, importance_sampling_level, float(beta), float(epsilon_low), float(epsilon_high),
-        None if delta is None else float(delta), None if dual_clip is None else float(dual_clip), float(temperature),
-        float(sapo_temperature_pos), float(sapo_temperature_neg), bool(bias_corrected_kl), bool(return_entropy),
-        bool(inplace_backward and logits.requires_grad), name,
+    op_args = (
+        ids, coef.contiguous(), adv, per_token(old_logprobs), per_token(ref_logprobs) if beta != 0.0 else None, w_is,
+        cu, seq_ids, seq_weights.contiguous(), loss_type, kl_estimator, importance_sampling_level, float(beta),
+        float(epsilon_low), float(epsilon_high), None if delta is None else float(delta),
+        None if dual_clip is None else float(dual_clip), float(temperature), float(sapo_temperature_pos),
+        float(sapo_temperature_neg), bool(bias_corrected_kl), bool(return_entropy),
     )  # fmt: skip
+    inplace = bool(inplace_backward and logits.requires_grad)
+    if grad_in_forward and logits.requires_grad and torch.is_grad_enabled():
+        out = _grad_in_forward.grpo_loss(_as_3d(logits), *op_args, inplace=inplace, loss_scale=float(loss_scale), backend=name)
+    else:
+        out = _ops.grpo_loss(_as_3d(logits), *op_args, inplace, name)
     loss, lp, _, entropy, _, per_token_loss, kl, flags = out
 
     # --- metrics: masked token means -------------------------------------------------------------------------
@@ -520,7 +537,8 @@ class GRPOLoss(nn.Module):
     _CONFIG = (
         "beta", "epsilon_low", "epsilon_high", "delta", "dual_clip", "temperature", "loss_type",
         "importance_sampling_level", "kl_estimator", "bias_corrected_kl", "max_completion_length",
-        "return_entropy", "inplace_backward", "backend", "sapo_temperature_pos", "sapo_temperature_neg",
+        "return_entropy", "inplace_backward", "grad_in_forward", "loss_scale", "backend", "sapo_temperature_pos",
+        "sapo_temperature_neg",
         "ignore_index",
     )  # fmt: skip
 
@@ -540,6 +558,8 @@ class GRPOLoss(nn.Module):
         max_completion_length: int | None = None,
         return_entropy: bool = False,
         inplace_backward: bool = False,
+        grad_in_forward: bool = False,
+        loss_scale: float = 1.0,
         backend: str = "auto",
         sapo_temperature_pos: float = 1.0,
         sapo_temperature_neg: float = 1.05,
