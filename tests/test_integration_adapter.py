@@ -77,6 +77,33 @@ def test_verl_loss_agg_modes(loss_agg_mode):
     assert out.clip_region > 0  # the inputs exercise the clipping
 
 
+@pytest.mark.parametrize("loss_agg_mode", ["seq-mean-token-mean", "token-mean"])
+def test_verl_gspo_is_the_sequence_level_ratio(loss_agg_mode):
+    """verl's GSPO token ratio sg[s_i] * pi_t / sg[pi_t] has the value and, since every aggregation weighs the
+    tokens of a sequence alike, the gradient of our sequence-level ratio."""
+    logits, batch = make_batch(seed=3)
+    ids, mask = batch["input_ids"][:, -T:], batch["completion_mask"]
+    lp = torch.log_softmax(logits[:, -T - 1 : -1], -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    log_ratio = lp - batch["old_logprobs"]
+    seq = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    s = torch.exp(torch.clamp(lp - lp.detach() + seq.detach().unsqueeze(-1), max=10.0))
+    adv = batch["advantages"].unsqueeze(1)
+    pg = torch.maximum(-adv * s, -adv * torch.clamp(s, 1 - 3e-3, 1 + 4e-3))
+    if loss_agg_mode == "token-mean":
+        expected = (pg * mask).sum() / mask.sum()
+    else:
+        expected = ((pg * mask).sum(-1) / mask.sum(-1)).mean()
+    (grad_expected,) = torch.autograd.grad(expected, logits)
+    out = grpo_loss_from_batch(
+        logits, batch, loss_agg_mode=loss_agg_mode, importance_sampling_level="sequence", epsilon_low=3e-3,
+        epsilon_high=4e-3, backend="torch",
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(out.loss, logits)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, grad_expected, rtol=1e-9, atol=1e-12)
+    assert out.clip_region > 0
+
+
 def test_full_and_aligned_logits_agree_with_the_reference():
     """L' > T: the model's logits over the whole sequence; L' == T: already aligned. Same loss, same gradient, as
     reference.grpo_loss on the aligned slice; the adapter hands the op a view, never a copy."""

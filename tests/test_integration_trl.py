@@ -147,8 +147,10 @@ def assert_same(ours, stock):
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     assert grads.keys() == grads_ref.keys()
     for name, g_ref in grads_ref.items():
-        err = (grads[name] - g_ref).abs().max().item()
-        assert err <= GRAD_RTOL * g_ref.abs().max().item() + 1e-12, f"{name}: max |diff| {err:.3e}"
+        # a gradient stored in bf16 (a bf16 model) is rounded once more: one ulp of that dtype at most
+        rtol = max(GRAD_RTOL, torch.finfo(g_ref.dtype).eps)
+        err = (grads[name].double() - g_ref.double()).abs().max().item()
+        assert err <= rtol * g_ref.abs().max().item() + 1e-12, f"{name}: max |diff| {err:.3e}"
     assert metrics.keys() == metrics_ref.keys()
     for key, value in metrics_ref.items():
         assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
@@ -230,6 +232,10 @@ KNOBS = {
         config=dict(loss_type="cispo", importance_sampling_level="sequence"), drop=("old_per_token_logps",)
     ),
     "eval_mode": dict(config=dict(loss_type="dapo", beta=0.04, entropy_coef=0.01), eval=True),
+    # a bf16 model (no autocast) whose LM head TRL casts to float32: float32 logits for both
+    "cast_lm_head_to_fp32": dict(
+        config=dict(loss_type="dapo", beta=0.04, cast_lm_head_to_fp32=True, model_init_kwargs={"dtype": "bfloat16"})
+    ),
 }
 
 
@@ -388,6 +394,7 @@ def test_trains_end_to_end_with_trl_defaults(model_dir, tokenizer, tmp_path):
         (dict(use_liger_kernel=True), "use_liger_kernel=True is not supported"),
         (dict(temperature=0.0), "temperature must be > 0"),
         (dict(delta=0.9), "delta"),
+        (dict(cast_lm_head_to_fp32=True, bf16=True), "cast_lm_head_to_fp32=True with bf16/fp16 mixed precision"),
     ],
 )
 def test_unsupported_config_raises_at_construction(model_dir, tokenizer, tmp_path, config, message):

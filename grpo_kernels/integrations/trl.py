@@ -67,6 +67,14 @@ def check_config(args: GRPOConfig) -> None:
             "use_liger_kernel=True is not supported by grpo_kernels' GRPOTrainer: Liger patches the model whose "
             "logits this trainer reads, a combination that is not tested; set use_liger_kernel=False"
         )
+    if args.cast_lm_head_to_fp32 and (args.bf16 or args.fp16):
+        # TRL's fused head projects outside autocast; this trainer calls the model's own forward, where autocast
+        # would run the float32 LM head in half precision after all.
+        raise ValueError(
+            "cast_lm_head_to_fp32=True with bf16/fp16 mixed precision is not supported by grpo_kernels' GRPOTrainer "
+            "(autocast would run the LM head in half precision); load the model in half precision without mixed "
+            "precision (bf16=False, model_init_kwargs={'dtype': 'bfloat16'}) or set cast_lm_head_to_fp32=False"
+        )
     if not args.temperature > 0:
         raise ValueError(
             f"temperature must be > 0 (log-probs are those of softmax(logits / temperature)), got {args.temperature}"
@@ -82,8 +90,9 @@ class GRPOTrainer(TRLGRPOTrainer):
     either ``importance_sampling_level``, with ``beta``, ``epsilon``/``epsilon_high``, ``delta``, ``temperature``,
     ``use_bias_correction_kl``, the vLLM importance-sampling ratio, ``top_entropy_quantile``, the entropy bonus (static
     or adaptive), ``off_policy_mask_threshold``, ``num_items_in_batch`` normalisation and gradient-accumulation
-    scaling; logs TRL's metrics under TRL's names. Raises ``ValueError`` at construction for what it does not support
-    (other loss types, ``use_liger_kernel``, vision-language models, an MoE router auxiliary loss).
+    scaling, ``cast_lm_head_to_fp32`` (without mixed precision); logs TRL's metrics under TRL's names. Raises
+    ``ValueError`` at construction for what it does not support (other loss types, ``use_liger_kernel``,
+    ``cast_lm_head_to_fp32`` under bf16/fp16 autocast, vision-language models, an MoE router auxiliary loss).
     """
 
     @functools.wraps(TRLGRPOTrainer.__init__)
