@@ -117,6 +117,7 @@ class GRPOTrainer(TRLGRPOTrainer):
     # the loss
     # ------------------------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
+        """TRL 1.16's ``_compute_loss`` (same inputs, same loss, same metrics), through one fused op."""
         mode = "train" if self.model.training else "eval"
         completion_ids = inputs["completion_ids"]  # [B, C]
         mask = inputs["completion_mask"]  # [B, C]
