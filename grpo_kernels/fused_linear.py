@@ -56,6 +56,11 @@ _UPCAST_ELEMENTS = 2 * 2**20
 # ----------------------------------------------------------------------------------------------------------------
 # the LM head, one tile at a time
 # ----------------------------------------------------------------------------------------------------------------
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     """The dtype of the projection: autocast's when it is on (and nothing is float64), else the promoted dtype."""
     device_type = hidden.device.type
@@ -96,9 +101,9 @@ class _Head(NamedTuple):
         if self.softcap is None:
             return y
         z = self.capped[:n]
-        z.copy_(y).mul_(self.scale / self.softcap).tanh_()  # t = tanh(scale * y / c), from the exact float32 y
-        one = torch.ones((), dtype=z.dtype, device=z.device) * self.scale
-        torch.addcmul(one, z, z, value=-self.scale, out=y)  # scale * (1 - t^2), computed in float32, rounded once
+        z.copy_(y).mul_(self.scale / self.softcap).tanh_()  # t = tanh(scale * y / c), in float32 from here on
+        scale = torch.full((), self.scale, dtype=z.dtype, device=z.device)
+        torch.addcmul(scale, z, z, value=-self.scale, out=y)  # scale * (1 - t^2) in float32, rounded once into y
         return z.mul_(self.softcap)
 
     def projection_grad(self, logits_grad: Tensor) -> Tensor:
@@ -110,13 +115,11 @@ class _Head(NamedTuple):
 
 
 def _make_head(weight, bias, dtype, softcap, scale, chunk) -> _Head:
-    vocab = weight.shape[0]
-    rows = max(1, chunk)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    shape = (max(1, chunk), weight.shape[0])
     return _Head(
         weight.to(dtype), None if bias is None else bias.to(dtype), softcap, scale,
-        torch.empty(rows, vocab, dtype=dtype, device=weight.device),
-        None if softcap is None else torch.empty(rows, vocab, dtype=acc, device=weight.device),
+        torch.empty(shape, dtype=dtype, device=weight.device),
+        None if softcap is None else torch.empty(shape, dtype=_acc(dtype), device=weight.device),
     )  # fmt: skip
 
 
@@ -226,10 +229,6 @@ def _logprob_pass(head: _Head, tokens: _Tokens, tiles, be, temperature: float, w
     return lp, lse, entropy
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the fused op: loss, per-token outputs and the finished gradients
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,7 +296,9 @@ def _fused_linear_grpo_loss(
             """Overwrite the tile's logits with d loss / d logits, then fold it into dH, dW and db."""
             g_entropy = None if entropy_coef == 0.0 else batch.coef[start:end].to(acc) * -entropy_coef
             z3 = logits.unsqueeze(0)
-            be.token_logprobs_backward(z3, batch.token_ids[start:end], lse, entropy, g, g_entropy, config.temperature, z3)
+            be.token_logprobs_backward(
+                z3, batch.token_ids[start:end], lse, entropy, g, g_entropy, config.temperature, z3
+            )
             grad = head.projection_grad(logits)  # [c, V] compute dtype
             if d_h is not None:
                 torch.mm(grad, head.weight, out=d_h[start:end])
@@ -313,7 +314,9 @@ def _fused_linear_grpo_loss(
             flags, loss = new(n, torch.uint8), new(())
             for start, end in tiles:
                 logits = head.logits(tokens.hidden[start:end])
-                out = be.grpo_loss_forward(logits.unsqueeze(0), _slice(batch, start, end, tokens.cu), config, with_entropy)
+                out = be.grpo_loss_forward(
+                    logits.unsqueeze(0), _slice(batch, start, end, tokens.cu), config, with_entropy
+                )
                 lp[start:end], per_token_loss[start:end], kl[start:end] = out.logprobs, out.per_token_loss, out.kl
                 flags[start:end] = out.clip_flags
                 if with_entropy:
@@ -408,7 +411,9 @@ def _fused_linear_token_logprobs(
 
 
 @_fused_linear_token_logprobs.register_fake
-def _(hidden, weight, bias, token_ids, temperature, logit_softcap, logit_scale, dtype, chunk_tokens, with_entropy, backend):
+def _(
+    hidden, weight, bias, token_ids, temperature, logit_softcap, logit_scale, dtype, chunk_tokens, with_entropy, backend
+):
     n, acc = token_ids.shape[0], _acc(dtype)
     return hidden.new_empty(n, dtype=acc), hidden.new_empty(n if with_entropy else 0, dtype=acc)
 
@@ -436,7 +441,9 @@ def _check_head(hidden, weight, bias, logit_softcap, logit_scale, chunk_tokens) 
         _check_same_shape("bias", bias, weight.shape[:1], "weight's vocabulary dim")
     _check_number("logit_scale", logit_scale, low=0, low_inclusive=False)
     _check_number("logit_softcap", logit_softcap, low=0, low_inclusive=False, allow_none=True)
-    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+    if chunk_tokens is not None and (
+        isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1
+    ):
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
 
 
@@ -656,8 +663,14 @@ def head_transform(config) -> tuple[float | None, float]:
     return softcap, 1.0 if scale is None else float(scale)
 
 
-def _completion_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, logits_to_keep: int,
-                       completion_mask: Tensor | None, model_kwargs: dict | None) -> tuple[Tensor, Tensor, Tensor, dict]:  # fmt: skip
+def _completion_inputs(
+    model: nn.Module,
+    input_ids: Tensor,  # [B, L]
+    attention_mask: Tensor | None,  # [B, L]
+    logits_to_keep: int,
+    completion_mask: Tensor | None,  # [B, C]
+    model_kwargs: dict | None,
+) -> tuple[Tensor, Tensor, Tensor, dict]:
     """``(hidden [B, C, H], lm_head.weight, targets [B, C], keyword arguments of the fused functions)``.
 
     The hidden state at position ``t`` predicts the token at ``t + 1``.
@@ -668,7 +681,9 @@ def _completion_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tens
             f"logits_to_keep must be an int in [1, L) = [1, {length}) (the completion length; at least one prompt "
             f"token must precede the completion), got {logits_to_keep!r}"
         )
-    outputs = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **(model_kwargs or {}))
+    outputs = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **(model_kwargs or {})
+    )
     hidden = outputs.last_hidden_state[:, length - logits_to_keep - 1 : length - 1]  # a view: no copy
     if completion_mask is None and attention_mask is not None:
         completion_mask = attention_mask[:, -logits_to_keep:]
