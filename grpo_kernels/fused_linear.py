@@ -44,9 +44,11 @@ from .api import (
 from .backends import get_backend, resolve_backend
 from .loss_math import LossConfig, TokenBatch, loss_forward_from_logprobs, segment_sum
 
-# Default size of one logits tile (plus its float32 twin when a softcap is applied): large enough that each tile's
-# GEMMs run at full speed ([768, H] x [H, 151936] for a bf16 Qwen head), small next to the float32 dW accumulator.
-_TILE_BYTES = 256 * 2**20
+# Default size of one logits tile (plus its float32 twin when a softcap is applied). The tile's row count c is the
+# inner dimension of dW += G.T @ H, whose float32 [V, H] output is read and written once per tile: 2c FLOPs per 8
+# bytes, above a GPU's ~300 FLOP/B ridge for c >~ 1200 (1664 rows for a bf16 [151936, H] head), while the tile stays
+# small next to that float32 accumulator (V H 4 bytes). Not tuned on a GPU yet.
+_TILE_BYTES = 512 * 2**20
 # cuBLAS `addmm(..., out_dtype=float32)` from bf16/fp16 operands (torch >= 2.8): dW += G.T @ H without a bf16 product.
 _ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
 # Rows of a float32 upcast when the above is not available (CPU): bounds that temporary to about 8 MiB.
@@ -512,7 +514,7 @@ def fused_linear_grpo_loss(
         logit_softcap: final logit soft-capping (Gemma 2/3's ``final_logit_softcapping``), > 0, or None.
         logit_scale: multiplies the projection before the softcap (Cohere's ``logit_scale``; Granite's
             ``1 / logits_scaling``), > 0.
-        chunk_tokens: tokens per tile; default :func:`default_chunk_tokens` (one tile of logits ~ 256 MiB).
+        chunk_tokens: tokens per tile; default :func:`default_chunk_tokens` (one tile of logits ~ 512 MiB).
         backend: which backend runs the per-tile loss and gradient passes: "auto", "torch", "triton" or "cuda".
 
     Compute dtype: autocast's dtype when autocast is on, else ``promote_types(hidden.dtype, weight.dtype)``; the

@@ -138,8 +138,8 @@ def test_tile_plans():
     assert _plan_tiles(cu, 7, True) == ([(0, 3), (3, 10), (10, 15)], True)  # whole sequences, <= 7 tokens each
     assert _plan_tiles(cu, 100, True) == ([(0, 15)], True)
     assert _plan_tiles([0, 0], 4, True) == ([], True)
-    assert default_chunk_tokens(151936, torch.bfloat16) == 768  # 256 MiB of bf16 logits, a multiple of 128
-    assert default_chunk_tokens(151936, torch.bfloat16, softcap=True) == 256  # + the float32 softcapped tile
+    assert default_chunk_tokens(151936, torch.bfloat16) == 1664  # <= 512 MiB of bf16 logits, a multiple of 128
+    assert default_chunk_tokens(151936, torch.bfloat16, softcap=True) == 512  # + the float32 softcapped tile
     assert default_chunk_tokens(37, torch.float32) > 10**6
 
 
