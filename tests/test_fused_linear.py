@@ -225,6 +225,27 @@ def test_bf16_weight_float32_accumulation(backend):
     assert low_precision_ok(rel_err(hl.grad, dh64), rel_err(he.grad, dh64), floor=1e-3)
 
 
+def test_autocast_computes_in_its_dtype(backend):
+    """float32 parameters under bf16 autocast: the projection runs in bf16 (as the model's lm_head would), the
+    gradients come back float32 and are as accurate as eager's under the same autocast."""
+    g = torch.Generator().manual_seed(24)
+    n, hid, vocab = 128, 32, 64
+    h, w = torch.randn(n, hid, generator=g).to(DEVICE), (torch.randn(vocab, hid, generator=g) * 0.3).to(DEVICE)
+    ids, adv = torch.randint(0, vocab, (n,), generator=g).to(DEVICE), torch.randn(n, generator=g).to(DEVICE)
+    (hl, wl), (he, we) = (_leaf(h), _leaf(w)), (_leaf(h), _leaf(w))
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = fused_linear_grpo_loss(hl, wl, ids, adv, chunk_tokens=16, backend=backend)
+        eager_logits = he @ we.T
+    out.loss.backward()
+    ref.grpo_loss(eager_logits, ids, adv, compute_in=torch.bfloat16).loss.backward()
+    h64, w64 = _leaf(h, torch.float64), _leaf(w, torch.float64)
+    ref.grpo_loss(h64 @ w64.T, ids, adv).loss.backward()
+    assert eager_logits.dtype == torch.bfloat16 and hl.grad.dtype == wl.grad.dtype == torch.float32
+    assert rel_err(wl.grad, w64.grad) > 1e-4  # it did compute in bf16
+    assert low_precision_ok(rel_err(wl.grad, w64.grad), rel_err(we.grad, w64.grad), floor=1e-3)
+    assert low_precision_ok(rel_err(hl.grad, h64.grad), rel_err(he.grad, h64.grad), floor=1e-3)
+
+
 def test_masked_positions_are_never_read(backend):
     """NaN hidden states where mask == 0 (e.g. fully masked attention rows) leave loss and gradients finite, and
     the gradient rows of those positions are zero."""
