@@ -429,7 +429,7 @@ def _check_head(hidden, weight, bias, logit_softcap, logit_scale, chunk_tokens) 
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or packed [N, H], got shape {list(hidden.shape)}")
     for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if x is None:
+        if x is None and name == "bias":
             continue
         _check_tensor(name, x, hidden.device, "hidden")
         if x.dtype not in LOGITS_DTYPES:

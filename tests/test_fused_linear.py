@@ -389,6 +389,7 @@ def test_torch_compile_fullgraph(backend):
 
 VALIDATION = [
     ("hidden-1d", dict(hidden=torch.randn(H)), ValueError, r"hidden must be \[B, T, H\]"),
+    ("weight-none", dict(weight=None), TypeError, "weight must be a torch.Tensor"),
     ("weight-wrong-H", dict(weight=torch.randn(V, H + 1)), ValueError, "weight must be the LM head"),
     ("weight-int", dict(weight=torch.ones(V, H, dtype=torch.long)), TypeError, "weight must be float16"),
     ("bias-shape", dict(bias=torch.randn(V + 1)), ValueError, "bias must have the shape"),
@@ -408,7 +409,7 @@ def test_rejects(case, change, exc, match):
     kwargs = {}
     for key, value in change.items():
         (args if key in args else kwargs)[key] = value.to(DEVICE) if isinstance(value, torch.Tensor) else value
-    args = {k: v.to(DEVICE) for k, v in args.items()}
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(exc, match=match):
         fused_linear_grpo_loss(
             args.pop("hidden"), args.pop("weight"), args.pop("token_ids"), args.pop("advantages"), **kwargs
