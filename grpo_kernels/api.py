@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from . import _grad_in_forward, _ops
 from .advantages import GroupAdvantages, make_layout
 from .backends import resolve_backend
-from .loss_math import CLIP_HIGH, CLIP_LOW, segment_sum
+from .loss_math import CLIP_HIGH, CLIP_LOW, LossConfig, TokenBatch, segment_sum
 from .reference import ADVANTAGE_SCALES, IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES, MULTI_REWARD_MODES
 
 LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,11 +44,11 @@ def _shape(x: Tensor) -> list[int]:
     return list(x.shape)
 
 
-def _check_tensor(name: str, x, device: torch.device) -> None:
+def _check_tensor(name: str, x, device: torch.device, source: str = "logits") -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but logits are on {device}: all tensors must share one device")
+        raise ValueError(f"{name} is on {x.device} but {source} are on {device}: all tensors must share one device")
 
 
 def _check_float(name: str, x: Tensor) -> None:
@@ -296,8 +296,8 @@ def _per_seq_or_token(name: str, x: Tensor, layout: str, num_seqs: int, seq_shap
     )
 
 
-def _check_cu_seqlens(cu_seqlens: Tensor, n: int, device) -> Tensor:
-    _check_tensor("cu_seqlens", cu_seqlens, device)
+def _check_cu_seqlens(cu_seqlens: Tensor, n: int, device, source: str = "logits") -> Tensor:
+    _check_tensor("cu_seqlens", cu_seqlens, device, source)
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.is_floating_point():
         raise ValueError(f"cu_seqlens must be a 1-D integer tensor [S+1] with S >= 1, got {cu_seqlens.dtype} {_shape(cu_seqlens)}")
     cu = cu_seqlens.long()
@@ -392,6 +392,90 @@ def grpo_loss(
     Returns:
         :class:`GRPOLossOutput`.
     """
+    _check_logits(logits)
+    base = logits._base if logits._base is not None else logits
+    if inplace_backward and logits.requires_grad and (logits.is_leaf or (base.is_leaf and base.requires_grad)):
+        raise ValueError(
+            "inplace_backward=True would write the gradient over a leaf tensor that requires grad (or a view of one), "
+            "whose .grad would then alias its data; use it on logits produced by the model (a non-leaf), or pass "
+            "inplace_backward=False"
+        )
+    _check_number("loss_scale", loss_scale)
+    if loss_scale == 0:
+        raise ValueError("loss_scale must be != 0 (the backward divides the incoming gradient by it)")
+    inputs = _prepare_loss_inputs(
+        "logits", logits.shape[:-1], logits.shape[-1], logits.device, logits.dtype == torch.float64,
+        token_ids, advantages, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, dual_clip=dual_clip, temperature=temperature,
+        loss_type=loss_type, importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator,
+        bias_corrected_kl=bias_corrected_kl, is_weights=is_weights, max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch, backend=backend, cu_seqlens=cu_seqlens,
+        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg, ignore_index=ignore_index,
+    )  # fmt: skip
+    c = inputs.config
+    op_args = (
+        *inputs.batch, c.loss_type, c.kl_estimator, c.importance_sampling_level, c.beta, c.epsilon_low,
+        c.epsilon_high, c.delta, c.dual_clip, c.temperature, c.sapo_temperature_pos, c.sapo_temperature_neg,
+        c.bias_corrected_kl, bool(return_entropy),
+    )  # fmt: skip
+    inplace = bool(inplace_backward and logits.requires_grad)
+    if grad_in_forward and logits.requires_grad and torch.is_grad_enabled():
+        out = _grad_in_forward.grpo_loss(
+            _as_3d(logits), *op_args, inplace=inplace, loss_scale=float(loss_scale), backend=inputs.backend
+        )
+    else:
+        out = _ops.grpo_loss(_as_3d(logits), *op_args, inplace, inputs.backend)
+    loss, lp, _, entropy, _, per_token_loss, kl, flags = out
+    return _loss_output(inputs, token_ids, mask, ignore_index, loss, lp, entropy if return_entropy else None,
+                        per_token_loss, kl, flags)  # fmt: skip
+
+
+class _LossInputs(NamedTuple):
+    """A validated loss call in the backends' terms (shared by :func:`grpo_loss` and the fused-linear loss)."""
+
+    backend: str  # resolved backend name
+    batch: TokenBatch  # [N] per-token inputs; coefficients already normalised over the whole batch
+    config: LossConfig
+    mask_weights: Tensor  # [N] m_t: the mask value where the token takes part, 0 elsewhere (float32/float64)
+    token_shape: torch.Size  # [B, T] or [N]
+
+
+def _prepare_loss_inputs(
+    source: str,
+    token_shape: torch.Size,
+    vocab: int,
+    device: torch.device,
+    float64: bool,
+    token_ids: Tensor,
+    advantages: Tensor,
+    *,
+    mask: Tensor | None,
+    old_logprobs: Tensor | None,
+    ref_logprobs: Tensor | None,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float | None,
+    delta: float | None,
+    dual_clip: float | None,
+    temperature: float,
+    loss_type: str,
+    importance_sampling_level: str,
+    kl_estimator: str,
+    bias_corrected_kl: bool,
+    is_weights: Tensor | None,
+    max_completion_length: int | None,
+    num_items_in_batch: int | float | Tensor | None,
+    backend: str,
+    cu_seqlens: Tensor | None,
+    sapo_temperature_pos: float,
+    sapo_temperature_neg: float,
+    ignore_index: int,
+) -> _LossInputs:
+    """Validate every argument of :func:`grpo_loss` except the logits, and build the per-token ``TokenBatch``.
+
+    ``source`` names the tensor the token layout comes from (in error messages): ``token_shape`` ``[B, T]`` is the
+    padded layout, ``[N]`` the packed one; ``vocab`` bounds the token ids.
+    """
     # --- scalar arguments -------------------------------------------------------------------------------------
     _check_choice("loss_type", loss_type, LOSS_TYPES)
     _check_choice("importance_sampling_level", importance_sampling_level, IS_LEVELS)
@@ -405,36 +489,29 @@ def grpo_loss(
     _check_number("temperature", temperature, low=0, low_inclusive=False)
     _check_number("sapo_temperature_pos", sapo_temperature_pos, low=0, low_inclusive=False)
     _check_number("sapo_temperature_neg", sapo_temperature_neg, low=0, low_inclusive=False)
-    _check_number("loss_scale", loss_scale)
-    if loss_scale == 0:
-        raise ValueError("loss_scale must be != 0 (the backward divides the incoming gradient by it)")
     if loss_type == "dr_grpo":
         if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or max_completion_length <= 0:
             raise ValueError(f"loss_type='dr_grpo' needs max_completion_length, a positive int; got {max_completion_length!r}")
 
     # --- tensors ---------------------------------------------------------------------------------------------
-    _check_logits(logits)
-    device = logits.device
-    vocab = logits.shape[-1]
-    token_shape = logits.shape[:-1]
-    _check_tensor("token_ids", token_ids, device)
+    _check_tensor("token_ids", token_ids, device, source)
     if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
         raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
-    _check_same_shape("token_ids", token_ids, token_shape, "logits without the vocabulary dim")
-    _check_tensor("advantages", advantages, device)
+    _check_same_shape("token_ids", token_ids, token_shape, f"{source} without the last dim")
+    _check_tensor("advantages", advantages, device, source)
     _check_float("advantages", advantages)
     if mask is not None:
-        _check_tensor("mask", mask, device)
+        _check_tensor("mask", mask, device, source)
         _check_same_shape("mask", mask, token_shape, "token_ids")
     for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         if x is not None:
-            _check_tensor(name, x, device)
+            _check_tensor(name, x, device, source)
             _check_float(name, x)
             _check_same_shape(name, x, token_shape, "token_ids")
     if beta != 0.0 and ref_logprobs is None:
         raise ValueError("beta != 0 needs ref_logprobs (the reference model's per-token log-probs)")
     if is_weights is not None:
-        _check_tensor("is_weights", is_weights, device)
+        _check_tensor("is_weights", is_weights, device, source)
         _check_float("is_weights", is_weights)
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):
@@ -442,28 +519,20 @@ def grpo_loss(
                 raise ValueError(f"num_items_in_batch must be a number or a 1-element tensor, got {_shape(num_items_in_batch)}")
         else:
             _check_number("num_items_in_batch", num_items_in_batch, low=0)
-    base = logits._base if logits._base is not None else logits
-    if inplace_backward and logits.requires_grad and (logits.is_leaf or (base.is_leaf and base.requires_grad)):
-        raise ValueError(
-            "inplace_backward=True would write the gradient over a leaf tensor that requires grad (or a view of one), "
-            "whose .grad would then alias its data; use it on logits produced by the model (a non-leaf), or pass "
-            "inplace_backward=False"
-        )
-    float64 = logits.dtype == torch.float64
     name = resolve_backend(backend, device, float64=float64)
     acc = torch.float64 if float64 else torch.float32
 
     # --- layout: sequences as contiguous runs of the N flattened tokens ----------------------------------------
     n = token_ids.numel()
-    if logits.dim() == 3:
+    if len(token_shape) == 2:
         if cu_seqlens is not None:
-            raise ValueError("cu_seqlens is for packed [N, V] logits; got [B, T, V] logits")
+            raise ValueError(f"cu_seqlens is for packed [N, ...] {source}; got [B, T, ...] {source}")
         layout, (num_seqs, seq_len) = "padded", token_shape
         cu = torch.arange(num_seqs + 1, device=device) * seq_len
         seq_ids = torch.arange(n, device=device) // max(seq_len, 1)
     else:
         layout = "packed"
-        cu = _check_cu_seqlens(cu_seqlens, n, device) if cu_seqlens is not None else torch.tensor([0, n], device=device)
+        cu = _check_cu_seqlens(cu_seqlens, n, device, source) if cu_seqlens is not None else torch.tensor([0, n], device=device)
         num_seqs = cu.shape[0] - 1
         seq_ids = torch.searchsorted(cu[1:], torch.arange(n, device=device), right=True)
     seq_shape = (num_seqs,)
@@ -492,38 +561,50 @@ def grpo_loss(
     if is_weights is not None:
         w_is = per_token(_per_seq_or_token("is_weights", is_weights, layout, num_seqs, seq_shape, token_shape, seq_ids))
 
-    op_args = (
-        ids, coef.contiguous(), adv, per_token(old_logprobs), per_token(ref_logprobs) if beta != 0.0 else None, w_is,
-        cu, seq_ids, seq_weights.contiguous(), loss_type, kl_estimator, importance_sampling_level, float(beta),
-        float(epsilon_low), float(epsilon_high), None if delta is None else float(delta),
-        None if dual_clip is None else float(dual_clip), float(temperature), float(sapo_temperature_pos),
-        float(sapo_temperature_neg), bool(bias_corrected_kl), bool(return_entropy),
+    config = LossConfig(
+        loss_type=loss_type, beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
+        delta=None if delta is None else float(delta), dual_clip=None if dual_clip is None else float(dual_clip),
+        temperature=float(temperature), importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator,
+        bias_corrected_kl=bool(bias_corrected_kl), sapo_temperature_pos=float(sapo_temperature_pos),
+        sapo_temperature_neg=float(sapo_temperature_neg),
     )  # fmt: skip
-    inplace = bool(inplace_backward and logits.requires_grad)
-    if grad_in_forward and logits.requires_grad and torch.is_grad_enabled():
-        out = _grad_in_forward.grpo_loss(_as_3d(logits), *op_args, inplace=inplace, loss_scale=float(loss_scale), backend=name)
-    else:
-        out = _ops.grpo_loss(_as_3d(logits), *op_args, inplace, name)
-    loss, lp, _, entropy, _, per_token_loss, kl, flags = out
+    batch = TokenBatch(
+        ids, coef.contiguous(), adv, per_token(old_logprobs), per_token(ref_logprobs) if beta != 0.0 else None, w_is,
+        cu, seq_ids, seq_weights.contiguous(),
+    )  # fmt: skip
+    return _LossInputs(name, batch, config, m, token_shape)
 
-    # --- metrics: masked token means -------------------------------------------------------------------------
+
+def _loss_output(
+    inputs: _LossInputs,
+    token_ids: Tensor,
+    mask: Tensor | None,
+    ignore_index: int,
+    loss: Tensor,  # []
+    lp: Tensor,  # [N]
+    entropy: Tensor | None,  # [N], None when not asked for
+    per_token_loss: Tensor,  # [N]
+    kl: Tensor,  # [N]
+    flags: Tensor,  # [N] uint8 clip flags
+) -> GRPOLossOutput:
+    """The metrics (masked token means) and the user-facing shapes of a backend's loss forward."""
+    m, ids, shape = inputs.mask_weights, inputs.batch.token_ids, inputs.token_shape
     count = m.sum().clamp(min=1.0)
-    masked_mean = lambda x: (x.detach().to(acc) * m).sum() / count  # noqa: E731
+    masked_mean = lambda x: (x.detach().to(m.dtype) * m).sum() / count  # noqa: E731
     low, high = (flags & CLIP_LOW) != 0, (flags & CLIP_HIGH) != 0
     lp = _poison(lp, token_ids, ids, mask, ignore_index)
     if _compiling():  # an out-of-range id (dropped from the kernel) must not leave a plausible loss behind
         loss = loss + lp.sum() * 0
-    shape = token_shape
     return GRPOLossOutput(
         loss=loss,
         logprobs=lp.detach().view(shape),
-        entropy=entropy.view(shape) if return_entropy else None,
+        entropy=entropy.view(shape) if entropy is not None else None,
         per_token_loss=per_token_loss.detach().view(shape),
         kl_mean=masked_mean(kl),
         clip_low=masked_mean(low),
         clip_high=masked_mean(high),
         clip_region=masked_mean(low | high),
-        entropy_mean=masked_mean(entropy) if return_entropy else None,
+        entropy_mean=masked_mean(entropy) if entropy is not None else None,
         logprob_mean=masked_mean(lp),
     )
 
@@ -538,8 +619,7 @@ class GRPOLoss(nn.Module):
         "beta", "epsilon_low", "epsilon_high", "delta", "dual_clip", "temperature", "loss_type",
         "importance_sampling_level", "kl_estimator", "bias_corrected_kl", "max_completion_length",
         "return_entropy", "inplace_backward", "grad_in_forward", "loss_scale", "backend", "sapo_temperature_pos",
-        "sapo_temperature_neg",
-        "ignore_index",
+        "sapo_temperature_neg", "ignore_index",
     )  # fmt: skip
 
     def __init__(
