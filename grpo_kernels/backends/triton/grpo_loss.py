@@ -66,8 +66,10 @@ def _policy(rho, adv, lp, clip_low, clip_high, eps_high, delta, dual_clip, sapo_
         p, dp_dr, dp_dlp = -capped * adv * lp, 0.0, -capped * adv
     elif FAMILY == SAPO:
         tau = tl.where(adv > 0, sapo_pos, sapo_neg)
-        sig = tl.sigmoid(tau * (rho - 1.0))
-        p, dp_dr, dp_dlp = -(4.0 / tau) * sig * adv, -4.0 * sig * (1.0 - sig) * rho * adv, 0.0
+        x = tau * (rho - 1.0)
+        sig = tl.sigmoid(x)
+        # sigmoid' = sig (1 - sig), with 1 - sig as sigmoid(-x): no cancellation when sig rounds to 1
+        p, dp_dr, dp_dlp = -(4.0 / tau) * sig * adv, -4.0 * sig * tl.sigmoid(-x) * rho * adv, 0.0
     else:  # P = -min(rho1 A, clip(rho, 1 - eps_low, 1 + eps_high) A), then the dual clip
         rho2 = minimum(maximum(rho, clip_low), clip_high)
         drho2 = tl.where((rho >= clip_low) & (rho <= clip_high), rho, 0.0)
@@ -91,22 +93,30 @@ def _policy(rho, adv, lp, clip_low, clip_high, eps_high, delta, dual_clip, sapo_
 
 @triton.jit
 def _kl(lp, ref, ESTIMATOR: tl.constexpr):
-    """``(K, dK/dlp)`` for ``k = lp_ref - lp`` (spec section 5)."""
+    """``(K, dK/dlp, K + dK/dlp)`` for ``k = lp_ref - lp`` (spec section 5).
+
+    ``K + dK/dlp`` is the derivative of the bias-corrected ``rho K`` over ``rho``; it is returned in a closed form
+    because summing the first two cancels catastrophically for k3 (``(e^k - k - 1) + (1 - e^k) = -k``).
+    """
     k = ref - lp
     if ESTIMATOR == K1:
         kl, dkl = -k, 1.0
+        both = 1.0 - k
     elif ESTIMATOR == K2:
         kl, dkl = 0.5 * k * k, -k
+        both = kl + dkl
     elif ESTIMATOR == LOW_VAR_KL:  # clamp's gradient passes at the bounds, as torch.clamp's does
         kc = minimum(maximum(k, -20.0), 20.0)
         ekc = tl.exp(kc)
         raw = ekc - kc - 1.0
         passes = (k >= -20.0) & (k <= 20.0) & (raw <= 10.0)
         kl, dkl = minimum(maximum(raw, -10.0), 10.0), tl.where(passes, 1.0 - ekc, 0.0)
+        both = tl.where(passes, -kc, kl)
     else:  # k3
         ek = tl.exp(k)
         kl, dkl = ek - k - 1.0, 1.0 - ek
-    return kl, dkl
+        both = -k
+    return kl, dkl, both
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,11 +190,10 @@ def _grpo_loss_fwd_kernel(
         loss, dl_dr, dl_dlp = loss * w, dl_dr * w, dl_dlp * w
     kl = 0.0
     if HAS_KL:
-        kl, dkl = _kl(lp, tl.load(ref_ptr + row), ESTIMATOR)
-        if BIAS_CORRECTED:  # d(K rho)/dlp = K' rho + (K rho) dr/dlp
-            dkl = dkl * rho
+        kl, dkl, kl_plus_dkl = _kl(lp, tl.load(ref_ptr + row), ESTIMATOR)
+        if BIAS_CORRECTED:  # d(K rho)/dlp = K' rho + K rho dr/dlp = rho (K + K') at token level (dr/dlp = 1)
+            dkl = rho * kl_plus_dkl
             kl = kl * rho
-            dl_dr = dl_dr + beta * kl
         loss = loss + beta * kl
         dl_dlp = dl_dlp + beta * dkl
     grad = tl.load(coef_ptr + row) * (dl_dr + dl_dlp)
