@@ -8,9 +8,11 @@ group ``g`` (for a fixed group size, ``order`` is the identity). Program ``g`` w
     mean_g, std_g = NaN-aware mean and Bessel-corrected std of t over the group (std NaN below 2 valid rows)
     A_b = (t_b - mean_g) / (std_g + eps)   |   t_b - mean_g   (scale "group" | "none")
 
-and writes the advantages directly. Scale "batch" and ``normalize_then_sum`` also need statistics of ``t`` over the
-whole batch: the group program leaves ``t_b - mean_g`` (or ``t_b``) behind and one more program computes the batch
-mean/std and finishes ``A``. Every sum runs in a fixed order (block by block, tree within a block): the result is
+Statistics take one pass: each block's mean and squared deviations are computed in two passes over the block in
+registers and merged into the running ones with Chan et al.'s update, so a group that fits one block (the usual case)
+gets exactly the two-pass result. A second pass writes the advantages. Scale "batch" and ``normalize_then_sum`` also
+need statistics of ``t`` over the whole batch: the group program writes ``t_b`` (and ``t_b - mean_g``) and one more
+program computes the batch mean/std the same way and finishes ``A``. Every sum runs in a fixed order: the result is
 bitwise reproducible, no atomics. NaN advantages become 0 (``nan_to_num``), as in the reference.
 
 Each pass recomputes ``t_b`` from the rewards (a few floats per row) instead of storing and re-reading it, so no
@@ -47,30 +49,42 @@ def _nan_to_num(x):
 
 
 @triton.jit
-def _load_rewards(rewards_ptr, order_ptr, idx, in_group, cols, num_rewards):
-    """Rows ``order[idx]`` of ``rewards [B, R]`` as a ``[BLOCK_B, BLOCK_R]`` tile (NaN outside), and their ids."""
+def _row_totals(rewards_ptr, order_ptr, idx, end, cols, num_rewards, weights, col_mean, col_std, eps,
+                MULTI_REWARD: tl.constexpr):  # fmt: skip
+    """Group rows ``order[idx]`` (``idx < end``): ``(t [BLOCK_B], row ids [BLOCK_B], rewards [BLOCK_B, BLOCK_R])``,
+    with ``t`` NaN for unscorable or absent rows and the rewards NaN outside the tensor."""
+    in_group = idx < end
     rows = tl.load(order_ptr + idx, mask=in_group, other=0)
     ok = in_group[:, None] & (cols < num_rewards)[None, :]
     r = tl.load(rewards_ptr + rows[:, None] * num_rewards + cols[None, :], mask=ok, other=float("nan"))
-    return r, rows
-
-
-@triton.jit
-def _row_totals(r, weights, col_mean, col_std, eps, in_group, MULTI_REWARD: tl.constexpr):
-    """``t_b`` of spec section 2 for a tile of rewards: ``[BLOCK_B]``, NaN for unscorable or absent rows."""
     if MULTI_REWARD == NORMALIZE_THEN_SUM:
         terms = (r - col_mean[None, :]) / (col_std[None, :] + eps) * weights[None, :]
     else:
         terms = r * weights[None, :]
     total = tl.sum(tl.where(terms != terms, 0.0, terms), axis=1)
     scorable = tl.sum((r == r).to(tl.int32), axis=1) > 0
-    return tl.where(scorable & in_group, total, float("nan"))
+    return tl.where(scorable & in_group, total, float("nan")), rows, r
 
 
 @triton.jit
-def _mean_std(count, total, sum_sq):
-    """Mean and Bessel-corrected std from a count, a sum and a sum of squared deviations (std NaN below 2)."""
-    return total / count, tl.where(count > 1.0, tl.sqrt(sum_sq / (count - 1.0)), float("nan"))
+def _merge_stats(count, mean, m2, x):
+    """Fold the non-NaN entries of ``x`` (along axis 0) into the running ``(count, mean, M2)``."""
+    valid = x == x
+    n = tl.sum(valid.to(tl.float32), axis=0)
+    block_mean = tl.sum(tl.where(valid, x, 0.0), axis=0) / tl.maximum(n, 1.0)
+    dev = tl.where(valid, x - block_mean, 0.0)
+    total = count + n
+    delta = block_mean - mean
+    mean = tl.where(count == 0.0, block_mean, mean + delta * (n / tl.maximum(total, 1.0)))
+    m2 = m2 + tl.sum(dev * dev, axis=0) + delta * delta * (count * n / tl.maximum(total, 1.0))
+    return total, mean, m2
+
+
+@triton.jit
+def _finish_stats(count, mean, m2):
+    """``(mean, Bessel-corrected std)``: mean NaN without valid entries, std NaN below two."""
+    std = tl.sqrt(m2 / tl.maximum(count - 1.0, 1.0))
+    return tl.where(count > 0.0, mean, float("nan")), tl.where(count > 1.0, std, float("nan"))
 
 
 @triton.jit
@@ -98,49 +112,35 @@ def _group_advantages_kernel(
     cols = tl.arange(0, BLOCK_R)
     weights = tl.load(weights_ptr + cols, mask=cols < num_rewards, other=0.0)
 
-    # normalize_then_sum: per-column mean/std over the group first (two passes)
+    # normalize_then_sum: mean/std of each reward column over the group
     col_mean = tl.zeros([BLOCK_R], dtype=tl.float32)
     col_std = tl.zeros([BLOCK_R], dtype=tl.float32)
     if MULTI_REWARD == NORMALIZE_THEN_SUM:
         col_count = tl.zeros([BLOCK_R], dtype=tl.float32)
-        col_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+        col_m2 = tl.zeros([BLOCK_R], dtype=tl.float32)
         for i in range(start, end, BLOCK_B):
-            r, _ = _load_rewards(rewards_ptr, order_ptr, i + offs, i + offs < end, cols, num_rewards)
-            col_count += tl.sum((r == r).to(tl.float32), axis=0)
-            col_sum += tl.sum(tl.where(r == r, r, 0.0), axis=0)
-        col_mean = col_sum / col_count
-        col_sq = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for i in range(start, end, BLOCK_B):
-            r, _ = _load_rewards(rewards_ptr, order_ptr, i + offs, i + offs < end, cols, num_rewards)
-            dev = tl.where(r == r, r - col_mean[None, :], 0.0)
-            col_sq += tl.sum(dev * dev, axis=0)
-        col_mean, col_std = _mean_std(col_count, col_sum, col_sq)
+            _, _, r = _row_totals(rewards_ptr, order_ptr, i + offs, end, cols, num_rewards, weights, col_mean, col_std,
+                                  eps, SUM_THEN_NORMALIZE)  # fmt: skip
+            col_count, col_mean, col_m2 = _merge_stats(col_count, col_mean, col_m2, r)
+        col_mean, col_std = _finish_stats(col_count, col_mean, col_m2)
 
-    # group mean/std of the row totals (two passes)
+    # mean/std of the row totals over the group
     count = 0.0
-    total = 0.0
+    mean = 0.0
+    m2 = 0.0
     for i in range(start, end, BLOCK_B):
-        in_group = i + offs < end
-        r, _ = _load_rewards(rewards_ptr, order_ptr, i + offs, in_group, cols, num_rewards)
-        t = _row_totals(r, weights, col_mean, col_std, eps, in_group, MULTI_REWARD)
-        count += tl.sum((t == t).to(tl.float32), axis=0)
-        total += tl.sum(tl.where(t == t, t, 0.0), axis=0)
-    mean = total / count
-    sum_sq = 0.0
-    for i in range(start, end, BLOCK_B):
-        in_group = i + offs < end
-        r, _ = _load_rewards(rewards_ptr, order_ptr, i + offs, in_group, cols, num_rewards)
-        dev = _row_totals(r, weights, col_mean, col_std, eps, in_group, MULTI_REWARD) - mean
-        sum_sq += tl.sum(tl.where(dev == dev, dev * dev, 0.0), axis=0)
-    mean, std = _mean_std(count, total, sum_sq)
+        t, _, _ = _row_totals(rewards_ptr, order_ptr, i + offs, end, cols, num_rewards, weights, col_mean, col_std,
+                              eps, MULTI_REWARD)  # fmt: skip
+        count, mean, m2 = _merge_stats(count, mean, m2, t)
+    mean, std = _finish_stats(count, mean, m2)
     tl.store(mean_ptr + group, mean)
     tl.store(std_ptr + group, std)
 
     # outputs per row
     for i in range(start, end, BLOCK_B):
+        t, rows, _ = _row_totals(rewards_ptr, order_ptr, i + offs, end, cols, num_rewards, weights, col_mean, col_std,
+                                 eps, MULTI_REWARD)  # fmt: skip
         in_group = i + offs < end
-        r, rows = _load_rewards(rewards_ptr, order_ptr, i + offs, in_group, cols, num_rewards)
-        t = _row_totals(r, weights, col_mean, col_std, eps, in_group, MULTI_REWARD)
         if WRITE_TOTALS:
             tl.store(total_ptr + rows, t, mask=in_group)
         if MULTI_REWARD == SUM_THEN_NORMALIZE:  # (normalize_then_sum: A comes from the batch stats of t alone)
@@ -163,17 +163,12 @@ def _batch_scale_kernel(
 ):
     offs = tl.arange(0, BLOCK)
     count = 0.0
-    total = 0.0
+    mean = 0.0
+    m2 = 0.0
     for i in range(0, batch, BLOCK):
         t = tl.load(total_ptr + i + offs, mask=i + offs < batch, other=float("nan"))
-        count += tl.sum((t == t).to(tl.float32), axis=0)
-        total += tl.sum(tl.where(t == t, t, 0.0), axis=0)
-    mean = total / count
-    sum_sq = 0.0
-    for i in range(0, batch, BLOCK):
-        dev = tl.load(total_ptr + i + offs, mask=i + offs < batch, other=float("nan")) - mean
-        sum_sq += tl.sum(tl.where(dev == dev, dev * dev, 0.0), axis=0)
-    mean, std = _mean_std(count, total, sum_sq)
+        count, mean, m2 = _merge_stats(count, mean, m2, t)
+    mean, std = _finish_stats(count, mean, m2)
     for i in range(0, batch, BLOCK):
         in_batch = i + offs < batch
         if CENTRE_ON_BATCH_MEAN:
@@ -199,7 +194,7 @@ def group_advantages(rewards: torch.Tensor, weights: torch.Tensor, layout: Group
     block_rows = min(triton.next_power_of_2(rows_per_group), _MAX_BLOCK_ROWS)
     # batch statistics of t are needed for scale "batch" and for normalize_then_sum
     needs_batch = normalize_then_sum or config.scale == "batch"
-    totals = torch.empty(batch if needs_batch else 0, dtype=torch.float32, device=device)
+    totals = _alloc.empty(batch if needs_batch else 0, dtype=torch.float32, device=device)
     with device_guard(rewards):
         _group_advantages_kernel[(num_groups,)](
             rewards, weights.to(torch.float32), layout.order, layout.cu_groups, adv, totals if needs_batch else adv,
