@@ -181,6 +181,29 @@ def test_outputs_fully_written():
                 assert not torch.isnan(t).any()
 
 
+@pytest.mark.parametrize("scale,mode", [("group", "sum_then_normalize"), ("batch", "sum_then_normalize"),
+                                        ("none", "sum_then_normalize"), ("group", "normalize_then_sum")])  # fmt: skip
+def test_advantages_groups_spanning_many_blocks(scale, mode, poisoned):
+    """One group of 1000 rows among 12 small ones (blocks of 128 rows: the statistics merge across blocks), and a
+    batch of 1100 rows (the batch statistics merge across blocks of 1024). Rewards sit near 100, where float32
+    summation error shows: our error vs float64 must stay within 2x that of eager PyTorch in float32."""
+    g = torch.Generator().manual_seed(19)
+    ids = torch.cat([torch.zeros(1000, dtype=torch.long), 1 + torch.arange(100) % 12])[torch.randperm(1100, generator=g)]
+    r = torch.randint(0, 5, (1100, 2), generator=g).float() + 0.1 * torch.randn(1100, 2, generator=g) + 100.0
+    r[torch.rand(1100, generator=g) < 0.05, 0] = math.nan
+    r[:3] = math.nan
+    w = torch.tensor([1.0, 0.5])
+    out = group_advantages(r.to(DEVICE), group_ids=ids.to(DEVICE), scale=scale, multi_reward=mode, reward_weights=w,
+                           backend="triton", return_stats=True)  # fmt: skip
+    expect = ref.group_advantages(r.double(), group_ids=ids, scale=scale, multi_reward=mode, reward_weights=w)
+    eager = ref.group_advantages(r, group_ids=ids, scale=scale, multi_reward=mode, reward_weights=w)
+    for key in ("advantages", "group_mean", "group_std"):
+        ours, exact, eager_value = getattr(out, key).cpu().double(), getattr(expect, key), getattr(eager, key).double()
+        assert torch.equal(torch.isnan(ours), torch.isnan(exact)), key
+        error = lambda x: float((x - exact).nan_to_num(0.0).abs().max())  # noqa: E731
+        assert low_precision_ok(error(ours), error(eager_value)), (key, error(ours), error(eager_value))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # NaN and -inf
 # ----------------------------------------------------------------------------------------------------------------
