@@ -162,7 +162,9 @@ def loss_forward_from_logprobs(
     adv, old, ref, w = cast(batch.advantages), cast(batch.old_logprobs), cast(batch.ref_logprobs), cast(batch.is_weights)
     coef = batch.coef.to(lp.dtype)
 
-    log_ratio = torch.where(valid, lp - old, zero) if old is not None else zero
+    # lp_old absent: lp_old = stop_grad(lp), so r = lp - lp, which is 0 unless lp is NaN/inf: then NaN, which must
+    # reach the loss (a constant 0 here would hide a NaN log-prob behind a plausible loss value).
+    log_ratio = torch.where(valid, lp - (lp if old is None else old), zero)
     if config.sequence_level:
         seq_log_ratio = segment_sum(batch.seq_weights.to(lp.dtype) * log_ratio, batch.cu_seqlens)
         log_ratio = seq_log_ratio[batch.seq_ids]
