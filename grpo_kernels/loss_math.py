@@ -85,10 +85,24 @@ class LossForward(NamedTuple):
 # Deterministic segment reductions (no atomics): segments are contiguous runs of tokens.
 # ----------------------------------------------------------------------------------------------------------------
 def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """``out[s] = sum(values[cu[s]:cu[s+1]])`` via a float64 prefix sum: deterministic on every device."""
-    prefix = torch.cumsum(values.to(torch.float64), dim=0)
-    prefix = torch.cat([prefix.new_zeros(1), prefix])
-    return (prefix[cu_seqlens[1:]] - prefix[cu_seqlens[:-1]]).to(values.dtype)
+    """``out[s] = sum(values[cu[s]:cu[s+1]])`` via a float64 prefix sum: deterministic on every device.
+
+    A prefix sum carries a NaN/inf into every later prefix, and ``inf - inf`` would then turn the following segments
+    into NaN; so the prefix runs over the finite values only, and each segment's non-finite entries are added back
+    from exact integer counts: NaN (or +inf and -inf together) -> NaN, +inf -> +inf, -inf -> -inf.
+    """
+
+    def prefix_diff(x: torch.Tensor) -> torch.Tensor:  # [N, ...] -> [S, ...]
+        prefix = torch.cat([x.new_zeros((1,) + x.shape[1:]), torch.cumsum(x, dim=0)])
+        return prefix[cu_seqlens[1:]] - prefix[cu_seqlens[:-1]]
+
+    finite = torch.isfinite(values)
+    total = prefix_diff(torch.where(finite, values.to(torch.float64), 0.0))
+    special = torch.stack([values == float("inf"), values == float("-inf"), torch.isnan(values)], dim=1)
+    pos, neg, nan = (prefix_diff(special.to(torch.int64)) > 0).unbind(dim=1)
+    total = torch.where(pos, float("inf"), torch.where(neg, float("-inf"), total))
+    total = torch.where(nan | (pos & neg), float("nan"), total)
+    return total.to(values.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
