@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from grpo_kernels import grpo_loss
+from grpo_kernels import group_advantages, grpo_loss
 from grpo_kernels import reference as ref
 from grpo_kernels.loss_math import segment_sum
 from helpers import make_batch, rel_err
@@ -58,3 +58,23 @@ def test_non_finite_old_logprob_stays_in_its_sequence(backend, bad):
     (grad,) = torch.autograd.grad(out.loss, z)
     (grad64,) = torch.autograd.grad(expect.loss, z64)
     assert rel_err(grad[1:], grad64[1:]) < 1e-5
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf])
+def test_infinite_reward_is_an_error(backend, bad):
+    """Regression: an infinite reward zeroed the advantages of its group (and, through the prefix sums, of every
+    later group) without a word. It has no z-score: eager mode raises, torch.compile makes every advantage NaN."""
+    rewards = torch.tensor([1.0, 2.0, bad, 3.0, 1.0, 2.0, 3.0, 4.5], device=DEVICE)
+    with pytest.raises(ValueError, match=r"rewards must be finite, or NaN for 'no score'; got -?inf at row 2"):
+        group_advantages(rewards, group_size=4, backend=backend)
+    with pytest.raises(ValueError, match="rewards must be finite"):
+        group_advantages(rewards.reshape(4, 2), group_size=2, backend=backend)
+    group_advantages(rewards.nan_to_num(posinf=0.0, neginf=0.0), group_size=4, backend=backend)  # warm: imports
+    compiled = torch.compile(lambda r: group_advantages(r, group_size=4, backend=backend), fullgraph=True, backend="aot_eager")
+    assert torch.isnan(compiled(rewards)).all()
+
+
+def test_non_finite_reward_weight_is_an_error(backend):
+    rewards = torch.randn(4, 2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"reward_weights must be finite, got \[1.0, nan\]"):
+        group_advantages(rewards, group_size=2, reward_weights=[1.0, math.nan], backend=backend)
