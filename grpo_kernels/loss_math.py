@@ -145,7 +145,10 @@ def policy_and_grads(
             adv > 0, torch.full_like(rho, config.sapo_temperature_pos), torch.full_like(rho, config.sapo_temperature_neg)
         )
         s = torch.sigmoid(tau * (rho - 1))
-        return -(4.0 / tau) * s * adv, -4.0 * s * (1 - s) * rho * adv, zero
+        # d/dr of sigmoid(tau (e^r - 1)) is tau s (1 - s) rho: 0 once s saturates, also when rho overflows float32
+        # (r > 88.7), where 0 * inf would put a NaN gradient under a finite loss.
+        slope = s * (1 - s)
+        return -(4.0 / tau) * s * adv, torch.where(slope > 0, -4.0 * slope * rho * adv, zero), zero
     # clip family: P = -min(rho1 A, rho2 A), then the dual clip
     lo, hi = 1 - config.epsilon_low, 1 + config.epsilon_high
     rho2 = torch.clamp(rho, lo, hi)
