@@ -29,7 +29,11 @@ def assert_matches(out: torch.Tensor, expect: torch.Tensor, tol: float = 1e-5) -
     +inf and -inf at exactly the positions where ``expect`` has them."""
     out, expect = out.detach().double().cpu(), expect.detach().double().cpu()
     assert out.shape == expect.shape, (out.shape, expect.shape)
-    for name, where in (("NaN", torch.isnan), ("+inf", lambda x: x == float("inf")), ("-inf", lambda x: x == -float("inf"))):
+    for name, where in (
+        ("NaN", torch.isnan),
+        ("+inf", lambda x: x == float("inf")),
+        ("-inf", lambda x: x == -float("inf")),
+    ):
         mismatch = where(out) != where(expect)
         assert not mismatch.any(), f"{name} pattern differs at {mismatch.nonzero()[:5].tolist()}"
     finite = torch.isfinite(expect)

@@ -179,7 +179,9 @@ ADV_REJECTS = [
 
 @pytest.mark.parametrize("case,kwargs,exc,match", ADV_REJECTS, ids=[c[0] for c in ADV_REJECTS])
 def test_group_advantages_rejects(backend, case, kwargs, exc, match):
-    kwargs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v) for k, v in kwargs.items()}
+    kwargs = {
+        k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v) for k, v in kwargs.items()
+    }
     rewards = kwargs.pop("rewards")
     with pytest.raises(exc, match=match):
         group_advantages(rewards, backend=backend, **kwargs)
@@ -243,7 +245,8 @@ def test_vocabulary_of_one(backend, level):
                     importance_sampling_level=level, return_entropy=True, backend=backend)  # fmt: skip
     expect = ref.grpo_loss(z.detach().double(), d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"],
                            ref_logprobs=d["ref"], beta=0.1, importance_sampling_level=level)  # fmt: skip
-    assert torch.equal(out.logprobs, torch.zeros_like(out.logprobs)) and torch.equal(out.entropy, torch.zeros_like(out.entropy))
+    assert torch.equal(out.logprobs, torch.zeros_like(out.logprobs))
+    assert torch.equal(out.entropy, torch.zeros_like(out.entropy))
     assert rel_err(out.loss, expect.loss) < 1e-6
     assert torch.equal(grad_of(out.loss + out.entropy.sum(), z), torch.zeros_like(z))
 
@@ -369,7 +372,9 @@ NON_FINITE = {
 }
 CONFIGS = {
     "dapo-token-k3": dict(loss_type="dapo", beta=0.04),
-    "grpo-sequence-k3-bc": dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.1, bias_corrected_kl=True),
+    "grpo-sequence-k3-bc": dict(
+        loss_type="grpo", importance_sampling_level="sequence", beta=0.1, bias_corrected_kl=True
+    ),
     "cispo-token-lowvar": dict(loss_type="cispo", beta=0.1, kl_estimator="low_var_kl", epsilon_high=4.0),
 }
 
@@ -440,7 +445,9 @@ def test_nan_advantage_of_an_empty_sequence_has_no_effect(backend):
 
 def test_nan_num_items_in_batch_tensor_propagates(backend):
     d = make_batch(2, 4, V, seed=12)
-    out = grpo_loss(d["logits"], d["ids"], d["adv"], num_items_in_batch=torch.tensor(math.nan, device=DEVICE), backend=backend)
+    out = grpo_loss(
+        d["logits"], d["ids"], d["adv"], num_items_in_batch=torch.tensor(math.nan, device=DEVICE), backend=backend
+    )
     assert math.isnan(out.loss.item())
 
 
@@ -519,5 +526,7 @@ def test_infinite_reward_is_an_error(backend, bad):
     with pytest.raises(ValueError, match=r"rewards must be finite, or NaN for 'no score'; got -?inf at row 2"):
         group_advantages(rewards, group_size=4, backend=backend)
     group_advantages(rewards.nan_to_num(posinf=0.0, neginf=0.0), group_size=4, backend=backend)  # warm: imports
-    compiled = torch.compile(lambda r: group_advantages(r, group_size=4, backend=backend), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(
+        lambda r: group_advantages(r, group_size=4, backend=backend), fullgraph=True, backend="aot_eager"
+    )
     assert torch.isnan(compiled(rewards)).all()

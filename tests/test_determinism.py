@@ -63,7 +63,9 @@ def test_token_logprobs_is_bitwise_reproducible(backend, temperature):
 
     def run():
         z = d["logits"].clone().requires_grad_(True)
-        lp, h = token_logprobs(z, d["ids"], mask=d["mask"], temperature=temperature, return_entropy=True, backend=backend)
+        lp, h = token_logprobs(
+            z, d["ids"], mask=d["mask"], temperature=temperature, return_entropy=True, backend=backend
+        )
         (grad,) = torch.autograd.grad(lp.sum() + 0.5 * h.sum(), z)
         return lp, h, grad
 

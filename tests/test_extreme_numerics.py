@@ -59,7 +59,9 @@ def test_logits_around_1e4_low_precision(backend, dtype, offset):
     # and through the fused loss
     d = make_batch(3, 5, 300, seed=5)
     zz = z.clone().requires_grad_(True)
-    out = grpo_loss(zz, ids, d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.04, backend=backend)
+    out = grpo_loss(
+        zz, ids, d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.04, backend=backend
+    )
     z64 = z.double().requires_grad_(True)
     ze = z.clone().requires_grad_(True)
     kw = dict(mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.04)
@@ -123,8 +125,12 @@ def test_peaked_and_flat_rows(backend, dtype):
     z, ids = z.to(dtype).to(DEVICE), ids.to(DEVICE)
     runs = _logprobs_three_ways(backend, z, ids)
     ours = runs[0]
-    torch.testing.assert_close(ours[0][2].cpu().double(), torch.full((6,), -math.log(vocab), dtype=torch.float64), rtol=1e-6, atol=0)
-    torch.testing.assert_close(ours[1][2].cpu().double(), torch.full((6,), math.log(vocab), dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        ours[0][2].cpu().double(), torch.full((6,), -math.log(vocab), dtype=torch.float64), rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(
+        ours[1][2].cpu().double(), torch.full((6,), math.log(vocab), dtype=torch.float64), rtol=1e-6, atol=0
+    )
     assert ours[1][1].abs().max().item() == 0.0  # every p but the peak's underflows: H is exactly 0
     _assert_within_eager(runs)
 
@@ -140,7 +146,10 @@ def test_extreme_temperatures(backend, dtype, temperature):
     kw = dict(mask=d["mask"], old_logprobs=d["old"], temperature=temperature, loss_type="grpo")
     out = grpo_loss(z, d["ids"], d["adv"], backend=backend, **kw)
     z64, ze = d["logits"].double().requires_grad_(True), d["logits"].clone().requires_grad_(True)
-    exact, eager = ref.grpo_loss(z64, d["ids"], d["adv"], **kw), ref.grpo_loss(ze, d["ids"], d["adv"], compute_in=dtype, **kw)
+    exact, eager = (
+        ref.grpo_loss(z64, d["ids"], d["adv"], **kw),
+        ref.grpo_loss(ze, d["ids"], d["adv"], compute_in=dtype, **kw),
+    )
     assert low_precision_ok(rel_err(out.loss, exact.loss), rel_err(eager.loss, exact.loss))
     g, g64, ge = grad_of(out.loss, z), grad_of(exact.loss, z64), grad_of(eager.loss, ze)
     assert low_precision_ok(rel_err(g, g64), rel_err(ge, g64), floor=1e-3)
@@ -226,7 +235,9 @@ def test_equal_rewards_give_exactly_zero_advantages(backend, scale):
             assert torch.equal(out.group_std.cpu(), torch.zeros(4)) and out.frac_zero_std.item() == 1.0
     rewards = torch.cat([torch.full((4,), 0.1), torch.randn(4, generator=g)])
     ids = torch.tensor([3, 3, 3, 3, 1, 1, 1, 1])
-    out = group_advantages(rewards.to(DEVICE), group_ids=ids.to(DEVICE), scale=scale, return_stats=True, backend=backend)
+    out = group_advantages(
+        rewards.to(DEVICE), group_ids=ids.to(DEVICE), scale=scale, return_stats=True, backend=backend
+    )
     expect = ref.group_advantages(rewards.double(), group_ids=ids, scale=scale)
     assert torch.equal(out.advantages[:4].cpu(), torch.zeros(4)) and out.frac_zero_std.item() == 0.5
     torch.testing.assert_close(out.advantages.cpu().double(), expect.advantages, rtol=1e-5, atol=1e-6)

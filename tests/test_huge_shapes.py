@@ -119,7 +119,8 @@ def test_offsets_beyond_2_31(backend):
 
 
 @pytest.mark.parametrize(
-    "layout,level", [(a, b) for a in LAYOUTS for b in ("token", "sequence") if (a, b) != ("B-and-T-not-mergeable", "token")]
+    "layout,level",
+    [(a, b) for a in LAYOUTS for b in ("token", "sequence") if (a, b) != ("B-and-T-not-mergeable", "token")],
 )
 def test_offsets_beyond_2_31_more_layouts(compiled_backend, layout, level):
     """As above for the other layouts and the sequence-level ratio (interpreted: -m slow, ~15 s each)."""
@@ -180,7 +181,9 @@ def test_full_size_n_times_v_beyond_2_31(backend):
     assert batch * seq * vocab > 2**31 and batch * seq > 65_535
     w = torch.ones((), device=DEVICE, requires_grad=True)
     logits = torch.empty(batch, seq, vocab, dtype=torch.bfloat16, device=DEVICE)  # pages touched only when written
-    rows = torch.tensor([0, 1, 7777, 2**31 // vocab - 1, 2**31 // vocab, 2**31 // vocab + 1, batch * seq - 1], device=DEVICE)
+    rows = torch.tensor(
+        [0, 1, 7777, 2**31 // vocab - 1, 2**31 // vocab, 2**31 // vocab + 1, batch * seq - 1], device=DEVICE
+    )
     picked = _random((rows.numel(), vocab), seed=17, dtype=torch.bfloat16) * 3
     flat = logits.view(-1, vocab)
     flat[rows] = picked

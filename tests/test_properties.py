@@ -141,8 +141,9 @@ def _loss_tensors(layout, inputs, logits, ids):
         advantages=torch.randn(per[inputs["advantages"]], generator=g).to(DEVICE),
         old_logprobs=near() if inputs["old"] else None,
         ref_logprobs=near(),
-        is_weights=None if inputs["is_weights"] is None else (0.5 + torch.rand(per[inputs["is_weights"]], generator=g)).to(DEVICE),
     )
+    kind = inputs["is_weights"]
+    out["is_weights"] = None if kind is None else (0.5 + torch.rand(per[kind], generator=g)).to(DEVICE)
     if layout["lengths"]:
         out["cu_seqlens"] = torch.tensor([0, *torch.tensor(layout["lengths"]).cumsum(0).tolist()], device=DEVICE)
     return out
@@ -223,7 +224,9 @@ def test_group_advantages_property(backend):
                                **{k: v for k, v in groups.items() if not torch.is_tensor(v)}, **kw)  # fmt: skip
         assert not torch.isnan(out.advantages).any()
         torch.testing.assert_close(out.advantages.cpu().double(), expect.advantages, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out.group_mean.cpu().double(), expect.group_mean, rtol=1e-5, atol=1e-5, equal_nan=True)
+        torch.testing.assert_close(
+            out.group_mean.cpu().double(), expect.group_mean, rtol=1e-5, atol=1e-5, equal_nan=True
+        )
         torch.testing.assert_close(out.group_std.cpu().double(), expect.group_std, rtol=1e-5, atol=1e-5, equal_nan=True)
         assert out.frac_zero_std.item() == pytest.approx(expect.frac_zero_std.item())
 
