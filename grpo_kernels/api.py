@@ -205,9 +205,10 @@ def group_advantages(
     ``A = (r - mean_g) / (std_g + eps)`` (``scale="group"``), ``/ (std_batch + eps)`` (``"batch"``) or no division
     (``"none"``, Dr. GRPO). Statistics ignore NaN rewards; std is Bessel-corrected. A NaN reward gets A = 0, and so
     does every member of a group with fewer than 2 valid rewards (verl passes the raw score through instead).
+    An infinite reward (or reward weight) raises ``ValueError``; under ``torch.compile`` it makes every advantage NaN.
 
     Args:
-        rewards: ``[B]`` or ``[B, R]`` for R reward functions.
+        rewards: ``[B]`` or ``[B, R]`` for R reward functions; finite, or NaN where a function gave no score.
         group_size: G; the G completions of prompt i are rows ``i*G .. i*G+G-1`` (TRL's layout). ``B % G == 0``.
         group_ids: ``[B]`` integer group of each row, any order (instead of ``group_size``).
         scale: ``"group"``, ``"batch"`` or ``"none"`` (``"group"`` only with ``normalize_then_sum``).
@@ -257,6 +258,16 @@ def group_advantages(
         weights = torch.as_tensor(reward_weights, dtype=acc).to(device)
         if tuple(weights.shape) != (num_rewards,):
             raise ValueError(f"reward_weights must have shape [R]=[{num_rewards}], got {_shape(weights)}")
+    # An infinite reward has no z-score (its group's mean and std are inf/NaN): an error, not a score to rank.
+    infinite = torch.isinf(rewards)
+    if not _compiling():
+        if bool(infinite.any()):
+            row = int(infinite.nonzero()[0, 0])
+            raise ValueError(
+                f"rewards must be finite, or NaN for 'no score'; got {rewards[row].tolist()} at row {row}"
+            )
+        if not bool(torch.isfinite(weights).all()):
+            raise ValueError(f"reward_weights must be finite, got {weights.tolist()}")
     name = resolve_backend(backend, device, float64=acc == torch.float64)
 
     layout = make_layout(batch, group_size, group_ids, device)
@@ -265,6 +276,9 @@ def group_advantages(
         r, weights, layout.order, layout.cu_groups, layout.group_index, layout.group_size or 0,
         scale, float(eps), multi_reward, name,
     )  # fmt: skip
+    if _compiling():  # no data-dependent error under torch.compile: make every advantage NaN instead
+        unusable = infinite.any() | ~torch.isfinite(weights).all()
+        adv = torch.where(unusable, torch.full_like(adv, float("nan")), adv)
     if not return_stats:
         return adv
     zero_std = torch.isclose(std, torch.zeros_like(std))

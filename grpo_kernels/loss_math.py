@@ -85,10 +85,24 @@ class LossForward(NamedTuple):
 # Deterministic segment reductions (no atomics): segments are contiguous runs of tokens.
 # ----------------------------------------------------------------------------------------------------------------
 def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """``out[s] = sum(values[cu[s]:cu[s+1]])`` via a float64 prefix sum: deterministic on every device."""
-    prefix = torch.cumsum(values.to(torch.float64), dim=0)
-    prefix = torch.cat([prefix.new_zeros(1), prefix])
-    return (prefix[cu_seqlens[1:]] - prefix[cu_seqlens[:-1]]).to(values.dtype)
+    """``out[s] = sum(values[cu[s]:cu[s+1]])`` via a float64 prefix sum: deterministic on every device.
+
+    A prefix sum carries a NaN/inf into every later prefix, and ``inf - inf`` would then turn the following segments
+    into NaN; so the prefix runs over the finite values only, and each segment's non-finite entries are added back
+    from exact integer counts: NaN (or +inf and -inf together) -> NaN, +inf -> +inf, -inf -> -inf.
+    """
+
+    def prefix_diff(x: torch.Tensor) -> torch.Tensor:  # [N, ...] -> [S, ...]
+        prefix = torch.cat([x.new_zeros((1,) + x.shape[1:]), torch.cumsum(x, dim=0)])
+        return prefix[cu_seqlens[1:]] - prefix[cu_seqlens[:-1]]
+
+    finite = torch.isfinite(values)
+    total = prefix_diff(torch.where(finite, values.to(torch.float64), 0.0))
+    special = torch.stack([values == float("inf"), values == float("-inf"), torch.isnan(values)], dim=1)
+    pos, neg, nan = (prefix_diff(special.to(torch.int64)) > 0).unbind(dim=1)
+    total = torch.where(pos, float("inf"), torch.where(neg, float("-inf"), total))
+    total = torch.where(nan | (pos & neg), float("nan"), total)
+    return total.to(values.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,7 +145,10 @@ def policy_and_grads(
             adv > 0, torch.full_like(rho, config.sapo_temperature_pos), torch.full_like(rho, config.sapo_temperature_neg)
         )
         s = torch.sigmoid(tau * (rho - 1))
-        return -(4.0 / tau) * s * adv, -4.0 * s * (1 - s) * rho * adv, zero
+        # d/dr of sigmoid(tau (e^r - 1)) is tau s (1 - s) rho: 0 once s saturates, also when rho overflows float32
+        # (r > 88.7), where 0 * inf would put a NaN gradient under a finite loss.
+        slope = s * (1 - s)
+        return -(4.0 / tau) * s * adv, torch.where(slope > 0, -4.0 * slope * rho * adv, zero), zero
     # clip family: P = -min(rho1 A, rho2 A), then the dual clip
     lo, hi = 1 - config.epsilon_low, 1 + config.epsilon_high
     rho2 = torch.clamp(rho, lo, hi)
@@ -162,7 +179,9 @@ def loss_forward_from_logprobs(
     adv, old, ref, w = cast(batch.advantages), cast(batch.old_logprobs), cast(batch.ref_logprobs), cast(batch.is_weights)
     coef = batch.coef.to(lp.dtype)
 
-    log_ratio = torch.where(valid, lp - old, zero) if old is not None else zero
+    # lp_old absent: lp_old = stop_grad(lp), so r = lp - lp, which is 0 unless lp is NaN/inf: then NaN, which must
+    # reach the loss (a constant 0 here would hide a NaN log-prob behind a plausible loss value).
+    log_ratio = torch.where(valid, lp - (lp if old is None else old), zero)
     if config.sequence_level:
         seq_log_ratio = segment_sum(batch.seq_weights.to(lp.dtype) * log_ratio, batch.cu_seqlens)
         log_ratio = seq_log_ratio[batch.seq_ids]

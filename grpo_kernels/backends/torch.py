@@ -104,8 +104,8 @@ class TorchBackend:
         for start, end, blocks in _row_blocks(tensors, _rows_per_block(logits.shape[-1])):
             block, out_block = blocks[0], blocks[-1]
             work = out_block if out_block.dtype == acc else torch.empty(out_block.shape, dtype=acc, device=out.device)
-            if temperature != 1.0:
-                torch.div(block, temperature, out=work)
+            if temperature != 1.0:  # divide in float32, as the forward does: in bf16, z / tau is off by an ulp of
+                torch.div(block.to(acc), temperature, out=work)  # z / tau and p by a factor up to e^ulp
             elif work.data_ptr() != block.data_ptr() or work.dtype != block.dtype:
                 work.copy_(block)
             work.sub_(lse[start:end].unsqueeze(1))  # log p

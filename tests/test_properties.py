@@ -1,0 +1,233 @@
+"""Property-based tests (hypothesis) of every backend against reference.py in float64, over random shapes (padded,
+strided, packed with empty sequences), masks, ignored ids and every variant of the loss and the advantages.
+
+Examples are derandomized (the same ones on every run and machine, no example database) and few on the backends
+other than torch, whose kernels are compiled (GPU) or interpreted (CPU) per shape."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import DEVICE
+from grpo_kernels import group_advantages, grpo_loss, token_logprobs
+from grpo_kernels import reference as ref
+from helpers import low_precision_ok, rel_err
+from reliability_helpers import grad_of
+
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
+
+
+def _settings(backend, torch_examples):
+    return settings(
+        max_examples=torch_examples if backend == "torch" else 5,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+
+
+def _generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@st.composite
+def token_layouts(draw, max_vocab=64):
+    """Shape of the tokens: padded (B, T) - possibly a strided view - or packed (N,) with sequence lengths."""
+    packed = draw(st.booleans())
+    lengths = draw(st.lists(st.integers(0, 6), min_size=1, max_size=4)) if packed else None
+    shape = (sum(lengths),) if packed else (draw(st.integers(1, 4)), draw(st.integers(1, 7)))
+    return dict(
+        shape=shape,
+        lengths=lengths,
+        strided=not packed and draw(st.booleans()),
+        vocab=draw(st.sampled_from([1, 2, 7, 33, max_vocab])),
+        mask_p=draw(st.sampled_from([0.0, 0.5, 0.8, 1.0])),
+        ignore_p=draw(st.sampled_from([0.0, 0.2])),
+        logit_scale=draw(st.sampled_from([0.5, 2.0, 8.0])),
+        temperature=draw(st.sampled_from([0.3, 0.7, 1.0, 1.9])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _tokens(layout, dtype=torch.float32):
+    """Random logits (a view of a wider tensor when strided), ids with ignored positions, a 0/1 mask."""
+    g = _generator(layout["seed"])
+    shape, vocab = layout["shape"], layout["vocab"]
+    if layout["strided"]:
+        full = torch.randn(shape[0], shape[1] + 1, vocab, generator=g) * layout["logit_scale"]
+        logits = full.to(dtype).to(DEVICE)[:, 1:]  # B and T strides do not merge
+    else:
+        logits = (torch.randn(*shape, vocab, generator=g) * layout["logit_scale"]).to(dtype).to(DEVICE)
+    ids = torch.randint(0, vocab, shape, generator=g)
+    ids[torch.rand(shape, generator=g) < layout["ignore_p"]] = -100
+    mask = (torch.rand(shape, generator=g) < layout["mask_p"]).float()
+    return logits, ids.to(DEVICE), mask.to(DEVICE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# token_logprobs
+# ----------------------------------------------------------------------------------------------------------------
+def test_token_logprobs_property(backend):
+    @_settings(backend, torch_examples=60)
+    @given(layout=token_layouts(max_vocab=300), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    def check(layout, dtype):
+        logits, ids, mask = _tokens(layout, dtype)
+        kw = dict(mask=mask, temperature=layout["temperature"])
+        w_lp, w_h = torch.randn(ids.shape, generator=_generator(1)), torch.randn(ids.shape, generator=_generator(2))
+        runs = []
+        for fn, z, extra in ((token_logprobs, logits, dict(return_entropy=True, backend=backend)),
+                             (ref.token_logprobs, logits.double(), {}),
+                             (ref.token_logprobs, logits, dict(compute_in=dtype))):  # fmt: skip
+            z = z.detach().clone().requires_grad_(True)
+            lp, h = fn(z, ids, **kw, **extra)
+            mix = (lp * w_lp.to(DEVICE, lp.dtype)).sum() + (h * w_h.to(DEVICE, h.dtype)).sum()
+            runs.append((lp, h, grad_of(mix, z)))
+        (ours, exact, eager) = runs
+        assert ours[0].dtype == torch.float32 and ours[0].shape == ids.shape and ours[2].dtype == dtype
+        for i, floor in ((0, 1e-6), (1, 1e-6), (2, 1e-3)):
+            if dtype == torch.float32:
+                assert rel_err(ours[i], exact[i]) < 1e-5, i
+            else:
+                assert low_precision_ok(rel_err(ours[i], exact[i]), rel_err(eager[i], exact[i]), floor), i
+
+    check()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# grpo_loss
+# ----------------------------------------------------------------------------------------------------------------
+@st.composite
+def loss_configs(draw):
+    return dict(
+        loss_type=draw(st.sampled_from(LOSS_TYPES)),
+        importance_sampling_level=draw(st.sampled_from(["token", "sequence"])),
+        beta=draw(st.sampled_from([0.0, 0.04, 0.5])),
+        kl_estimator=draw(st.sampled_from(["k1", "k2", "k3", "low_var_kl"])),
+        bias_corrected_kl=draw(st.booleans()),
+        delta=draw(st.sampled_from([None, 1.5, 3.0])),
+        dual_clip=draw(st.sampled_from([None, 2.0, 5.0])),
+        epsilon_low=draw(st.sampled_from([0.1, 0.2, 0.3])),
+        epsilon_high=draw(st.sampled_from([None, 0.28, 5.0])),
+        num_items_in_batch=draw(st.sampled_from([None, 1, 5.5])),
+        sapo_temperature_pos=draw(st.sampled_from([1.0, 0.5])),
+        sapo_temperature_neg=draw(st.sampled_from([1.05, 2.0])),
+    )
+
+
+@st.composite
+def loss_inputs(draw):
+    return dict(
+        advantages=draw(st.sampled_from(["sequence", "sequence-column", "token"])),
+        is_weights=draw(st.sampled_from([None, "sequence", "token"])),
+        old=draw(st.booleans()),
+        drift=draw(st.sampled_from([0.05, 0.3, 2.0])),  # |lp_old - lp|, |lp_ref - lp| scale
+        entropy=draw(st.booleans()),
+    )
+
+
+def _loss_tensors(layout, inputs, logits, ids):
+    g = _generator(layout["seed"] + 1)
+    shape = ids.shape
+    num_seqs = len(layout["lengths"]) if layout["lengths"] else shape[0]
+    lp = torch.log_softmax(logits.detach().double().cpu() / layout["temperature"], -1)
+    lp = lp.gather(-1, ids.cpu().clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    near = lambda: (lp + inputs["drift"] * torch.randn(shape, generator=g, dtype=torch.float64)).float().to(DEVICE)  # noqa: E731
+    per = {"sequence": (num_seqs,), "sequence-column": (num_seqs, 1), "token": shape}
+    out = dict(
+        advantages=torch.randn(per[inputs["advantages"]], generator=g).to(DEVICE),
+        old_logprobs=near() if inputs["old"] else None,
+        ref_logprobs=near(),
+    )
+    kind = inputs["is_weights"]
+    out["is_weights"] = None if kind is None else (0.5 + torch.rand(per[kind], generator=g)).to(DEVICE)
+    if layout["lengths"]:
+        out["cu_seqlens"] = torch.tensor([0, *torch.tensor(layout["lengths"]).cumsum(0).tolist()], device=DEVICE)
+    return out
+
+
+def test_grpo_loss_property(backend):
+    @_settings(backend, torch_examples=150)
+    @given(layout=token_layouts(), config=loss_configs(), inputs=loss_inputs())
+    def check(layout, config, inputs):
+        logits, ids, mask = _tokens(layout)
+        tensors = _loss_tensors(layout, inputs, logits, ids)
+        adv = tensors.pop("advantages")
+        kw = dict(mask=mask, temperature=layout["temperature"], max_completion_length=8, **config, **tensors)
+        z = logits.detach().clone().requires_grad_(True)
+        out = grpo_loss(z, ids, adv, return_entropy=inputs["entropy"], backend=backend, **kw)
+        z64 = logits.detach().double().requires_grad_(True)
+        exact = ref.grpo_loss(z64, ids, adv, **kw)
+        # the loss is a weighted sum of per-token losses: its float32 error is relative to the size of those terms
+        count = float((mask * (ids != -100)).sum())
+        weight = max(1.0, count / max(1.0, config["num_items_in_batch"] or count))
+        terms = exact.per_token_loss.abs().max().item() * weight if exact.per_token_loss.numel() else 0.0
+        assert abs(out.loss.item() - exact.loss.item()) <= 1e-5 * (abs(exact.loss.item()) + terms)
+        for key in ("logprobs", "per_token_loss") + (("entropy",) if inputs["entropy"] else ()):
+            assert rel_err(getattr(out, key), getattr(exact, key)) < 1e-5, key
+        for key in ("kl_mean", "clip_low", "clip_high", "clip_region", "logprob_mean"):
+            expect = getattr(exact, key).item()
+            assert abs(getattr(out, key).item() - expect) <= 1e-5 * (1 + abs(expect)), key
+        assert rel_err(grad_of(out.loss, z), grad_of(exact.loss, z64)) < 1e-5
+
+    check()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# group_advantages
+# ----------------------------------------------------------------------------------------------------------------
+@st.composite
+def reward_cases(draw):
+    num_groups = draw(st.integers(1, 6))
+    by_ids = draw(st.booleans())
+    multi = draw(st.sampled_from(["sum_then_normalize", "normalize_then_sum"]))
+    return dict(
+        num_groups=num_groups,
+        group_size=draw(st.integers(1, 8)),
+        by_ids=by_ids,
+        columns=draw(st.integers(1, 3)),
+        nan_p=draw(st.sampled_from([0.0, 0.2, 0.6])),
+        discrete=draw(st.booleans()),
+        scale="group" if multi == "normalize_then_sum" else draw(st.sampled_from(["group", "batch", "none"])),
+        multi_reward=multi,
+        eps=draw(st.sampled_from([1e-4, 1e-6, 0.0])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def test_group_advantages_property(backend):
+    """Rewards are multiples of 1/8 (discrete, as most verifiable rewards are) or 1/8 + gaussian noise of size 1:
+    well away from groups whose std is a rounding error, where float32 and float64 legitimately disagree."""
+
+    @_settings(backend, torch_examples=100)
+    @given(case=reward_cases())
+    def check(case):
+        g = _generator(case["seed"])
+        batch = case["num_groups"] * case["group_size"]
+        rewards = torch.randint(-16, 17, (batch, case["columns"]), generator=g).double() / 8
+        if not case["discrete"]:
+            rewards = rewards + torch.randn(rewards.shape, generator=g, dtype=torch.float64)
+        rewards[torch.rand(rewards.shape, generator=g) < case["nan_p"]] = math.nan
+        weights = (0.5 + torch.rand(case["columns"], generator=g, dtype=torch.float64)).tolist()
+        if case["by_ids"]:
+            group_ids = torch.arange(batch) // case["group_size"] * 3 - 5  # sparse, negative, shuffled
+            groups = dict(group_ids=group_ids[torch.randperm(batch, generator=g)])
+        else:
+            groups = dict(group_size=case["group_size"])
+        kw = dict(scale=case["scale"], eps=case["eps"], multi_reward=case["multi_reward"])
+        expect = ref.group_advantages(rewards, reward_weights=torch.tensor(weights), **groups, **kw)
+        out = group_advantages(rewards.float().to(DEVICE), reward_weights=weights, return_stats=True, backend=backend,
+                               **{k: v.to(DEVICE) for k, v in groups.items() if torch.is_tensor(v)},
+                               **{k: v for k, v in groups.items() if not torch.is_tensor(v)}, **kw)  # fmt: skip
+        assert not torch.isnan(out.advantages).any()
+        torch.testing.assert_close(out.advantages.cpu().double(), expect.advantages, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            out.group_mean.cpu().double(), expect.group_mean, rtol=1e-5, atol=1e-5, equal_nan=True
+        )
+        torch.testing.assert_close(out.group_std.cpu().double(), expect.group_std, rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert out.frac_zero_std.item() == pytest.approx(expect.frac_zero_std.item())
+
+    check()
