@@ -170,7 +170,7 @@ def token_logprobs(
     _check_tensor("token_ids", token_ids, device)
     if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
         raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
-    _check_same_shape("token_ids", token_ids, logits.shape[:-1], "logits without the vocabulary dim")
+    _check_same_shape("token_ids", token_ids, logits.shape[:-1], "logits without the last dim")
     if mask is not None:
         _check_tensor("mask", mask, device)
         _check_same_shape("mask", mask, token_ids.shape, "token_ids")

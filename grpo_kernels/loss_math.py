@@ -108,22 +108,29 @@ def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Per-token pieces with their derivatives
 # ----------------------------------------------------------------------------------------------------------------
-def kl_and_grad(lp: torch.Tensor, ref: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``K`` and ``dK/dlp`` for ``k = lp_ref - lp`` (spec section 5)."""
+def kl_and_grad(
+    lp: torch.Tensor, ref: torch.Tensor, estimator: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(K, dK/dlp, K + dK/dlp)`` for ``k = lp_ref - lp`` (spec section 5).
+
+    ``K + dK/dlp`` is the token-level derivative of the bias-corrected ``rho K`` over ``rho``; it is returned in a
+    closed form because summing the first two cancels catastrophically for k3: ``(e^k - k - 1) + (1 - e^k) = -k``.
+    """
     k = ref - lp
     if estimator == "k3":
         ek = torch.exp(k)
-        return ek - k - 1, 1 - ek
+        return ek - k - 1, 1 - ek, -k
     if estimator == "k1":
-        return -k, torch.ones_like(k)
+        return -k, torch.ones_like(k), 1 - k
     if estimator == "k2":
-        return 0.5 * k * k, -k
+        return 0.5 * k * k, -k, 0.5 * k * k - k
     if estimator == "low_var_kl":  # clamp's gradient passes at the bounds (as torch.clamp's does)
         kc = torch.clamp(k, -20.0, 20.0)
         ekc = torch.exp(kc)
         raw = ekc - kc - 1
         passes = (k >= -20.0) & (k <= 20.0) & (raw <= 10.0)
-        return torch.clamp(raw, -10.0, 10.0), torch.where(passes, 1 - ekc, torch.zeros_like(k))
+        kl = torch.clamp(raw, -10.0, 10.0)
+        return kl, torch.where(passes, 1 - ekc, torch.zeros_like(k)), torch.where(passes, -kc, kl)
     raise ValueError(f"unknown kl_estimator {estimator!r}")
 
 
@@ -144,10 +151,12 @@ def policy_and_grads(
         tau = torch.where(
             adv > 0, torch.full_like(rho, config.sapo_temperature_pos), torch.full_like(rho, config.sapo_temperature_neg)
         )
-        s = torch.sigmoid(tau * (rho - 1))
-        # d/dr of sigmoid(tau (e^r - 1)) is tau s (1 - s) rho: 0 once s saturates, also when rho overflows float32
-        # (r > 88.7), where 0 * inf would put a NaN gradient under a finite loss.
-        slope = s * (1 - s)
+        x = tau * (rho - 1)
+        s = torch.sigmoid(x)
+        # d/dr of sigmoid(tau (e^r - 1)) is tau s (1 - s) rho, with 1 - s as sigmoid(-x) (no cancellation when s
+        # rounds to 1); 0 once s saturates, also when rho overflows float32 (r > 88.7), where 0 * inf would put a
+        # NaN gradient under a finite loss.
+        slope = s * torch.sigmoid(-x)
         return -(4.0 / tau) * s * adv, torch.where(slope > 0, -4.0 * slope * rho * adv, zero), zero
     # clip family: P = -min(rho1 A, rho2 A), then the dual clip
     lo, hi = 1 - config.epsilon_low, 1 + config.epsilon_high
@@ -193,11 +202,14 @@ def loss_forward_from_logprobs(
     loss_t, dl_dr, dl_dlp = p, dp_dr, dp_dlp
     kl = zero
     if config.beta != 0.0:
-        kl, dkl = kl_and_grad(lp, ref, config.kl_estimator)
+        kl, dkl, kl_plus_dkl = kl_and_grad(lp, ref, config.kl_estimator)
         if config.bias_corrected_kl:  # d(K rho)/dlp = K' rho + (K rho) dr/dlp
-            dkl = dkl * rho
+            if config.sequence_level:  # the (K rho) dr/dlp part goes through the sequence's sum
+                dl_dr = dl_dr + config.beta * kl * rho
+                dkl = dkl * rho
+            else:  # dr/dlp = 1: rho (K + K'), in closed form
+                dkl = rho * kl_plus_dkl
             kl = kl * rho
-            dl_dr = dl_dr + config.beta * kl
         loss_t = loss_t + config.beta * kl
         dl_dlp = dl_dlp + config.beta * dkl
 

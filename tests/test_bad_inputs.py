@@ -56,7 +56,7 @@ LOSS_REJECTS = [
     ("logits-transposed", dict(logits=lambda d: torch.randn(B, V, T, device=DEVICE).transpose(1, 2)), ValueError, r"stride 1\), got strides \[44, 1, 4\]"),
     # token_ids
     ("ids-bool", dict(token_ids=lambda d: d["token_ids"] > 0), TypeError, "token_ids must be an integer tensor, got torch.bool"),
-    ("ids-3d", dict(token_ids=lambda d: d["token_ids"][..., None]), ValueError, r"token_ids must have the shape of logits without the vocabulary dim \[3, 4\]"),
+    ("ids-3d", dict(token_ids=lambda d: d["token_ids"][..., None]), ValueError, r"token_ids must have the shape of logits without the last dim \[3, 4\]"),
     ("ids-flat-with-3d-logits", dict(token_ids=lambda d: d["token_ids"].reshape(-1)), ValueError, r"token_ids must have the shape .* \[3, 4\], got \[12\]"),
     ("ids-ignore-index-mismatch", dict(token_ids=lambda d: d["token_ids"].fill_(-100), ignore_index=-1), ValueError, r"or equal ignore_index=-1\) where mask != 0; got -100"),
     # tensors on another device than the logits

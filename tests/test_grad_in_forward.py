@@ -3,6 +3,7 @@
 backward composition, the CUDA backend its own kernels (2 passes on sm_90); a test-only backend checks that the
 backend's own methods are the ones called."""
 
+import zlib
 import pytest
 import torch
 from conftest import DEVICE
@@ -39,7 +40,7 @@ def _loss(logits, d, loss_type, level, opts, **kw):
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("loss_scale,grad_output", [(1.0, 1.0), (0.25, 0.25), (1.0, 3.0), (0.5, -2.0)])
 def test_matches_reference_gradient(backend, loss_type, level, opts, inplace, loss_scale, grad_output):
-    d = make_batch(3, 6, 41, seed=hash((loss_type, level)) % 1000)
+    d = make_batch(3, 6, 41, seed=zlib.crc32(f"{loss_type}{level}".encode()) % 1000)
     w, hidden = _model_logits(d, 1)
     logits = hidden @ w.T
     out = _loss(logits, d, loss_type, level, opts, grad_in_forward=True, loss_scale=loss_scale, inplace_backward=inplace,

@@ -8,7 +8,7 @@
 //          *_seq: one element at a time; the rest: P parts (split at the cuts) pushed 8 at a time (tail one at a
 //          time), merged left to right, as a team of threads does; the gradient uses the merged lse and H.
 //   POLICY <params> rho adv lp           -> value d_ratio d_logprob
-//   KL estimator lp ref                  -> value d_logprob
+//   KL estimator lp ref                  -> value d_logprob value_plus_d
 //   TOKEN <params> lp log_ratio adv ref w has_w coef -> loss kl flags g   (g = coef (d_ratio + d_logprob))
 // <params> = policy kl_estimator beta epsilon_low epsilon_high has_delta delta has_dual_clip dual_clip
 //            sapo_tau_pos sapo_tau_neg bias_corrected_kl   (the doubles of the Python API; make_loss_params rounds)
@@ -109,6 +109,7 @@ void run_kl(std::istringstream& in) {
   const KlTerms t = kl_terms(lp, ref, estimator);
   put(t.value);
   put(t.d_logprob);
+  put(t.value_plus_d);
 }
 
 void run_token(std::istringstream& in) {
@@ -120,7 +121,7 @@ void run_token(std::istringstream& in) {
   put(t.loss);
   put(t.kl);
   std::printf(" %d", static_cast<int>(t.flags));
-  put(coef * (t.d_ratio + t.d_logprob));
+  put(coef * t.d_token);
 }
 
 }  // namespace

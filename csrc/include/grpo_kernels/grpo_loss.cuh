@@ -24,11 +24,12 @@ struct GrpoOutputs {
       }
       return 0.f;
     }
-    const float log_ratio = in.old_logprobs != nullptr ? lp - in.old_logprobs[n] : 0.f;
+    // lp_old absent: stop_grad(lp), so lp - lp (not a constant 0: a NaN log-prob must reach the loss)
+    const float log_ratio = lp - (in.old_logprobs != nullptr ? in.old_logprobs[n] : lp);
     const float ref = params.beta != 0.f ? in.ref_logprobs[n] : 0.f;
     const bool has_w = in.is_weights != nullptr;
     const TokenTerms t = token_terms(lp, log_ratio, in.advantages[n], ref, has_w ? in.is_weights[n] : 1.f, has_w, params);
-    const float g = in.coef[n] * (t.d_ratio + t.d_logprob);  // token level: d log rho / d lp = 1
+    const float g = in.coef[n] * t.d_token;
     if (store) {
       out.lp[n] = lp;
       out.lse[n] = lse;

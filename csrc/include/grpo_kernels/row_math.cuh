@@ -154,8 +154,12 @@ GK_HOST_DEVICE PolicyTerms policy_terms(float rho, float adv, float lp, const Lo
   }
   if (p.policy == kPolicySapo) {
     const float tau = adv > 0.f ? p.sapo_tau_pos : p.sapo_tau_neg;
-    const float s = 1.f / (1.f + exp_f32(-(tau * (rho - 1.f))));
-    return {-(4.f / tau) * s * adv, -4.f * s * (1.f - s) * rho * adv, 0.f};
+    const float x = tau * (rho - 1.f);
+    const float s = 1.f / (1.f + exp_f32(-x));
+    // s (1 - s) with 1 - s as sigmoid(-x): no cancellation when s rounds to 1; 0 once it saturates, also when rho
+    // overflows (r > 88.7), where 0 * inf would put a NaN gradient under a finite loss
+    const float slope = s * (1.f / (1.f + exp_f32(x)));
+    return {-(4.f / tau) * s * adv, slope > 0.f ? -4.f * slope * rho * adv : 0.f, 0.f};
   }
   // clip family: P = -min(rho1 A, rho2 A), d rho / d r = rho where the clamp passes
   const float rho2 = clamp_range(rho, p.clip_low, p.clip_high);
@@ -177,36 +181,40 @@ GK_HOST_DEVICE PolicyTerms policy_terms(float rho, float adv, float lp, const Lo
 }
 
 struct KlTerms {
-  float value;      // K
-  float d_logprob;  // dK / d lp
+  float value;          // K
+  float d_logprob;      // dK / d lp
+  float value_plus_d;   // K + dK / d lp in closed form (for k3 the sum cancels: (e^k - k - 1) + (1 - e^k) = -k)
 };
 
 // Spec section 5, from k = lp_ref - lp.
 GK_HOST_DEVICE KlTerms kl_terms(float lp, float ref, int estimator) {
   const float k = ref - lp;
-  if (estimator == kKlK1) return {-k, 1.f};
-  if (estimator == kKlK2) return {0.5f * k * k, -k};
+  if (estimator == kKlK1) return {-k, 1.f, 1.f - k};
+  if (estimator == kKlK2) return {0.5f * k * k, -k, 0.5f * k * k - k};
   if (estimator == kKlLowVar) {  // the clamps' gradients pass at their bounds, as torch.clamp's do
     const float kc = clamp_range(k, -20.f, 20.f);
     const float ekc = exp_f32(kc);
     const float raw = ekc - kc - 1.f;
     const bool passes = k >= -20.f && k <= 20.f && raw <= 10.f;
-    return {clamp_range(raw, -10.f, 10.f), passes ? 1.f - ekc : 0.f};
+    const float value = clamp_range(raw, -10.f, 10.f);
+    return {value, passes ? 1.f - ekc : 0.f, passes ? -kc : value};
   }
   const float ek = exp_f32(k);  // k3
-  return {ek - k - 1.f, 1.f - ek};
+  return {ek - k - 1.f, 1.f - ek, -k};
 }
 
 struct TokenTerms {
   float loss;       // L_t = w P + beta K (rho)
   float d_ratio;    // dL_t / d log rho
   float d_logprob;  // dL_t / d lp_t, direct
+  float d_token;    // token level (d log rho / d lp = 1): dL_t / d lp_t in all, d_ratio + d_logprob without the
+                    // cancellation of the bias-corrected KL's two parts
   float kl;         // K_t after bias correction (0 when beta == 0)
   uint8_t flags;    // kClipLow | kClipHigh
 };
 
-// Everything of one token that does not need its sequence: the token-level g_t is coef * (d_ratio + d_logprob)
-// (d log rho / d lp = 1); at sequence level d_ratio is first summed over the sequence (loss_math.py).
+// Everything of one token that does not need its sequence: the token-level g_t is coef * d_token; at sequence
+// level d_ratio is first summed over the sequence (loss_math.py).
 GK_HOST_DEVICE TokenTerms token_terms(float lp, float log_ratio, float adv, float ref, float is_weight, bool has_is_weight,
                                       const LossParams& p) {
   const float rho = exp_f32(log_ratio);
@@ -216,13 +224,16 @@ GK_HOST_DEVICE TokenTerms token_terms(float lp, float log_ratio, float adv, floa
     pt.d_ratio *= is_weight;
     pt.d_logprob *= is_weight;
   }
-  TokenTerms out{pt.value, pt.d_ratio, pt.d_logprob, 0.f, 0};
+  TokenTerms out{pt.value, pt.d_ratio, pt.d_logprob, pt.d_ratio + pt.d_logprob, 0.f, 0};
   if (p.beta != 0.f) {
     KlTerms kt = kl_terms(lp, ref, p.kl_estimator);
     if (p.bias_corrected_kl) {  // d(K rho)/dlp = K' rho + (K rho) d log rho / dlp
+      out.d_token += p.beta * rho * kt.value_plus_d;
       kt.d_logprob *= rho;
       kt.value *= rho;
       out.d_ratio += p.beta * kt.value;
+    } else {
+      out.d_token += p.beta * kt.d_logprob;
     }
     out.loss += p.beta * kt.value;
     out.d_logprob += p.beta * kt.d_logprob;

@@ -68,8 +68,10 @@ def _policy(rho, adv, lp, clip_low, clip_high, eps_high, delta, dual_clip, sapo_
         tau = tl.where(adv > 0, sapo_pos, sapo_neg)
         x = tau * (rho - 1.0)
         sig = tl.sigmoid(x)
-        # sigmoid' = sig (1 - sig), with 1 - sig as sigmoid(-x): no cancellation when sig rounds to 1
-        p, dp_dr, dp_dlp = -(4.0 / tau) * sig * adv, -4.0 * sig * tl.sigmoid(-x) * rho * adv, 0.0
+        # sigmoid' = sig (1 - sig), with 1 - sig as sigmoid(-x): no cancellation when sig rounds to 1; 0 once it
+        # saturates, also when rho overflows (r > 88.7), where 0 * inf would put a NaN gradient under a finite loss
+        slope = sig * tl.sigmoid(-x)
+        p, dp_dr, dp_dlp = -(4.0 / tau) * sig * adv, tl.where(slope > 0, -4.0 * slope * rho * adv, 0.0), 0.0
     else:  # P = -min(rho1 A, clip(rho, 1 - eps_low, 1 + eps_high) A), then the dual clip
         rho2 = minimum(maximum(rho, clip_low), clip_high)
         drho2 = tl.where((rho >= clip_low) & (rho <= clip_high), rho, 0.0)
@@ -177,11 +179,13 @@ def _grpo_loss_fwd_kernel(
     row_ptr = logits_ptr + row_offset(row, seq_len, stride_b, stride_t)
     lp, lse, entropy = row_logprobs(row_ptr, target, vocab, inv_temperature, WITH_ENTROPY, BLOCK_V)
 
-    # ratio (lp_old absent: lp_old = stop_grad(lp), ratio 1 with the gradient kept)
+    # ratio (lp_old absent: lp_old = stop_grad(lp), ratio 1 with the gradient kept; lp - lp, not a constant 1,
+    # so that a NaN log-prob reaches the loss)
     adv = tl.load(adv_ptr + row)
-    rho = tl.full([], 1.0, tl.float32)
+    log_ratio = lp - lp
     if HAS_OLD:
-        rho = tl.exp(lp - tl.load(old_ptr + row))
+        log_ratio = lp - tl.load(old_ptr + row)
+    rho = tl.exp(log_ratio)
 
     loss, dl_dr, dl_dlp = _policy(rho, adv, lp, clip_low, clip_high, eps_high, delta, dual_clip, sapo_pos, sapo_neg,
                                   FAMILY, HAS_DELTA, HAS_DUAL_CLIP)  # fmt: skip
