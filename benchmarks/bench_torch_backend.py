@@ -20,20 +20,9 @@ import subprocess
 import sys
 import time
 
+from benchmarks.measure import reset_peak_rss, status_bytes
+
 VARIANTS = ("eager", "torch", "torch-inplace")
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
 def run_one(variant: str, tokens: int, vocab: int, repeats: int, threads: int) -> dict:
@@ -75,8 +64,8 @@ def run_one(variant: str, tokens: int, vocab: int, repeats: int, threads: int) -
 
     if variant == "torch-inplace":  # the in-place backward overwrites the logits: give each run fresh values
         pristine = values.clone()
-    _reset_peak_rss()
-    base = _status_bytes("VmRSS")
+    reset_peak_rss()
+    base = status_bytes("VmRSS")
     times = []
     for _ in range(repeats + 1):  # the first run is a warm-up
         if variant == "torch-inplace":
@@ -84,7 +73,7 @@ def run_one(variant: str, tokens: int, vocab: int, repeats: int, threads: int) -
         start = time.perf_counter()
         forward_backward()
         times.append(time.perf_counter() - start)
-    peak = _status_bytes("VmHWM")
+    peak = status_bytes("VmHWM")
     times = sorted(times[1:])
     return dict(variant=variant, median_s=times[len(times) // 2], min_s=times[0], peak_extra_bytes=peak - base)
 
