@@ -8,7 +8,8 @@ Eager = what TRL did before its kernels: ``log_softmax`` + ``gather`` + the same
 Peak memory on the CPU has no allocator counter, so each variant runs in its own subprocess, resets the kernel's
 peak-RSS mark once its inputs exist (``/proc/self/clear_refs``) and reports the peak resident set size over the
 timed runs minus the resident size at that point: the extra memory the loss needs.
-The logits themselves (N x V x 4 bytes) are in the baseline, not in the extra (torch-inplace keeps a second\ncopy of them in the baseline, to restore the values it overwrites between runs).
+The logits themselves (N x V x 4 bytes) are in the baseline, not in the extra (torch-inplace keeps a second
+copy of them in the baseline, to restore the values it overwrites between runs).
 """
 
 from __future__ import annotations

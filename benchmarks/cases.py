@@ -124,9 +124,9 @@ def traffic(case: Case) -> dict:
         else:
             ref = 4 if case.beta else 0
             # ids, mask, old lp (+ ref lp) and per-sequence advantages in; lp and per-token loss out
-            small = [(f"per-token vectors N·(8 + 4 + 4{' + 4' if ref else ''} + 4 + 4): ids, mask, old lp"
-                      f"{', ref lp' if ref else ''}; lp, per-token loss out", n * (24 + ref)),
-                     ("advantages B·4", case.batch * 4)]  # fmt: skip
+            label = (f"per-token vectors N·(8 + 4 + 4{' + 4' if ref else ''} + 4 + 4): ids, mask, old lp"
+                     f"{', ref lp' if ref else ''}; lp, per-token loss out")  # fmt: skip
+            small = [(label, n * (24 + ref)), ("advantages B·4", case.batch * 4)]
         logits_pass = n * v * s
         terms = [("read logits (forward) N·V·s", logits_pass), ("read logits (backward) N·V·s", logits_pass),
                  ("write grad logits N·V·s", logits_pass)] + small  # fmt: skip

@@ -122,7 +122,6 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
     dst = torch.empty_like(src)
     dst.copy_(src)
     t = time_ms(lambda: dst.copy_(src), device)
-    del src, dst
     moved = 2 * nbytes
     return dict(bytes=moved, median_ms=t["median_ms"], bytes_per_s=moved / (t["median_ms"] * 1e-3))
 

@@ -239,7 +239,7 @@ def unavailable_reason(provider: str, case: Case, device: torch.device, *, inter
     return _reason(provider, case.op, device.type, interpreter)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reason(provider: str, op: str, device_type: str, interpreter: bool) -> str | None:
     device = torch.device(device_type)
     if provider in OURS:
@@ -254,13 +254,15 @@ def _reason(provider: str, op: str, device_type: str, interpreter: bool) -> str 
     if provider not in BASELINES:
         raise ValueError(f"unknown provider {provider!r}; providers are {PROVIDERS}")
     if (provider, op) not in EXTERNAL:
-        return {"liger": "liger-kernel has no kernel for this op", "trl": "TRL 1.16 has no kernel for this op"}[provider]
+        return {"liger": "liger-kernel has no kernel for this op", "trl": "TRL 1.16 has no kernel for this op"}[
+            provider
+        ]
     _, needs_triton, module = EXTERNAL[(provider, op)]
     if needs_triton and device_type != "cuda" and not interpreter:
         return "a Triton kernel: needs a GPU (interpreter runs are not benchmarks)"
     try:
         importlib.import_module(module)
-    except Exception as e:  # a missing package or one of its own missing dependencies: either way, not available
+    except Exception as e:  # noqa: BLE001 - a missing package or a broken one of its dependencies: not available
         return f"cannot import {module}: {type(e).__name__}: {e}"
     return None
 

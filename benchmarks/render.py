@@ -21,17 +21,30 @@ TITLES = {
 }
 # Goals from the issues (Triton #3, CUDA #4, fused-linear #5), checked on the case each issue names.
 LOSS_GOALS = {
-    "triton": (("pct_copy", 85.0, "% of copy bandwidth, 3 passes"), ("x_liger", 1.2, "x Liger triton_grpo_loss"),
-               ("x_trl", 1.5, "x TRL log-prob kernel + eager loss"), ("x_eager", 10.0, "x eager")),
-    "cuda": (("pct_copy_min", 85.0, "% of copy bandwidth, 2 passes"), ("x_liger", 1.5, "x Liger triton_grpo_loss"),
-             ("x_eager", 10.0, "x eager")),
-}  # fmt: skip
+    "triton": (
+        ("pct_copy", 85.0, "% of copy bandwidth, 3 passes"),
+        ("x_liger", 1.2, "x Liger triton_grpo_loss"),
+        ("x_trl", 1.5, "x TRL log-prob kernel + eager loss"),
+        ("x_eager", 10.0, "x eager"),
+    ),
+    "cuda": (
+        ("pct_copy_min", 85.0, "% of copy bandwidth, 2 passes"),
+        ("x_liger", 1.5, "x Liger triton_grpo_loss"),
+        ("x_eager", 10.0, "x eager"),
+    ),
+}
 LOSS_GOAL_CASE = dict(op="grpo_loss", tokens=16384, vocab=151936, importance_sampling_level="token", beta=0.0)
-FUSED_GOALS = (("floor_ratio", 1.15, "time / matmul floor (at most)"), ("memory_ratio", 0.25, "peak / eager's (at most)"),
-               ("x_trl", 1.0, "x TRL fused LM head (above)"), ("x_liger", 1.0, "x LigerFusedLinearGRPOLoss (above)"))  # fmt: skip
+FUSED_GOALS = (
+    ("floor_ratio", 1.15, "time / matmul floor (at most)"),
+    ("memory_ratio", 0.25, "peak / eager's (at most)"),
+    ("x_trl", 1.0, "x TRL fused LM head (above)"),
+    ("x_liger", 1.0, "x LigerFusedLinearGRPOLoss (above)"),
+)
 FUSED_GOAL_CASE = dict(op="fused_linear_grpo_loss", tokens=16384, hidden=4096, vocab=151936,
                        importance_sampling_level="token", beta=0.0)  # fmt: skip
 AT_MOST = ("floor_ratio", "memory_ratio")
+SOFTWARE = (("Python", "python"), ("torch", "torch"), ("triton", "triton"), ("liger-kernel", "liger_kernel"),
+            ("trl", "trl"), ("transformers", "transformers"))  # fmt: skip
 MIB = 2**20
 
 
@@ -112,9 +125,15 @@ def _op_table(op: str, rows: list[dict]) -> list[str]:
             continue
         cells.append(f"{r['median_ms']:.3f}")
         if op == "fused_linear_grpo_loss":
-            cells += [_fmt(r.get("tflop_per_s"), ".1f"), _fmt(r.get("pct_matmul"), ".0f"), _fmt(r.get("floor_ratio"), ".2f")]
+            cells += [
+                _fmt(r.get("tflop_per_s"), ".1f"),
+                _fmt(r.get("pct_matmul"), ".0f"),
+                _fmt(r.get("floor_ratio"), ".2f"),
+            ]
         else:
-            cells += [f"{r['gb_per_s']:.1f}", f"{r['pct_copy']:.0f}"] + ([f"{r['pct_copy_min']:.0f}"] if two_counts else [])
+            cells += [f"{r['gb_per_s']:.1f}", f"{r['pct_copy']:.0f}"] + (
+                [f"{r['pct_copy_min']:.0f}"] if two_counts else []
+            )
         cells.append(f"{r['peak_extra_bytes'] / MIB:.0f}")
         cells += [_fmt(r.get(f"x_{b}"), ".2f") for b in bases]
         if r["provider"] == "eager":
@@ -135,9 +154,10 @@ def _traffic_line(op: str, results: dict) -> str:
     if case.op != "group_advantages":
         line += f" (s = {case.torch_dtype.itemsize} B, {case.dtype})"
     if info["bytes_min"] != info["bytes"]:
-        line += ". GB/s and % copy count all of it (3 passes over the logits); min bytes leaves out the backward's re-read (2 passes)"
+        line += (". GB/s and % copy count all of it (3 passes over the logits); min bytes leaves out the backward's "
+                 "re-read (2 passes)")  # fmt: skip
     if info["flops"]:
-        line += ". FLOPs: 6·N·H·V (logits, grad hidden, grad weight); × floor = time / (FLOPs / measured matmul rate)"
+        line += ". FLOPs: 6·N·H·V (logits, grad hidden, grad weight); × floor = time / (FLOPs / the matmul rate)"
     return line + "."
 
 
@@ -173,35 +193,47 @@ def _goals(rows: list[dict], device_type: str) -> list[str]:
     if device_type != "cuda":
         out += ["The goals are GPU goals (H100/H200); on this CPU run they are computed only to exercise the tool.", ""]
     fused_goals = {b: FUSED_GOALS for b in OURS}
-    for where, goals, title in ((LOSS_GOAL_CASE, LOSS_GOALS, "fused loss"), (FUSED_GOAL_CASE, fused_goals, "fused-linear loss")):
+    for where, goals, title in (
+        (LOSS_GOAL_CASE, LOSS_GOALS, "fused loss"),
+        (FUSED_GOAL_CASE, fused_goals, "fused-linear loss"),
+    ):
         case_id, lines = _goal_rows(rows, where, goals)
         if not lines:
             out += [f"{title}: no measurement of ours on a matching case.", ""]
             continue
-        out += [f"{title}, on `{case_id}`:", "", "| backend | measure | measured | target | verdict |", "|---|---|---|---|---|"]
+        out += [
+            f"{title}, on `{case_id}`:",
+            "",
+            "| backend | measure | measured | target | verdict |",
+            "|---|---|---|---|---|",
+        ]
         out += lines + [""]
     return out
+
+
+def _machine_line(info: dict) -> str:
+    if info["device_type"] != "cuda":
+        threads = f"{info['cpu_count']} logical CPUs, {info['torch_threads']} torch threads"
+        return f"- Device: CPU {info['cpu_model']}, {threads}"
+    return (f"- Device: {info['device_name']} ({info['sm_count']} SMs, compute capability "
+            f"{info['compute_capability']}, {info['memory_bytes'] / 2**30:.0f} GiB), driver {info['driver']}, CUDA "
+            f"runtime {info['cuda_runtime']}; CPU {info['cpu_model']}")  # fmt: skip
 
 
 def markdown(results: dict) -> str:
     rows = derive(results)
     first = results["runs"][0]["info"]
-    lines = [f"# Benchmarks: {results['device_name']}, {first['date_utc'][:10]}", ""]
-    if first["device_type"] == "cuda":
-        lines.append(f"- Device: {first['device_name']} ({first['sm_count']} SMs, compute capability "
-                     f"{first['compute_capability']}, {first['memory_bytes'] / 2**30:.0f} GiB), driver {first['driver']}, "
-                     f"CUDA runtime {first['cuda_runtime']}; CPU {first['cpu_model']}")  # fmt: skip
-    else:
-        lines.append(f"- Device: CPU {first['cpu_model']}, {first['cpu_count']} logical CPUs, {first['torch_threads']} torch threads")
-    lines.append(f"- Software: Python {first['python']}, torch {first['torch']}, triton {first['triton']}, "
-                 f"liger-kernel {first['liger_kernel']}, trl {first['trl']}, transformers {first['transformers']}")  # fmt: skip
+    lines = [f"# Benchmarks: {results['device_name']}, {first['date_utc'][:10]}", "", _machine_line(first)]
+    versions = ", ".join(f"{name} {first[key]}" for name, key in SOFTWARE)
+    lines.append(f"- Software: {versions}")
     for i, run in enumerate(results["runs"]):
         info, c = run["info"], run["ceilings"]
         commit = (info["git_commit"] or "unknown")[:12] + (" + uncommitted changes" if info["git_dirty"] else "")
+        copy, matmul = c["copy"], c["matmul"]
         lines.append(f"- Run {i + 1}: {info['date_utc']}, commit {commit}, preset {run['preset']}; copy "
-                     f"{c['copy']['bytes_per_s'] / 1e9:.1f} GB/s (a {c['copy']['bytes'] / 2 / 2**20:.0f} MiB copy, read + written), "
-                     f"matmul {c['matmul']['flop_per_s'] / 1e12:.2f} TFLOP/s ({c['matmul']['dtype']}, "
-                     f"n = {c['matmul']['n']})" + (f"; note: {run['note']}" if run["note"] else ""))  # fmt: skip
+                     f"{copy['bytes_per_s'] / 1e9:.1f} GB/s (a {copy['bytes'] / 2 / 2**20:.0f} MiB copy, read + "
+                     f"written), matmul {matmul['flop_per_s'] / 1e12:.2f} TFLOP/s ({matmul['dtype']}, n = "
+                     f"{matmul['n']})" + (f"; note: {run['note']}" if run["note"] else ""))  # fmt: skip
     if first["device_type"] == "cuda":
         timer = "`triton.testing.do_bench` median (CUDA events, L2 flushed before each run)"
     else:
@@ -209,10 +241,14 @@ def markdown(results: dict) -> str:
         timer = f"median of a `perf_counter` loop, {where}"
     lines += [
         f"- Timer: {timer}, after two warm-up calls. ms = median time of one call (forward + backward where named).",
-        "- GB/s = the case's byte count / time; % copy = that / the copy bandwidth of the same run. "
-        "× X = X's time / this provider's time (above 1: faster than X).",
-        "- peak extra = peak memory during one call above what was allocated before it (outputs and gradients "
-        "included; the inputs not). check = relative difference of the gradient (or output) norms to eager's.",
+        (
+            "- GB/s = the case's byte count / time; % copy = that / the copy bandwidth of the same run. "
+            "× X = X's time / this provider's time (above 1: faster than X)."
+        ),
+        (
+            "- peak extra = peak memory during one call above what was allocated before it (outputs and gradients "
+            "included; the inputs not). check = relative difference of the gradient (or output) norms to eager's."
+        ),
         "",
     ]
     if first["device_type"] != "cuda":
@@ -252,7 +288,9 @@ def plot_op(op: str, rows: list[dict], title: str, path: Path) -> None:
     case_ids = list(dict.fromkeys(r["case_id"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     labels = {r["case_id"]: _short(r["case"]) for r in rows}
-    key, ylabel = ("pct_matmul", "% of matmul rate") if op == "fused_linear_grpo_loss" else ("pct_copy", "% of copy bandwidth")
+    key, ylabel = (
+        ("pct_matmul", "% of matmul rate") if op == "fused_linear_grpo_loss" else ("pct_copy", "% of copy bandwidth")
+    )
     width = 0.8 / len(providers)
     fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 0.55 * len(case_ids) * 2 + 3), 4.8))
     panels = ((lambda r: r[key], ylabel), (lambda r: r["peak_extra_bytes"] / MIB, "peak extra memory (MiB)"))
@@ -283,20 +321,32 @@ def write_report(out: Path, results: dict) -> None:
 # predictions (benchmarks/NOTES.md)
 # ----------------------------------------------------------------------------------------------------------------
 def predictions(cases: list[Case], ceilings: dict[str, tuple[float, float]]) -> str:
-    """Bytes and FLOPs of each case, and the time floors they imply at the given (bytes/s, FLOP/s) ceilings."""
+    """Bytes and FLOPs of each case, and the time floors they imply at the given (bytes/s, FLOP/s) ceilings.
+
+    One row per shape: the variants of a shape (IS level, beta) differ only by the reference log-probs, N·4 bytes.
+    """
     names = list(ceilings)
-    head = ["case", "bytes (GB)", "min bytes (GB)", "FLOPs (T)"] + [f"floor ms, {n}" for n in names]
+    head = ["op", "shape", "bytes (GB)", "min bytes (GB)", "TFLOPs"] + [f"floor ms, {n}" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seen = set()
     for case in cases:
+        shape = _short(case).split("\n")
+        key = (case.op, *shape[:2])
+        if key in seen:
+            continue
+        seen.add(key)
         t, f = traffic(case), flops(case)
         floors = []
         for bandwidth, rate in ceilings.values():
             if f:
-                floors.append(f"{f / rate * 1e3:.2f} (matmul)")
+                floors.append(f"{f / rate * 1e3:.3g} (matmul)")
             elif t["bytes_min"] != t["bytes"]:
-                floors.append(f"{t['bytes'] / bandwidth * 1e3:.3f} (3 passes), {t['bytes_min'] / bandwidth * 1e3:.3f} (2)")
+                floors.append(
+                    f"{t['bytes'] / bandwidth * 1e3:.3g} (3 passes), {t['bytes_min'] / bandwidth * 1e3:.3g} (2)"
+                )
             else:
-                floors.append(f"{t['bytes'] / bandwidth * 1e3:.3f}")
-        cells = [case.id, f"{t['bytes'] / 1e9:.3f}", f"{t['bytes_min'] / 1e9:.3f}", f"{f / 1e12:.1f}" if f else "–"]
+                floors.append(f"{t['bytes'] / bandwidth * 1e3:.3g}")
+        cells = [case.op, " ".join(shape[:2]), f"{t['bytes'] / 1e9:.3g}", f"{t['bytes_min'] / 1e9:.3g}",
+                 f"{f / 1e12:.3g}" if f else "–"]  # fmt: skip
         lines.append("| " + " | ".join(cells + floors) + " |")
     return "\n".join(lines)

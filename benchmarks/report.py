@@ -80,7 +80,7 @@ def measure_in_subprocess(case: Case, provider: str, timing: dict, threads: int)
     spec = json.dumps(dict(case=case.as_dict(), provider=provider, timing=timing, threads=threads))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.report", "--worker", spec], cwd=ROOT, env=env,
-                          capture_output=True, text=True)  # fmt: skip
+                          capture_output=True, text=True, check=False)  # fmt: skip
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -138,14 +138,17 @@ def run_report(args: argparse.Namespace) -> Path:
     results = empty_results(info["device_name"]) if args.fresh else load_results(out, info["device_name"])
     copy_bytes, matmul_n = CEILINGS[preset]
     dtype = getattr(torch, PRESETS[preset]["dtype"])
-    print(f"{info['device_name']}: measuring the ceilings ({copy_bytes >> 20} MiB copy, {matmul_n}^3 matmul)", flush=True)
+    print(
+        f"{info['device_name']}: measuring the ceilings ({copy_bytes >> 20} MiB copy, {matmul_n}^3 matmul)", flush=True
+    )
     ceilings = dict(copy=copy_bandwidth(device, copy_bytes), matmul=matmul_rate(device, dtype, matmul_n))
     run_index = len(results["runs"])
     in_process = device.type == "cuda" or args.in_process
     results["runs"].append(dict(info=info, ceilings=ceilings, preset=preset, argv=sys.argv[1:], note=args.note,
                                 in_process=in_process))  # fmt: skip
-    print(f"copy {ceilings['copy']['bytes_per_s'] / 1e9:.1f} GB/s, matmul {ceilings['matmul']['flop_per_s'] / 1e12:.2f} "
-          f"TFLOP/s ({ceilings['matmul']['dtype']})", flush=True)  # fmt: skip
+    copy, matmul = ceilings["copy"], ceilings["matmul"]
+    print(f"copy {copy['bytes_per_s'] / 1e9:.1f} GB/s, matmul {matmul['flop_per_s'] / 1e12:.2f} TFLOP/s "
+          f"({matmul['dtype']})", flush=True)  # fmt: skip
 
     done = {(m["case_id"], m["provider"]) for m in results["measurements"] if m["status"] in ("ok", "oom")}
     timing = TIMING[preset]
@@ -173,8 +176,9 @@ def run_report(args: argparse.Namespace) -> Path:
             t = traffic(case)
             results["cases"][case.id] = dict(case=case.as_dict(), terms=t["terms"], bytes=t["bytes"],
                                              bytes_min=t["bytes_min"], flops=flops(case))  # fmt: skip
-            results["measurements"] = [x for x in results["measurements"]
-                                       if (x["case_id"], x["provider"]) != (case.id, provider)]  # a retried error
+            results["measurements"] = [
+                x for x in results["measurements"] if (x["case_id"], x["provider"]) != (case.id, provider)
+            ]  # a retried error
             results["measurements"].append(dict(case_id=case.id, op=case.op, provider=provider, run=run_index, **m))
             save_results(out, results)
             ok = m["status"] == "ok"
@@ -202,8 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="results folder (default: <results-root>/<device>-<date>)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
     parser.add_argument("--budget-s", type=float, help="start no new measurement after this many seconds")
-    parser.add_argument("--in-process", action="store_true",
-                        help="CPU: measure in this process (faster start; peak memory then counts reused memory loosely)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="CPU: measure in this process (faster start; peak memory then counts reused memory loosely)",
+    )
     parser.add_argument("--fresh", action="store_true", help="discard the results already in the folder")
     parser.add_argument("--note", default="", help="a line recorded with the run (e.g. 'shared, contended CPU')")
     parser.add_argument("--render", metavar="DIR", help="only write report.md and the plots from DIR/results.json")

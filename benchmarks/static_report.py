@@ -37,7 +37,9 @@ def collect(sources=SOURCES) -> tuple[list[dict], list[str]]:
         except ModuleNotFoundError as e:
             if e.name != module_name:  # the module exists but one of its own imports is missing: that is a failure
                 raise
-            notes.append(f"{source}: {module_name.replace('.', '/')}.py is not there yet (the {source} backend has not landed)")
+            notes.append(
+                f"{source}: {module_name.replace('.', '/')}.py is not there yet (the {source} backend has not landed)"
+            )
             continue
         for row in module.rows():
             missing = [k for k in KEYS if k not in row]

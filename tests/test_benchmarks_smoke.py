@@ -9,10 +9,10 @@ import types
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from benchmarks import providers, report, static_report
 from benchmarks.cases import Case, build_cases, flops, make_inputs, traffic
-from conftest import DEVICE
 
 
 def test_byte_and_flop_counts_are_the_stated_formulas():
@@ -34,7 +34,9 @@ def test_byte_and_flop_counts_are_the_stated_formulas():
 def test_gpu_grid_is_the_issue_grid():
     grpo = build_cases("gpu", ("grpo_loss",))
     assert {(c.tokens, c.vocab) for c in grpo} == {(n, v) for n in (4096, 16384) for v in (32000, 128256, 151936)}
-    assert {(c.importance_sampling_level, c.beta) for c in grpo} == {(l, b) for l in ("token", "sequence") for b in (0.0, 0.04)}
+    assert {(c.importance_sampling_level, c.beta) for c in grpo} == {
+        (l, b) for l in ("token", "sequence") for b in (0.0, 0.04)
+    }
     assert {c.dtype for c in grpo} == {"bfloat16"}
 
 
@@ -83,7 +85,9 @@ def test_cpu_worker_measures_in_its_own_process():
 @pytest.mark.parametrize("provider,op", sorted(providers.EXTERNAL), ids=lambda x: str(x))
 def test_baselines_compute_what_eager_computes(provider, op):
     """Liger's and TRL's call signatures as the report uses them: same numbers as eager (interpreter on CPU)."""
-    variants = [("token", 0.04), ("sequence", 0.0)] if op in ("grpo_loss", "fused_linear_grpo_loss") else [("token", 0.0)]
+    variants = (
+        [("token", 0.04), ("sequence", 0.0)] if op in ("grpo_loss", "fused_linear_grpo_loss") else [("token", 0.0)]
+    )
     for level, beta in variants:
         case = Case(op=op, dtype="float32", tokens=24, seq_len=12, vocab=50, hidden=8 if op.startswith("fused") else 0,
                     importance_sampling_level=level, beta=beta)  # fmt: skip
