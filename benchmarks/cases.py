@@ -119,13 +119,12 @@ def traffic(case: Case) -> dict:
         return dict(terms=terms, bytes=sum(b for _, b in terms), bytes_min=sum(b for _, b in terms))
     if case.op in ("token_logprobs_entropy", "grpo_loss"):
         if case.op == "token_logprobs_entropy":
-            # ids in; lp, H out; upstream gradients of lp and H in
-            small = [("per-token vectors N·(8 + 4 + 4 + 4 + 4): ids; lp, H; dlp, dH", n * 24)]
+            # ids 8 in; lp 4, H 4 out; upstream gradients of lp 4 and H 4 in
+            small = [("per-token vectors N·24: ids; lp, H; dlp, dH", n * 24)]
         else:
             ref = 4 if case.beta else 0
-            # ids, mask, old lp (+ ref lp) and per-sequence advantages in; lp and per-token loss out
-            label = (f"per-token vectors N·(8 + 4 + 4{' + 4' if ref else ''} + 4 + 4): ids, mask, old lp"
-                     f"{', ref lp' if ref else ''}; lp, per-token loss out")  # fmt: skip
+            # ids 8, mask 4, old lp 4 (+ ref lp 4) in; lp 4, per-token loss 4 out
+            label = "per-token vectors N·24 (+ N·4 ref lp when β ≠ 0): ids, mask, old lp in; lp, loss out"
             small = [(label, n * (24 + ref)), ("advantages B·4", case.batch * 4)]
         logits_pass = n * v * s
         terms = [("read logits (forward) N·V·s", logits_pass), ("read logits (backward) N·V·s", logits_pass),
@@ -139,7 +138,7 @@ def traffic(case: Case) -> dict:
         ref = 4 if case.beta else 0
         terms = [("read hidden N·H·s", n * h * s), ("read weight V·H·s", v * h * s),
                  ("write grad hidden N·H·s", n * h * s), ("write grad weight V·H·s", v * h * s),
-                 ("per-token vectors N·(24 + ref)", n * (24 + ref))]  # fmt: skip
+                 ("per-token vectors N·24 (+ N·4 ref lp when β ≠ 0)", n * (24 + ref))]  # fmt: skip
         return dict(terms=terms, bytes=sum(b for _, b in terms), bytes_min=sum(b for _, b in terms))
     raise ValueError(f"unknown op {case.op!r}")
 

@@ -336,9 +336,18 @@ def summarize(case: Case, outputs: tuple) -> dict:
     provider reproduces to rounding, unlike the loss itself, which can sit near 0.
     """
     checked = outputs[1:] if case.op in BACKWARD_OPS else outputs
-    norms = [float(t.double().norm()) for t in checked]
+    norms = [_norm(t) for t in checked]
     loss = float(outputs[0]) if case.op in BACKWARD_OPS else None
     return dict(loss=loss, norms=norms)
+
+
+def _norm(t: torch.Tensor, chunk: int = 1 << 24) -> float:
+    """2-norm accumulated in float64, a chunk at a time (a float64 copy of a GPU case's gradient would be 20 GB)."""
+    flat = t.detach().reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=t.device)
+    for start in range(0, flat.numel(), chunk):
+        total += flat[start : start + chunk].double().square().sum()
+    return float(total.sqrt())
 
 
 def check_tolerance(case: Case) -> float:

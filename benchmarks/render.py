@@ -126,12 +126,12 @@ def _op_table(op: str, rows: list[dict]) -> list[str]:
         cells.append(f"{r['median_ms']:.3f}")
         if op == "fused_linear_grpo_loss":
             cells += [
-                _fmt(r.get("tflop_per_s"), ".1f"),
+                _fmt(r.get("tflop_per_s"), ".3g"),
                 _fmt(r.get("pct_matmul"), ".0f"),
                 _fmt(r.get("floor_ratio"), ".2f"),
             ]
         else:
-            cells += [f"{r['gb_per_s']:.1f}", f"{r['pct_copy']:.0f}"] + (
+            cells += [f"{r['gb_per_s']:.3g}", f"{r['pct_copy']:.0f}"] + (
                 [f"{r['pct_copy_min']:.0f}"] if two_counts else []
             )
         cells.append(f"{r['peak_extra_bytes'] / MIB:.0f}")
@@ -229,8 +229,9 @@ def markdown(results: dict) -> str:
     for i, run in enumerate(results["runs"]):
         info, c = run["info"], run["ceilings"]
         commit = (info["git_commit"] or "unknown")[:12] + (" + uncommitted changes" if info["git_dirty"] else "")
+        threads = f", {info['torch_threads']} threads" if info["device_type"] != "cuda" else ""
         copy, matmul = c["copy"], c["matmul"]
-        lines.append(f"- Run {i + 1}: {info['date_utc']}, commit {commit}, preset {run['preset']}; copy "
+        lines.append(f"- Run {i + 1}: {info['date_utc']}, commit {commit}, preset {run['preset']}{threads}; copy "
                      f"{copy['bytes_per_s'] / 1e9:.1f} GB/s (a {copy['bytes'] / 2 / 2**20:.0f} MiB copy, read + "
                      f"written), matmul {matmul['flop_per_s'] / 1e12:.2f} TFLOP/s ({matmul['dtype']}, n = "
                      f"{matmul['n']})" + (f"; note: {run['note']}" if run["note"] else ""))  # fmt: skip

@@ -180,6 +180,7 @@ def run_report(args: argparse.Namespace) -> Path:
                 x for x in results["measurements"] if (x["case_id"], x["provider"]) != (case.id, provider)
             ]  # a retried error
             results["measurements"].append(dict(case_id=case.id, op=case.op, provider=provider, run=run_index, **m))
+            results["skipped"].pop(f"{case.op}/{provider}", None)  # available now (e.g. wheels installed since)
             save_results(out, results)
             ok = m["status"] == "ok"
             shown = f"{m['median_ms']:.3f} ms, peak +{m['peak_extra_bytes'] / 2**20:.0f} MiB" if ok else m["error"]
