@@ -8,7 +8,8 @@ Eager = what TRL did before its kernels: ``log_softmax`` + ``gather`` + the same
 Peak memory on the CPU has no allocator counter, so each variant runs in its own subprocess, resets the kernel's
 peak-RSS mark once its inputs exist (``/proc/self/clear_refs``) and reports the peak resident set size over the
 timed runs minus the resident size at that point: the extra memory the loss needs.
-The logits themselves (N x V x 4 bytes) are in the baseline, not in the extra (torch-inplace keeps a second\ncopy of them in the baseline, to restore the values it overwrites between runs).
+The logits themselves (N x V x 4 bytes) are in the baseline, not in the extra (torch-inplace keeps a second
+copy of them in the baseline, to restore the values it overwrites between runs).
 """
 
 from __future__ import annotations
@@ -20,20 +21,9 @@ import subprocess
 import sys
 import time
 
+from benchmarks.measure import reset_peak_rss, status_bytes
+
 VARIANTS = ("eager", "torch", "torch-inplace")
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
 def run_one(variant: str, tokens: int, vocab: int, repeats: int, threads: int) -> dict:
@@ -75,8 +65,8 @@ def run_one(variant: str, tokens: int, vocab: int, repeats: int, threads: int) -
 
     if variant == "torch-inplace":  # the in-place backward overwrites the logits: give each run fresh values
         pristine = values.clone()
-    _reset_peak_rss()
-    base = _status_bytes("VmRSS")
+    reset_peak_rss()
+    base = status_bytes("VmRSS")
     times = []
     for _ in range(repeats + 1):  # the first run is a warm-up
         if variant == "torch-inplace":
@@ -84,7 +74,7 @@ def run_one(variant: str, tokens: int, vocab: int, repeats: int, threads: int) -
         start = time.perf_counter()
         forward_backward()
         times.append(time.perf_counter() - start)
-    peak = _status_bytes("VmHWM")
+    peak = status_bytes("VmHWM")
     times = sorted(times[1:])
     return dict(variant=variant, median_s=times[len(times) // 2], min_s=times[0], peak_extra_bytes=peak - base)
 

@@ -1,0 +1,353 @@
+"""From ``results.json`` to ``report.md`` and one PNG per op; the goals check; the predictions table.
+
+Every number shown is computed here from the raw measurements (median time, peak memory, check values) and the
+case's byte / FLOP count and the ceilings of the run that took it, so a report can always be re-rendered
+(``python -m benchmarks.report --render DIR``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.cases import OPS, Case, flops, traffic
+from benchmarks.providers import BASELINES, OURS, check_tolerance
+
+TITLES = {
+    "token_logprobs": "token_logprobs: log-probs, forward only (no gradient)",
+    "token_logprobs_entropy": "token_logprobs with entropy: forward + backward of both",
+    "grpo_loss": "grpo_loss: forward + backward (dapo, clip 0.2, old log-probs given)",
+    "group_advantages": "group_advantages: grouped z-score",
+    "fused_linear_grpo_loss": "fused_linear_grpo_loss: from hidden states and the LM head, forward + backward",
+}
+# Goals from the issues (Triton #3, CUDA #4, fused-linear #5), checked on the case each issue names.
+LOSS_GOALS = {
+    "triton": (
+        ("pct_copy", 85.0, "% of copy bandwidth, 3 passes"),
+        ("x_liger", 1.2, "x Liger triton_grpo_loss"),
+        ("x_trl", 1.5, "x TRL log-prob kernel + eager loss"),
+        ("x_eager", 10.0, "x eager"),
+    ),
+    "cuda": (
+        ("pct_copy_min", 85.0, "% of copy bandwidth, 2 passes"),
+        ("x_liger", 1.5, "x Liger triton_grpo_loss"),
+        ("x_eager", 10.0, "x eager"),
+    ),
+}
+LOSS_GOAL_CASE = dict(op="grpo_loss", tokens=16384, vocab=151936, importance_sampling_level="token", beta=0.0)
+FUSED_GOALS = (
+    ("floor_ratio", 1.15, "time / matmul floor (at most)"),
+    ("memory_ratio", 0.25, "peak / eager's (at most)"),
+    ("x_trl", 1.0, "x TRL fused LM head (above)"),
+    ("x_liger", 1.0, "x LigerFusedLinearGRPOLoss (above)"),
+)
+FUSED_GOAL_CASE = dict(op="fused_linear_grpo_loss", tokens=16384, hidden=4096, vocab=151936,
+                       importance_sampling_level="token", beta=0.0)  # fmt: skip
+AT_MOST = ("floor_ratio", "memory_ratio")
+SOFTWARE = (("Python", "python"), ("torch", "torch"), ("triton", "triton"), ("liger-kernel", "liger_kernel"),
+            ("trl", "trl"), ("transformers", "transformers"))  # fmt: skip
+MIB = 2**20
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# derived numbers
+# ----------------------------------------------------------------------------------------------------------------
+def derive(results: dict) -> list[dict]:
+    """One row per measurement: the raw fields + case, traffic, ceilings of its run, throughput, ratios, check."""
+    rows = []
+    for m in results["measurements"]:
+        case_info = results["cases"][m["case_id"]]
+        ceilings = results["runs"][m["run"]]["ceilings"]
+        row = dict(m, case=Case(**case_info["case"]), bytes=case_info["bytes"], bytes_min=case_info["bytes_min"],
+                   flops=case_info["flops"])  # fmt: skip
+        if m["status"] == "ok":
+            seconds = m["median_ms"] * 1e-3
+            copy, matmul = ceilings["copy"]["bytes_per_s"], ceilings["matmul"]["flop_per_s"]
+            row.update(gb_per_s=row["bytes"] / seconds / 1e9, pct_copy=100 * row["bytes"] / seconds / copy,
+                       pct_copy_min=100 * row["bytes_min"] / seconds / copy)  # fmt: skip
+            if row["flops"]:
+                row.update(tflop_per_s=row["flops"] / seconds / 1e12, pct_matmul=100 * row["flops"] / seconds / matmul,
+                           floor_ratio=seconds / (row["flops"] / matmul))  # fmt: skip
+        rows.append(row)
+    by_case = {}
+    for row in rows:
+        by_case.setdefault(row["case_id"], {})[row["provider"]] = row
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        peers = by_case[row["case_id"]]
+        for base in BASELINES:
+            other = peers.get(base)
+            if other is not None and other["status"] == "ok":
+                row[f"x_{base}"] = other["median_ms"] / row["median_ms"]
+                if base == "eager" and other["peak_extra_bytes"] > 0:
+                    row["memory_ratio"] = row["peak_extra_bytes"] / other["peak_extra_bytes"]
+        eager = peers.get("eager")
+        if eager is not None and eager["status"] == "ok" and row["provider"] != "eager":
+            row["check_rel"] = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(row["norms"], eager["norms"]))
+            row["check_ok"] = row["check_rel"] <= check_tolerance(row["case"])
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# markdown
+# ----------------------------------------------------------------------------------------------------------------
+def _case_columns(op: str) -> list[tuple[str, callable]]:
+    if op == "group_advantages":
+        return [("B", lambda c: c.rewards), ("G", lambda c: c.group_size)]
+    cols = [("N", lambda c: c.tokens)] + ([("H", lambda c: c.hidden)] if op == "fused_linear_grpo_loss" else [])
+    cols.append(("V", lambda c: c.vocab))
+    if op in ("grpo_loss", "fused_linear_grpo_loss"):
+        cols += [("IS", lambda c: c.importance_sampling_level), ("β", lambda c: f"{c.beta:g}")]
+    return cols
+
+
+def _fmt(x, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def _op_table(op: str, rows: list[dict]) -> list[str]:
+    rows = [r for r in rows if r["op"] == op]
+    case_cols = _case_columns(op)
+    two_counts = any(r["bytes_min"] != r["bytes"] for r in rows)
+    bases = [b for b in BASELINES if any(r["provider"] == b and r["status"] == "ok" for r in rows)]
+    head = [name for name, _ in case_cols] + ["provider", "ms"]
+    if op == "fused_linear_grpo_loss":
+        head += ["TFLOP/s", "% matmul", "× floor"]
+    else:
+        head += ["GB/s", "% copy"] + (["% copy (min bytes)"] if two_counts else [])
+    head += ["peak extra (MiB)"] + [f"× {b}" for b in bases] + ["check"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(get(r["case"])) for _, get in case_cols] + [r["provider"]]
+        if r["status"] != "ok":
+            cells += [f"{r['status']}: {r['error'][:100]}"] + ["–"] * (len(head) - len(cells) - 1)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        cells.append(f"{r['median_ms']:.3f}")
+        if op == "fused_linear_grpo_loss":
+            cells += [
+                _fmt(r.get("tflop_per_s"), ".3g"),
+                _fmt(r.get("pct_matmul"), ".0f"),
+                _fmt(r.get("floor_ratio"), ".2f"),
+            ]
+        else:
+            cells += [f"{r['gb_per_s']:.3g}", f"{r['pct_copy']:.0f}"] + (
+                [f"{r['pct_copy_min']:.0f}"] if two_counts else []
+            )
+        cells.append(f"{r['peak_extra_bytes'] / MIB:.0f}")
+        cells += [_fmt(r.get(f"x_{b}"), ".2f") for b in bases]
+        if r["provider"] == "eager":
+            cells.append("reference")
+        elif "check_rel" in r:
+            cells.append(f"{'ok' if r['check_ok'] else 'MISMATCH'} ({r['check_rel']:.0e})")
+        else:
+            cells.append("–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _traffic_line(op: str, results: dict) -> str:
+    info = next(c for c in results["cases"].values() if c["case"]["op"] == op)
+    case = Case(**info["case"])
+    terms = " + ".join(label for label, _ in info["terms"])
+    line = f"Bytes per case: {terms}"
+    if case.op != "group_advantages":
+        line += f" (s = {case.torch_dtype.itemsize} B, {case.dtype})"
+    if info["bytes_min"] != info["bytes"]:
+        line += (". GB/s and % copy count all of it (3 passes over the logits); min bytes leaves out the backward's "
+                 "re-read (2 passes)")  # fmt: skip
+    if info["flops"]:
+        line += ". FLOPs: 6·N·H·V (logits, grad hidden, grad weight); × floor = time / (FLOPs / the matmul rate)"
+    return line + "."
+
+
+def _goal_rows(rows: list[dict], where: dict, goals_by_backend: dict) -> tuple[str, list[str]]:
+    """The goal table for the case matching ``where`` (else the largest measured one of that op)."""
+    op_rows = [r for r in rows if r["op"] == where["op"] and r["status"] == "ok"]
+    if not op_rows:
+        return "", []
+    match = [r for r in op_rows if all(getattr(r["case"], k) == v for k, v in where.items())]
+    if not match:
+        level, beta = where["importance_sampling_level"], where["beta"]
+        same_variant = [r for r in op_rows if (r["case"].importance_sampling_level, r["case"].beta) == (level, beta)]
+        if not same_variant:
+            return "", []
+        biggest = max(same_variant, key=lambda r: r["case"].tokens * r["case"].vocab * max(r["case"].hidden, 1))
+        match = [r for r in same_variant if r["case_id"] == biggest["case_id"]]
+    case_id = match[0]["case_id"]
+    lines = []
+    for r in match:
+        for key, target, label in goals_by_backend.get(r["provider"], ()):
+            value = r.get(key)
+            if value is None:
+                verdict, shown = "not measured", "–"
+            else:
+                met = value <= target if key in AT_MOST else value >= target
+                verdict, shown = ("met" if met else "missed"), f"{value:.2f}"
+            lines.append(f"| {r['provider']} | {label} | {shown} | {target:g} | {verdict} |")
+    return case_id, lines
+
+
+def _goals(rows: list[dict], device_type: str) -> list[str]:
+    out = ["## Goals", ""]
+    if device_type != "cuda":
+        out += ["The goals are GPU goals (H100/H200); on this CPU run they are computed only to exercise the tool.", ""]
+    fused_goals = {b: FUSED_GOALS for b in OURS}
+    for where, goals, title in (
+        (LOSS_GOAL_CASE, LOSS_GOALS, "fused loss"),
+        (FUSED_GOAL_CASE, fused_goals, "fused-linear loss"),
+    ):
+        case_id, lines = _goal_rows(rows, where, goals)
+        if not lines:
+            out += [f"{title}: no measurement of ours on a matching case.", ""]
+            continue
+        out += [
+            f"{title}, on `{case_id}`:",
+            "",
+            "| backend | measure | measured | target | verdict |",
+            "|---|---|---|---|---|",
+        ]
+        out += lines + [""]
+    return out
+
+
+def _machine_line(info: dict) -> str:
+    if info["device_type"] != "cuda":
+        threads = f"{info['cpu_count']} logical CPUs, {info['torch_threads']} torch threads"
+        return f"- Device: CPU {info['cpu_model']}, {threads}"
+    return (f"- Device: {info['device_name']} ({info['sm_count']} SMs, compute capability "
+            f"{info['compute_capability']}, {info['memory_bytes'] / 2**30:.0f} GiB), driver {info['driver']}, CUDA "
+            f"runtime {info['cuda_runtime']}; CPU {info['cpu_model']}")  # fmt: skip
+
+
+def markdown(results: dict) -> str:
+    rows = derive(results)
+    first = results["runs"][0]["info"]
+    lines = [f"# Benchmarks: {results['device_name']}, {first['date_utc'][:10]}", "", _machine_line(first)]
+    versions = ", ".join(f"{name} {first[key]}" for name, key in SOFTWARE)
+    lines.append(f"- Software: {versions}")
+    for i, run in enumerate(results["runs"]):
+        info, c = run["info"], run["ceilings"]
+        commit = (info["git_commit"] or "unknown")[:12] + (" + uncommitted changes" if info["git_dirty"] else "")
+        threads = f", {info['torch_threads']} threads" if info["device_type"] != "cuda" else ""
+        copy, matmul = c["copy"], c["matmul"]
+        lines.append(f"- Run {i + 1}: {info['date_utc']}, commit {commit}, preset {run['preset']}{threads}; copy "
+                     f"{copy['bytes_per_s'] / 1e9:.1f} GB/s (a {copy['bytes'] / 2 / 2**20:.0f} MiB copy, read + "
+                     f"written), matmul {matmul['flop_per_s'] / 1e12:.2f} TFLOP/s ({matmul['dtype']}, n = "
+                     f"{matmul['n']})" + (f"; note: {run['note']}" if run["note"] else ""))  # fmt: skip
+    if first["device_type"] == "cuda":
+        timer = "`triton.testing.do_bench` median (CUDA events, L2 flushed before each run)"
+    else:
+        where = "in one process" if results["runs"][0]["in_process"] else "each case in its own process"
+        timer = f"median of a `perf_counter` loop, {where}"
+    lines += [
+        f"- Timer: {timer}, after two warm-up calls. ms = median time of one call (forward + backward where named).",
+        (
+            "- GB/s = the case's byte count / time; % copy = that / the copy bandwidth of the same run. "
+            "× X = X's time / this provider's time (above 1: faster than X)."
+        ),
+        (
+            "- peak extra = peak memory during one call above what was allocated before it (outputs and gradients "
+            "included; the inputs not). check = relative difference of the gradient (or output) norms to eager's."
+        ),
+        "",
+    ]
+    if first["device_type"] != "cuda":
+        lines += ["> CPU run: these numbers keep the tooling working; kernel performance is measured on a GPU.", ""]
+    lines += _goals(rows, first["device_type"])
+    for op in OPS:
+        if any(r["op"] == op for r in rows):
+            lines += [f"## {TITLES[op]}", "", _traffic_line(op, results), "", *_op_table(op, rows), "",
+                      f"![{op}]({op}.png)", ""]  # fmt: skip
+    if results["skipped"]:
+        lines += ["## Not measured", ""] + [f"- {key}: {reason}" for key, reason in sorted(results["skipped"].items())]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------------------------
+def _short(case: Case) -> str:
+    if case.op == "group_advantages":
+        return f"B{case.rewards}\nG{case.group_size}"
+    label = f"N{case.tokens}\n" + (f"H{case.hidden} " if case.hidden else "") + f"V{case.vocab}"
+    if case.op in ("grpo_loss", "fused_linear_grpo_loss"):
+        label += f"\n{case.importance_sampling_level[:3]} β{case.beta:g}"
+    return label
+
+
+def plot_op(op: str, rows: list[dict], title: str, path: Path) -> None:
+    """Grouped bars per case: % of the ceiling (copy bandwidth or matmul rate) and peak extra memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["op"] == op and r["status"] == "ok"]
+    if not rows:
+        return
+    case_ids = list(dict.fromkeys(r["case_id"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    labels = {r["case_id"]: _short(r["case"]) for r in rows}
+    key, ylabel = (
+        ("pct_matmul", "% of matmul rate") if op == "fused_linear_grpo_loss" else ("pct_copy", "% of copy bandwidth")
+    )
+    width = 0.8 / len(providers)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 0.55 * len(case_ids) * 2 + 3), 4.8))
+    panels = ((lambda r: r[key], ylabel), (lambda r: r["peak_extra_bytes"] / MIB, "peak extra memory (MiB)"))
+    for ax, (value, name) in zip(axes, panels):
+        for i, provider in enumerate(providers):
+            by_case = {r["case_id"]: r for r in rows if r["provider"] == provider}
+            xs = [j + (i - (len(providers) - 1) / 2) * width for j, c in enumerate(case_ids) if c in by_case]
+            ax.bar(xs, [value(by_case[c]) for c in case_ids if c in by_case], width, label=provider)
+        ax.set_xticks(range(len(case_ids)), [labels[c] for c in case_ids], fontsize=7)
+        ax.set_ylabel(name)
+    axes[0].axhline(100, color="black", linewidth=0.8, linestyle="--")  # the ceiling measured in the same run
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, results: dict) -> None:
+    rows = derive(results)
+    (out / "report.md").write_text(markdown(results))
+    device = results["device_name"]
+    for op in OPS:
+        plot_op(op, rows, f"{TITLES[op]}\n{device}", out / f"{op}.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# predictions (benchmarks/NOTES.md)
+# ----------------------------------------------------------------------------------------------------------------
+def predictions(cases: list[Case], ceilings: dict[str, tuple[float, float]]) -> str:
+    """Bytes and FLOPs of each case, and the time floors they imply at the given (bytes/s, FLOP/s) ceilings.
+
+    One row per shape: the variants of a shape (IS level, beta) differ only by the reference log-probs, N·4 bytes.
+    """
+    names = list(ceilings)
+    head = ["op", "shape", "bytes (GB)", "min bytes (GB)", "TFLOPs"] + [f"floor ms, {n}" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seen = set()
+    for case in cases:
+        shape = _short(case).split("\n")
+        key = (case.op, *shape[:2])
+        if key in seen:
+            continue
+        seen.add(key)
+        t, f = traffic(case), flops(case)
+        floors = []
+        for bandwidth, rate in ceilings.values():
+            if f:
+                floors.append(f"{f / rate * 1e3:.3g} (matmul)")
+            elif t["bytes_min"] != t["bytes"]:
+                floors.append(
+                    f"{t['bytes'] / bandwidth * 1e3:.3g} (3 passes), {t['bytes_min'] / bandwidth * 1e3:.3g} (2)"
+                )
+            else:
+                floors.append(f"{t['bytes'] / bandwidth * 1e3:.3g}")
+        cells = [case.op, " ".join(shape[:2]), f"{t['bytes'] / 1e9:.3g}", f"{t['bytes_min'] / 1e9:.3g}",
+                 f"{f / 1e12:.3g}" if f else "–"]  # fmt: skip
+        lines.append("| " + " | ".join(cells + floors) + " |")
+    return "\n".join(lines)

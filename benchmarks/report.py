@@ -1,0 +1,240 @@
+"""The benchmark report: every case x every provider on one device, in one run, with its ceilings.
+
+    python -m benchmarks.report                      # the device's preset (gpu on CUDA, cpu otherwise)
+    python -m benchmarks.report --ops grpo_loss --providers triton,cuda,liger,eager --budget-s 540
+    python -m benchmarks.report --render benchmarks/results/<device>-<date>   # markdown + plots from the JSON
+    python -m benchmarks.report --predict            # byte counts and floors of the GPU cases, no run
+
+Writes ``results.json``, ``report.md`` and one PNG per op into ``<results-root>/<device>-<date>/`` (or ``--out``).
+A later run into the same folder (same device) adds to it and skips what is already measured, so a long report can
+be spread over several calls of a time-limited machine (``--budget-s``: start no new measurement after that many
+seconds). Each run measures its own ceilings (copy bandwidth, matmul rate); every measurement refers to the run
+that took it.
+
+On a GPU every measurement runs in this process, inputs shared by the providers of a case. On the CPU each one runs
+in its own subprocess (``--worker``), so that its peak resident memory is its own (``--in-process`` trades that for
+a faster start: the CI smoke test uses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from benchmarks import render
+from benchmarks.cases import OPS, PRESETS, Case, build_cases, default_preset, flops, make_inputs, traffic
+from benchmarks.measure import copy_bandwidth, machine_info, matmul_rate, peak_extra_bytes, synchronize, time_ms
+from benchmarks.providers import PROVIDERS, build, summarize, unavailable_reason
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS_ROOT = ROOT / "benchmarks" / "results"
+# do_bench's warm-up and repetition times are milliseconds of runs, not counts
+TIMING = {
+    "gpu": dict(warmup_ms=25.0, rep_ms=200.0),
+    "cpu": dict(warmup_ms=0.0, rep_ms=1000.0, min_runs=5),
+    "smoke": dict(warmup_ms=0.0, rep_ms=5.0, min_runs=3),
+}
+# (copy bytes, matmul n) for the ceilings; the matmul runs in the preset's dtype
+CEILINGS = {"gpu": (2 << 30, 8192), "cpu": (256 << 20, 1024), "smoke": (16 << 20, 128)}
+# Ceilings measured on this workplace's machines (/work/.library/device/KINDS.md), for --predict only: a report's
+# own numbers always use the ceilings measured in its run.
+KNOWN_CEILINGS = {"H100 (3.0 TB/s, 798 TFLOP/s)": (3.0e12, 798e12), "H200 (4.3 TB/s, 788 TFLOP/s)": (4.3e12, 788e12)}
+
+
+def measure_one(case: Case, provider: str, device: torch.device, timing: dict, inputs: dict | None = None) -> dict:
+    """Time, peak memory and check values of one provider on one case (raises on failure)."""
+    inputs = make_inputs(case, device) if inputs is None else inputs
+    run = build(provider, case, inputs)
+    summary = summarize(case, run())  # the first run compiles / autotunes; its outputs are the check values
+    run()
+    synchronize(device)
+    peak = peak_extra_bytes(run, device)
+    return dict(status="ok", **time_ms(run, device, **timing), peak_extra_bytes=peak, **summary)
+
+
+def measure_guarded(case: Case, provider: str, device: torch.device, timing: dict, inputs: dict | None = None) -> dict:
+    """:func:`measure_one`, with an out-of-memory or any other failure recorded instead of ending the report."""
+    try:
+        return measure_one(case, provider, device, timing, inputs)
+    except torch.cuda.OutOfMemoryError as e:
+        return dict(status="oom", error=str(e).splitlines()[0])
+    except Exception as e:  # noqa: BLE001 - recorded in the results and printed; the other providers go on
+        traceback.print_exc()
+        return dict(status="error", error=f"{type(e).__name__}: {e}".splitlines()[0])
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def measure_in_subprocess(case: Case, provider: str, timing: dict, threads: int) -> dict:
+    """:func:`measure_guarded` on the CPU in a fresh Python process (its own peak resident memory)."""
+    spec = json.dumps(dict(case=case.as_dict(), provider=provider, timing=timing, threads=threads))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.report", "--worker", spec], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return dict(status="error", error=f"worker exited with {proc.returncode}: {tail}")
+    return json.loads(lines[-1])
+
+
+def _worker(spec: str) -> None:
+    spec = json.loads(spec)
+    torch.set_num_threads(spec["threads"])
+    result = measure_guarded(Case(**spec["case"]), spec["provider"], torch.device("cpu"), spec["timing"])
+    print(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def results_dir(root: Path, info: dict) -> Path:
+    """``<root>/<device>-<date>``: ``nvidia-h100-80gb-hbm3-2026-11-20``, ``cpu-amd-epyc-...-2026-11-20``."""
+    name = info["device_name"] if info["device_type"] == "cuda" else f"cpu-{info['cpu_model']}"
+    return root / f"{_slug(name)}-{info['date_utc'][:10]}"
+
+
+def empty_results(device_name: str) -> dict:
+    return dict(schema=1, device_name=device_name, runs=[], cases={}, measurements=[], skipped={})
+
+
+def load_results(path: Path, device_name: str) -> dict:
+    file = path / "results.json"
+    if not file.exists():
+        return empty_results(device_name)
+    results = json.loads(file.read_text())
+    if results["device_name"] != device_name:
+        raise SystemExit(f"{file} holds results of {results['device_name']!r}, not {device_name!r}: use another --out")
+    return results
+
+
+def save_results(path: Path, results: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path / "results.json")
+
+
+def run_report(args: argparse.Namespace) -> Path:
+    device = torch.device(args.device)
+    preset = args.preset or default_preset(device)
+    torch.set_num_threads(args.threads)
+    info = machine_info(device)
+    out = Path(args.out) if args.out else results_dir(Path(args.results_root), info)
+    results = empty_results(info["device_name"]) if args.fresh else load_results(out, info["device_name"])
+    copy_bytes, matmul_n = CEILINGS[preset]
+    dtype = getattr(torch, PRESETS[preset]["dtype"])
+    print(
+        f"{info['device_name']}: measuring the ceilings ({copy_bytes >> 20} MiB copy, {matmul_n}^3 matmul)", flush=True
+    )
+    ceilings = dict(copy=copy_bandwidth(device, copy_bytes), matmul=matmul_rate(device, dtype, matmul_n))
+    run_index = len(results["runs"])
+    in_process = device.type == "cuda" or args.in_process
+    results["runs"].append(dict(info=info, ceilings=ceilings, preset=preset, argv=sys.argv[1:], note=args.note,
+                                in_process=in_process))  # fmt: skip
+    copy, matmul = ceilings["copy"], ceilings["matmul"]
+    print(f"copy {copy['bytes_per_s'] / 1e9:.1f} GB/s, matmul {matmul['flop_per_s'] / 1e12:.2f} TFLOP/s "
+          f"({matmul['dtype']})", flush=True)  # fmt: skip
+
+    done = {(m["case_id"], m["provider"]) for m in results["measurements"] if m["status"] in ("ok", "oom")}
+    timing = TIMING[preset]
+    start, stopped = time.monotonic(), False
+    for case in build_cases(preset, tuple(args.ops)):
+        inputs = None
+        for provider in args.providers:
+            if (case.id, provider) in done:
+                continue
+            reason = unavailable_reason(provider, case, device)
+            if reason is not None:
+                key = f"{case.op}/{provider}"
+                if key not in results["skipped"]:
+                    print(f"skip {key}: {reason}", flush=True)
+                results["skipped"][key] = reason
+                continue
+            if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+                stopped = True
+                break
+            if in_process:
+                inputs = make_inputs(case, device) if inputs is None else inputs
+                m = measure_guarded(case, provider, device, timing, inputs)
+            else:
+                m = measure_in_subprocess(case, provider, timing, args.threads)
+            t = traffic(case)
+            results["cases"][case.id] = dict(case=case.as_dict(), terms=t["terms"], bytes=t["bytes"],
+                                             bytes_min=t["bytes_min"], flops=flops(case))  # fmt: skip
+            results["measurements"] = [
+                x for x in results["measurements"] if (x["case_id"], x["provider"]) != (case.id, provider)
+            ]  # a retried error
+            results["measurements"].append(dict(case_id=case.id, op=case.op, provider=provider, run=run_index, **m))
+            results["skipped"].pop(f"{case.op}/{provider}", None)  # available now (e.g. wheels installed since)
+            save_results(out, results)
+            ok = m["status"] == "ok"
+            shown = f"{m['median_ms']:.3f} ms, peak +{m['peak_extra_bytes'] / 2**20:.0f} MiB" if ok else m["error"]
+            print(f"{case.id:<60} {provider:<8} {shown}", flush=True)
+        del inputs
+        if stopped:
+            break
+    save_results(out, results)
+    render.write_report(out, results)
+    if stopped:
+        print(f"stopped after --budget-s {args.budget_s}: run the same command again to continue into {out}")
+    print(f"wrote {out}/results.json, report.md and plots")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", choices=tuple(PRESETS), help="case grid (default: gpu on CUDA, cpu otherwise)")
+    parser.add_argument("--ops", type=lambda s: s.split(","), default=list(OPS), help=f"comma-separated, of {OPS}")
+    parser.add_argument("--providers", type=lambda s: s.split(","), default=list(PROVIDERS),
+                        help=f"comma-separated, of {PROVIDERS}")  # fmt: skip
+    parser.add_argument("--results-root", default=str(DEFAULT_RESULTS_ROOT))
+    parser.add_argument("--out", help="results folder (default: <results-root>/<device>-<date>)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    parser.add_argument("--budget-s", type=float, help="start no new measurement after this many seconds")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="CPU: measure in this process (faster start; peak memory then counts reused memory loosely)",
+    )
+    parser.add_argument("--fresh", action="store_true", help="discard the results already in the folder")
+    parser.add_argument("--note", default="", help="a line recorded with the run (e.g. 'shared, contended CPU')")
+    parser.add_argument("--render", metavar="DIR", help="only write report.md and the plots from DIR/results.json")
+    parser.add_argument("--predict", action="store_true", help="print byte counts and floors of the GPU cases")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in args.ops:
+        if name not in OPS:
+            parser.error(f"unknown op {name!r}; ops are {OPS}")
+    for name in args.providers:
+        if name not in PROVIDERS:
+            parser.error(f"unknown provider {name!r}; providers are {PROVIDERS}")
+    if args.worker:
+        _worker(args.worker)
+    elif args.render:
+        results = json.loads((Path(args.render) / "results.json").read_text())
+        render.write_report(Path(args.render), results)
+        print(f"wrote {args.render}/report.md and plots")
+    elif args.predict:
+        print(render.predictions(build_cases("gpu"), KNOWN_CEILINGS))
+    else:
+        run_report(args)
+
+
+if __name__ == "__main__":
+    main()
