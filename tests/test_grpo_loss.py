@@ -196,3 +196,19 @@ def test_torch_compile_fullgraph(backend):
     loss_e.backward()
     assert torch.allclose(loss_c, loss_e, rtol=1e-6) and torch.equal(clip_c, clip_e)
     assert torch.allclose(z1.grad, z2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_torch_compile_fullgraph_in_a_fresh_process():
+    """The first call of a fresh process resolves the backend (importing its module) inside the traced region."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, grpo_kernels as gk\n"
+        "f = lambda z, y, a: gk.grpo_loss(z, y, a, return_entropy=True).loss\n"
+        "z = torch.randn(2, 3, 11, requires_grad=True); y = torch.randint(0, 11, (2, 3)); a = torch.randn(2)\n"
+        "loss = torch.compile(f, fullgraph=True, backend='aot_eager')(z, y, a); loss.backward()\n"
+        "assert torch.allclose(loss, f(z, y, a)); print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

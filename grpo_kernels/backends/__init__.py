@@ -91,6 +91,9 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return backend.unavailable_reason(device)
 
 
+# Under torch.compile, dynamo calls this at trace time and keeps the answer as a constant: it imports the backend
+# modules (and may build the CUDA extension) on first use, which cannot be traced.
+@torch.compiler.assume_constant_result
 def resolve_backend(name: str, device: torch.device, *, float64: bool = False) -> str:
     """Turn the user's ``backend`` argument into a concrete, available backend name.
 
