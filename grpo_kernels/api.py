@@ -454,6 +454,27 @@ class _LossInputs(NamedTuple):
     token_shape: torch.Size  # [B, T] or [N]
 
 
+def _check_loss_config(
+    loss_type, importance_sampling_level, kl_estimator, beta, epsilon_low, epsilon_high, delta, dual_clip,
+    temperature, sapo_temperature_pos, sapo_temperature_neg, max_completion_length,
+) -> None:
+    """The scalar arguments of the loss (shared by :func:`grpo_loss`, the fused-linear loss and the modules)."""
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    _check_choice("importance_sampling_level", importance_sampling_level, IS_LEVELS)
+    _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    _check_number("beta", beta, low=0)
+    _check_number("epsilon_low", epsilon_low, low=0)
+    _check_number("epsilon_high", epsilon_high, low=0, allow_none=True)
+    _check_number("delta", delta, low=1, low_inclusive=False, allow_none=True)
+    _check_number("dual_clip", dual_clip, low=1, low_inclusive=False, allow_none=True)
+    _check_number("temperature", temperature, low=0, low_inclusive=False)
+    _check_number("sapo_temperature_pos", sapo_temperature_pos, low=0, low_inclusive=False)
+    _check_number("sapo_temperature_neg", sapo_temperature_neg, low=0, low_inclusive=False)
+    if loss_type == "dr_grpo":
+        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or max_completion_length <= 0:
+            raise ValueError(f"loss_type='dr_grpo' needs max_completion_length, a positive int; got {max_completion_length!r}")
+
+
 def _prepare_loss_inputs(
     source: str,
     token_shape: torch.Size,
@@ -491,21 +512,11 @@ def _prepare_loss_inputs(
     padded layout, ``[N]`` the packed one; ``vocab`` bounds the token ids.
     """
     # --- scalar arguments -------------------------------------------------------------------------------------
-    _check_choice("loss_type", loss_type, LOSS_TYPES)
-    _check_choice("importance_sampling_level", importance_sampling_level, IS_LEVELS)
-    _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
-    _check_number("beta", beta, low=0)
-    _check_number("epsilon_low", epsilon_low, low=0)
-    _check_number("epsilon_high", epsilon_high, low=0, allow_none=True)
+    _check_loss_config(
+        loss_type, importance_sampling_level, kl_estimator, beta, epsilon_low, epsilon_high, delta, dual_clip,
+        temperature, sapo_temperature_pos, sapo_temperature_neg, max_completion_length,
+    )  # fmt: skip
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
-    _check_number("delta", delta, low=1, low_inclusive=False, allow_none=True)
-    _check_number("dual_clip", dual_clip, low=1, low_inclusive=False, allow_none=True)
-    _check_number("temperature", temperature, low=0, low_inclusive=False)
-    _check_number("sapo_temperature_pos", sapo_temperature_pos, low=0, low_inclusive=False)
-    _check_number("sapo_temperature_neg", sapo_temperature_neg, low=0, low_inclusive=False)
-    if loss_type == "dr_grpo":
-        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or max_completion_length <= 0:
-            raise ValueError(f"loss_type='dr_grpo' needs max_completion_length, a positive int; got {max_completion_length!r}")
 
     # --- tensors ---------------------------------------------------------------------------------------------
     _check_tensor("token_ids", token_ids, device, source)
@@ -663,12 +674,12 @@ class GRPOLoss(nn.Module):
         values = dict(locals())
         self.config = {k: values[k] for k in self._CONFIG}
         # Fail at construction for what can be checked without tensors; grpo_loss re-checks everything per call.
-        _check_choice("loss_type", loss_type, LOSS_TYPES)
-        _check_choice("importance_sampling_level", importance_sampling_level, IS_LEVELS)
-        _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+        _check_loss_config(
+            loss_type, importance_sampling_level, kl_estimator, beta, epsilon_low, epsilon_high, delta, dual_clip,
+            temperature, sapo_temperature_pos, sapo_temperature_neg, max_completion_length,
+        )  # fmt: skip
         _check_choice("backend", backend, ("auto", "torch", "triton", "cuda"))
-        for key in ("beta", "epsilon_low", "temperature"):
-            _check_number(key, values[key], low=0, low_inclusive=key != "temperature")
+        _check_number("loss_scale", loss_scale)
 
     def forward(
         self,

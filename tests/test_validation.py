@@ -164,3 +164,19 @@ def test_unavailable_backend_is_a_clear_error():
     d = _inputs()
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
         grpo_loss(d["logits"], d["token_ids"], d["advantages"], backend="cuda")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(delta=1.0), "delta must be > 1"),
+        (dict(dual_clip=1.0), "dual_clip must be > 1"),
+        (dict(epsilon_high=-0.5), "epsilon_high must be >= 0"),
+        (dict(sapo_temperature_neg=0.0), "sapo_temperature_neg must be > 0"),
+        (dict(loss_type="dr_grpo"), "needs max_completion_length"),
+        (dict(temperature=math.nan), "temperature must be finite"),
+    ],
+)
+def test_module_checks_every_scalar_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GRPOLoss(**kwargs)
