@@ -33,8 +33,8 @@ from .api import (
     LOGITS_DTYPES,
     GRPOLoss,
     GRPOLossOutput,
-    _check_number,
     _check_float,
+    _check_number,
     _check_same_shape,
     _check_tensor,
     _kernel_token_ids,
@@ -700,17 +700,22 @@ def head_transform(config) -> tuple[float | None, float]:
     return softcap, 1.0 if scale is None else float(scale)
 
 
-def _completion_inputs(
+def causal_lm_head_inputs(
     model: nn.Module,
     input_ids: Tensor,  # [B, L]
     attention_mask: Tensor | None,  # [B, L]
     logits_to_keep: int,
-    completion_mask: Tensor | None,  # [B, C]
-    model_kwargs: dict | None,
+    *,
+    completion_mask: Tensor | None = None,  # [B, C]
+    model_kwargs: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict]:
-    """``(hidden [B, C, H], lm_head.weight, targets [B, C], keyword arguments of the fused functions)``.
+    """What :func:`causal_lm_grpo_loss` passes to :func:`fused_linear_grpo_loss`, for callers that make more than
+    one fused call on one backbone run (e.g. a no-grad :func:`fused_linear_token_logprobs` pass, then the loss).
 
-    The hidden state at position ``t`` predicts the token at ``t + 1``.
+    Runs the backbone and returns ``(hidden [B, C, H], lm_head.weight, targets [B, C], head_kwargs)``: ``hidden`` a
+    view of ``last_hidden_state`` whose row ``t`` predicts completion token ``t``, ``head_kwargs`` the ``bias``,
+    ``mask`` (``completion_mask``), ``logit_softcap`` and ``logit_scale`` keyword arguments of both fused functions.
+    Arguments as :func:`causal_lm_grpo_loss`.
     """
     length = input_ids.shape[1]
     if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or not 0 < logits_to_keep < length:
@@ -765,8 +770,8 @@ def causal_lm_grpo_loss(
         :class:`grpo_kernels.GRPOLossOutput`, per-token fields ``[B, C]``; ``loss`` is differentiable w.r.t. the
         model's parameters (through the head and the backbone).
     """
-    hidden, weight, targets, kwargs = _completion_inputs(
-        model, input_ids, attention_mask, logits_to_keep, completion_mask, model_kwargs
+    hidden, weight, targets, kwargs = causal_lm_head_inputs(
+        model, input_ids, attention_mask, logits_to_keep, completion_mask=completion_mask, model_kwargs=model_kwargs
     )
     return fused_linear_grpo_loss(hidden, weight, targets, advantages, **{**kwargs, **loss_kwargs})
 
@@ -785,15 +790,17 @@ def causal_lm_token_logprobs(
     ``torch.no_grad`` and without the logits. Layout and arguments as :func:`causal_lm_grpo_loss`;
     ``logprob_kwargs`` go to :func:`fused_linear_token_logprobs` (``temperature``, ``return_entropy``, ...)."""
     with torch.no_grad():
-        hidden, weight, targets, kwargs = _completion_inputs(
-            model, input_ids, attention_mask, logits_to_keep, completion_mask, model_kwargs
-        )
+        hidden, weight, targets, kwargs = causal_lm_head_inputs(
+            model, input_ids, attention_mask, logits_to_keep,
+            completion_mask=completion_mask, model_kwargs=model_kwargs,
+        )  # fmt: skip
         return fused_linear_token_logprobs(hidden, weight, targets, **{**kwargs, **logprob_kwargs})
 
 
 __all__ = [
     "FusedLinearGRPOLoss",
     "causal_lm_grpo_loss",
+    "causal_lm_head_inputs",
     "causal_lm_token_logprobs",
     "compute_dtype",
     "default_chunk_tokens",
