@@ -211,7 +211,7 @@ class GRPOTrainer(TRLGRPOTrainer):
         reads). So the head must be a plain ``nn.Linear`` whose weight is all there, and the model's logits must be
         exactly that projection: checked on a few tokens at construction.
         """
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
             return (
                 "it reads the LM head's weight directly, which FSDP and DeepSpeed ZeRO-3 shard; it is not tested "
                 "under FSDP or DeepSpeed"
@@ -245,7 +245,9 @@ class GRPOTrainer(TRLGRPOTrainer):
         try:
             logits = model(input_ids=input_ids, use_cache=False).logits.float()
             hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-            projected = _project(hidden.to(device), head, *head_transform(model.config))
+            if hidden.device != device:  # the fused op takes every tensor on one device
+                return f"the backbone's output is on {hidden.device} and the LM head on {device} (a split model)"
+            projected = _project(hidden, head, *head_transform(model.config))
         except Exception as error:  # noqa: BLE001 - any failure means the path is not for this model
             return f"running the backbone and the LM head separately failed ({type(error).__name__}: {error})"
         finally:
