@@ -1,12 +1,15 @@
-"""One GRPO training micro-step (``_compute_loss`` + backward) of stock ``trl.GRPOTrainer`` against the drop-in.
+"""One GRPO training micro-step (``_compute_loss`` + backward) of stock ``trl.GRPOTrainer`` against the drop-in's two
+paths.
 
     python -m benchmarks.bench_trl [--vocab 151936] [--hidden 256] [--batch 8] [--completion 128] [--repeats 3]
+                                   [--variants trl fused_linear logits]
 
-Both trainers get the same prepared batch (what ``_generate_and_score_completions`` returns) and the same model: a
+Every variant gets the same prepared batch (what ``_generate_and_score_completions`` returns) and the same model: a
 2-layer Qwen2 with random weights, float32, whose LM head is the realistic part (``--vocab``). Stock TRL 1.16 scores
 the completion through its chunked LM head (tiles of 4096 tokens x 32768 vocabulary entries, recomputed in the
-backward); the drop-in takes the model's logits ``[B, C, V]`` and the fused loss, whose backward writes the
-gradient over them.
+backward). The drop-in's ``fused_linear`` path (its default) projects the hidden states tile by tile and finishes the
+gradients in the forward; its ``logits`` path takes the model's logits ``[B, C, V]`` and the fused loss, whose
+backward writes the gradient over them.
 
 Each variant runs in its own subprocess. The peak is measured over the timed runs, after one warm-up run (so the
 parameters' ``.grad`` buffers are in the baseline): ``torch.cuda.max_memory_allocated`` on a GPU, the peak resident
@@ -25,7 +28,7 @@ import time
 
 from benchmarks.bench_torch_backend import _reset_peak_rss, _status_bytes
 
-VARIANTS = ("trl", "grpo_kernels")
+VARIANTS = ("trl", "fused_linear", "logits")
 
 
 def _trainer(variant: str, vocab: int, hidden: int, batch: int, completion: int, workdir: str):
@@ -37,8 +40,12 @@ def _trainer(variant: str, vocab: int, hidden: int, batch: int, completion: int,
 
     if variant == "trl":
         from trl import GRPOTrainer
+
+        extra = {}
     else:
         from grpo_kernels.integrations.trl import GRPOTrainer
+
+        extra = dict(loss_path=variant)
 
     torch.manual_seed(0)
     config = Qwen2Config(
@@ -55,7 +62,7 @@ def _trainer(variant: str, vocab: int, hidden: int, batch: int, completion: int,
     )  # fmt: skip
     trainer = GRPOTrainer(
         model=Qwen2ForCausalLM(config), reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
-        train_dataset=Dataset.from_dict({"prompt": ["a"] * batch}), processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": ["a"] * batch}), processing_class=tokenizer, **extra,
     )  # fmt: skip
     trainer.current_gradient_accumulation_steps = 1
     trainer.model.train()
@@ -112,6 +119,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--completion", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -120,7 +128,7 @@ def main() -> None:
         print(json.dumps(run_one(args.one, *shape)))
         return
     results = []
-    for variant in VARIANTS:
+    for variant in args.variants:
         cmd = [sys.executable, "-m", "benchmarks.bench_trl", "--one", variant]
         for flag, value in zip(("--vocab", "--hidden", "--batch", "--prompt", "--completion", "--repeats"), shape):
             cmd += [flag, str(value)]

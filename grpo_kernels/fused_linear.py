@@ -33,6 +33,7 @@ from .api import (
     LOGITS_DTYPES,
     GRPOLoss,
     GRPOLossOutput,
+    _check_float,
     _check_number,
     _check_same_shape,
     _check_tensor,
@@ -153,6 +154,12 @@ class _Tokens(NamedTuple):
     keep: Tensor | None  # [n] int64 positions among the N; None when every token takes part
     total: int  # N
 
+    def pick(self, x: Tensor | None) -> Tensor | None:
+        """``[N, ...]`` -> ``[n, ...]``: the rows of the tokens that take part."""
+        if x is None or self.keep is None:
+            return x
+        return x.index_select(0, self.keep)
+
     def spread(self, x: Tensor) -> Tensor:
         """``[n, ...]`` -> ``[N, ...]``, zeros where a token does not take part."""
         if self.keep is None:
@@ -248,6 +255,7 @@ def _fused_linear_grpo_loss(
     cu_seqlens: Tensor,  # [S+1] int64
     seq_ids: Tensor,  # [N] int64
     seq_weights: Tensor,  # [N]
+    entropy_weights: Tensor | None,  # [N]: loss -= sum_t w_t H_t
     loss_type: str,  # (the fields of LossConfig, in order)
     beta: float,
     epsilon_low: float,
@@ -293,14 +301,19 @@ def _fused_linear_grpo_loss(
         d_h = torch.empty(n, hidden.shape[1], dtype=dtype, device=device) if grad_hidden else None
         d_w = torch.zeros(weight.shape, dtype=acc, device=device) if grad_weight else None  # float32 accumulator
         d_b = torch.zeros(bias.shape, dtype=acc, device=device) if grad_bias else None
+        # d loss / d H_t of the entropy terms: -(entropy_coef * c_t + w_t), [n]; None without them
+        g_entropy = None
+        if entropy_coef != 0.0:
+            g_entropy = batch.coef.to(acc) * -entropy_coef
+        if entropy_weights is not None:
+            w = tokens.pick(entropy_weights).to(acc)
+            g_entropy = -w if g_entropy is None else g_entropy - w
 
         def fold_gradient(start: int, end: int, logits: Tensor, lse: Tensor, entropy: Tensor, g: Tensor) -> None:
             """Overwrite the tile's logits with d loss / d logits, then fold it into dH, dW and db."""
-            g_entropy = None if entropy_coef == 0.0 else batch.coef[start:end].to(acc) * -entropy_coef
             z3 = logits.unsqueeze(0)
-            be.token_logprobs_backward(
-                z3, batch.token_ids[start:end], lse, entropy, g, g_entropy, config.temperature, z3
-            )
+            g_h = None if g_entropy is None else g_entropy[start:end]
+            be.token_logprobs_backward(z3, batch.token_ids[start:end], lse, entropy, g, g_h, config.temperature, z3)
             grad = head.projection_grad(logits)  # [c, V] compute dtype
             if d_h is not None:
                 torch.mm(grad, head.weight, out=d_h[start:end])
@@ -335,8 +348,8 @@ def _fused_linear_grpo_loss(
                     logits = head.logits(tokens.hidden[start:end])  # recomputed: 2 n H V more FLOPs
                     part = entropy[start:end] if with_entropy else entropy
                     fold_gradient(start, end, logits, lse[start:end], part, out.grad_logprobs[start:end])
-        if entropy_coef != 0.0:
-            loss = loss - entropy_coef * (batch.coef.to(acc) * entropy).sum()
+        if g_entropy is not None:
+            loss = loss + (g_entropy * entropy).sum()
 
         none = lambda dt: torch.empty(0, dtype=dt, device=device)  # noqa: E731
         return (
@@ -372,8 +385,8 @@ def _fused_backward(ctx, grad_loss, grad_lp, grad_entropy, *unused):
     if grad_entropy is not None:
         raise RuntimeError(
             "fused_linear_grpo_loss computes its gradients during the forward, so the returned entropy has no "
-            "gradient of its own: for an entropy bonus pass entropy_coef (loss -= entropy_coef * sum_t c_t H_t), "
-            "or use out.entropy.detach() for logging"
+            "gradient of its own: for an entropy bonus pass entropy_coef (loss -= entropy_coef * sum_t c_t H_t) or "
+            "entropy_weights (loss -= sum_t w_t H_t), or use out.entropy.detach() for logging"
         )
     # g * (0-dim float32 grad_loss) keeps g's dtype and rounds once: the scale itself is never rounded to bf16
     grads = [g * grad_loss if done and grad_loss is not None else None
@@ -482,6 +495,7 @@ def fused_linear_grpo_loss(
     num_items_in_batch: int | float | Tensor | None = None,
     return_entropy: bool = False,
     entropy_coef: float = 0.0,
+    entropy_weights: Tensor | None = None,
     backend: str = "auto",
     cu_seqlens: Tensor | None = None,
     sapo_temperature_pos: float = 1.0,
@@ -507,10 +521,14 @@ def fused_linear_grpo_loss(
             except ``inplace_backward``: the logits tile is always overwritten by its gradient here).
         return_entropy: also return the per-token entropy and its mean. The entropy carries no gradient (the
             gradients are finished before anything can use it; a backward through it raises): for an entropy bonus
-            use ``entropy_coef``.
+            use ``entropy_coef`` or ``entropy_weights``.
         entropy_coef: adds ``-entropy_coef * sum_t c_t H_t`` to the loss, with ``c_t`` the aggregation weights of
             ``loss_type`` (verl's ``entropy_coeff`` with its ``loss_agg_mode``); its gradient is part of the fused
             backward. ``per_token_loss`` does not include it.
+        entropy_weights: per-token weights ``w_t`` shaped like ``token_ids``: adds ``-sum_t w_t H_t`` to the loss
+            (on top of ``entropy_coef``'s term), with its gradient in the fused backward; positions that do not take
+            part are ignored. For an entropy bonus whose normalisation is not ``loss_type``'s (TRL's: a mean over a
+            token mask of its own, whatever the loss type).
         logit_softcap: final logit soft-capping (Gemma 2/3's ``final_logit_softcapping``), > 0, or None.
         logit_scale: multiplies the projection before the softcap (Cohere's ``logit_scale``; Granite's
             ``1 / logits_scaling``), > 0.
@@ -528,6 +546,11 @@ def fused_linear_grpo_loss(
     _check_head(hidden, weight, bias, logit_softcap, logit_scale, chunk_tokens)
     _check_number("entropy_coef", entropy_coef)
     hidden2d, dtype, softcap, scale, chunk = _head_args(hidden, weight, logit_softcap, logit_scale, chunk_tokens)
+    if entropy_weights is not None:
+        _check_tensor("entropy_weights", entropy_weights, hidden.device, "hidden")
+        _check_float("entropy_weights", entropy_weights)
+        _check_same_shape("entropy_weights", entropy_weights, token_ids.shape, "token_ids")
+        entropy_weights = entropy_weights.detach().reshape(-1).to(_acc(dtype))
     inputs = _prepare_loss_inputs(
         "hidden", hidden.shape[:-1], weight.shape[0], hidden.device, dtype == torch.float64, token_ids, advantages,
         mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta, epsilon_low=epsilon_low,
@@ -543,10 +566,10 @@ def fused_linear_grpo_loss(
     config = (c.loss_type, c.beta, c.epsilon_low, c.epsilon_high, c.delta, c.dual_clip, c.temperature,
               c.importance_sampling_level, c.kl_estimator, c.bias_corrected_kl, c.sapo_temperature_pos,
               c.sapo_temperature_neg)  # fmt: skip
-    with_entropy = bool(return_entropy) or entropy_coef != 0.0
+    with_entropy = bool(return_entropy) or entropy_coef != 0.0 or entropy_weights is not None
     loss, lp, entropy, per_token_loss, kl, flags, *_ = _fused_linear_grpo_loss(
-        hidden2d, weight, bias, *inputs.batch, *config, softcap, scale, dtype, chunk, float(entropy_coef),
-        with_entropy, *needs, inputs.backend,
+        hidden2d, weight, bias, *inputs.batch, entropy_weights, *config, softcap, scale, dtype, chunk,
+        float(entropy_coef), with_entropy, *needs, inputs.backend,
     )  # fmt: skip
     return _loss_output(inputs, token_ids, mask, ignore_index, loss, lp, entropy if return_entropy else None,
                         per_token_loss, kl, flags)  # fmt: skip
@@ -646,11 +669,12 @@ class FusedLinearGRPOLoss(GRPOLoss):
         is_weights: Tensor | None = None,
         num_items_in_batch: int | float | Tensor | None = None,
         cu_seqlens: Tensor | None = None,
+        entropy_weights: Tensor | None = None,
     ) -> GRPOLossOutput:
         return fused_linear_grpo_loss(
             hidden, weight, token_ids, advantages, bias=bias, mask=mask, old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs, is_weights=is_weights, num_items_in_batch=num_items_in_batch,
-            cu_seqlens=cu_seqlens, **self.config,
+            cu_seqlens=cu_seqlens, entropy_weights=entropy_weights, **self.config,
         )  # fmt: skip
 
 
@@ -660,29 +684,38 @@ class FusedLinearGRPOLoss(GRPOLoss):
 def head_transform(config) -> tuple[float | None, float]:
     """``(logit_softcap, logit_scale)`` a Hugging Face config applies after its LM head.
 
-    Read: ``final_logit_softcapping`` (Gemma 2/3), ``logit_scale`` (Cohere: multiplies) and ``logits_scaling``
-    (Granite: divides). Any other post-processing of the logits is not known here: pass ``logit_softcap`` /
-    ``logit_scale`` explicitly for such a model.
+    Read as TRL 1.16's fused LM head reads them: ``final_logit_softcapping`` (Gemma 2/3, Muse); the scale, first of
+    ``logit_scale`` (Cohere), ``output_multiplier`` (Muse), ``lm_head_multiplier`` (Falcon-H1), ``logits_scaling``
+    (Granite divides by it, HyperCLOVA X multiplies). Any other post-processing of the logits is not known here: pass
+    ``logit_softcap`` / ``logit_scale`` explicitly for such a model.
     """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     softcap = getattr(text, "final_logit_softcapping", None)
-    scale = getattr(text, "logit_scale", None)
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(text, name, None) if scale is None else scale
     if scale is None and getattr(text, "logits_scaling", None) is not None:
-        scale = 1.0 / text.logits_scaling
+        multiplies = getattr(text, "model_type", None) == "hyperclovax"
+        scale = text.logits_scaling if multiplies else 1.0 / text.logits_scaling
     return softcap, 1.0 if scale is None else float(scale)
 
 
-def _completion_inputs(
+def causal_lm_head_inputs(
     model: nn.Module,
     input_ids: Tensor,  # [B, L]
     attention_mask: Tensor | None,  # [B, L]
     logits_to_keep: int,
-    completion_mask: Tensor | None,  # [B, C]
-    model_kwargs: dict | None,
+    *,
+    completion_mask: Tensor | None = None,  # [B, C]
+    model_kwargs: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict]:
-    """``(hidden [B, C, H], lm_head.weight, targets [B, C], keyword arguments of the fused functions)``.
+    """What :func:`causal_lm_grpo_loss` passes to :func:`fused_linear_grpo_loss`, for callers that make more than
+    one fused call on one backbone run (e.g. a no-grad :func:`fused_linear_token_logprobs` pass, then the loss).
 
-    The hidden state at position ``t`` predicts the token at ``t + 1``.
+    Runs the backbone and returns ``(hidden [B, C, H], lm_head.weight, targets [B, C], head_kwargs)``: ``hidden`` a
+    view of ``last_hidden_state`` whose row ``t`` predicts completion token ``t``, ``head_kwargs`` the ``bias``,
+    ``mask`` (``completion_mask``), ``logit_softcap`` and ``logit_scale`` keyword arguments of both fused functions.
+    Arguments as :func:`causal_lm_grpo_loss`.
     """
     length = input_ids.shape[1]
     if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or not 0 < logits_to_keep < length:
@@ -737,8 +770,8 @@ def causal_lm_grpo_loss(
         :class:`grpo_kernels.GRPOLossOutput`, per-token fields ``[B, C]``; ``loss`` is differentiable w.r.t. the
         model's parameters (through the head and the backbone).
     """
-    hidden, weight, targets, kwargs = _completion_inputs(
-        model, input_ids, attention_mask, logits_to_keep, completion_mask, model_kwargs
+    hidden, weight, targets, kwargs = causal_lm_head_inputs(
+        model, input_ids, attention_mask, logits_to_keep, completion_mask=completion_mask, model_kwargs=model_kwargs
     )
     return fused_linear_grpo_loss(hidden, weight, targets, advantages, **{**kwargs, **loss_kwargs})
 
@@ -757,15 +790,17 @@ def causal_lm_token_logprobs(
     ``torch.no_grad`` and without the logits. Layout and arguments as :func:`causal_lm_grpo_loss`;
     ``logprob_kwargs`` go to :func:`fused_linear_token_logprobs` (``temperature``, ``return_entropy``, ...)."""
     with torch.no_grad():
-        hidden, weight, targets, kwargs = _completion_inputs(
-            model, input_ids, attention_mask, logits_to_keep, completion_mask, model_kwargs
-        )
+        hidden, weight, targets, kwargs = causal_lm_head_inputs(
+            model, input_ids, attention_mask, logits_to_keep,
+            completion_mask=completion_mask, model_kwargs=model_kwargs,
+        )  # fmt: skip
         return fused_linear_token_logprobs(hidden, weight, targets, **{**kwargs, **logprob_kwargs})
 
 
 __all__ = [
     "FusedLinearGRPOLoss",
     "causal_lm_grpo_loss",
+    "causal_lm_head_inputs",
     "causal_lm_token_logprobs",
     "compute_dtype",
     "default_chunk_tokens",

@@ -336,6 +336,46 @@ def test_entropy_output_and_entropy_coef(backend):
         assert rel_err(hl.grad, h64.grad) < _tolerance(dtype) and rel_err(wl.grad, w64.grad) < _tolerance(dtype)
 
 
+@pytest.mark.parametrize("level,chunk_tokens", [("token", 4), ("sequence", 4), ("sequence", None)])
+def test_entropy_weights(backend, level, chunk_tokens):
+    """entropy_weights w subtracts sum_t w_t H_t (with its gradient) on top of entropy_coef's term; weights at
+    positions that do not take part are never read (NaN there changes nothing). Sequence level with 4-token tiles
+    takes the two-pass plan, with one tile the single pass."""
+    dtype = _dtype(backend)
+    h, w, b = _head(24, dtype)
+    d = _data(24, h, w, b, {"logit_softcap": 3.0})
+    g = torch.Generator().manual_seed(25)
+    weights = (torch.rand(d["ids"].shape, generator=g) * 0.1).to(DEVICE)
+    weights = weights.masked_fill(d["mask"] == 0, float("nan"))
+    kw = dict(mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.04, loss_type="grpo",
+              importance_sampling_level=level, temperature=0.9)  # fmt: skip
+    leaves = [_leaf(x) for x in (h, w, b)]
+    out = fused_linear_grpo_loss(*leaves[:2], d["ids"], d["adv"], bias=leaves[2], entropy_coef=0.03,
+                                 entropy_weights=weights, logit_softcap=3.0, chunk_tokens=chunk_tokens,
+                                 backend=backend, **kw)  # fmt: skip
+    out.loss.backward()
+    leaves64 = [_leaf(x, torch.float64) for x in (h, w, b)]
+    expect = ref.grpo_loss(_logits(*leaves64, logit_softcap=3.0), d["ids"], d["adv"], **kw)
+    m = d["mask"].double()
+    grpo_weights = m / m.sum(-1, keepdim=True).clamp(min=1) / m.shape[0]  # c_t of loss_type="grpo"
+    total = expect.loss - (expect.entropy * (0.03 * grpo_weights + weights.double().nan_to_num())).sum()
+    total.backward()
+    tol = _tolerance(dtype)
+    assert rel_err(out.loss, total) < tol
+    assert rel_err(out.per_token_loss, expect.per_token_loss) < tol  # the entropy terms are not per-token loss
+    for name, a, e in zip(("dhidden", "dweight", "dbias"), leaves, leaves64):
+        assert rel_err(a.grad, e.grad) < tol, name
+
+
+def test_entropy_weights_rejected():
+    h, w = torch.randn(B, T, H), torch.randn(V, H)
+    ids, adv = torch.zeros(B, T, dtype=torch.long), torch.ones(B)
+    with pytest.raises(ValueError, match="entropy_weights must have the shape"):
+        fused_linear_grpo_loss(h, w, ids, adv, entropy_weights=torch.ones(B, T + 1))
+    with pytest.raises(TypeError, match="entropy_weights must be a floating-point"):
+        fused_linear_grpo_loss(h, w, ids, adv, entropy_weights=torch.ones(B, T, dtype=torch.long))
+
+
 @pytest.mark.parametrize("head", [{}, dict(logit_softcap=2.5, logit_scale=0.8)], ids=["plain", "softcap"])
 def test_token_logprobs(backend, head):
     dtype = _dtype(backend)
@@ -426,8 +466,13 @@ def _tiny_model(name, dtype):
         "gemma2": (transformers.Gemma2Config, dict(final_logit_softcapping=2.0)),  # tied head, softcap
         "cohere": (transformers.CohereConfig, dict(logit_scale=0.5)),  # tied head, scale
         "granite": (transformers.GraniteConfig, dict(logits_scaling=4.0)),  # divides the logits
+        "hyperclovax": ("hyperclovax", dict(logits_scaling=4.0)),  # multiplies the logits
     }
     cls, extra = configs[name]
+    if isinstance(cls, str):  # a model type that older transformers versions do not have
+        if cls not in transformers.CONFIG_MAPPING:
+            pytest.skip(f"transformers {transformers.__version__} has no {cls} model")
+        cls = transformers.CONFIG_MAPPING[cls]
     sizes = dict(vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=8)  # fmt: skip
     config = cls(**sizes, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
@@ -435,7 +480,7 @@ def _tiny_model(name, dtype):
     return transformers.AutoModelForCausalLM.from_config(config).to(dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "cohere", "granite"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "cohere", "granite", "hyperclovax"])
 def test_causal_lm_helper(backend, name):
     """causal_lm_grpo_loss == reference.grpo_loss on model(input_ids, logits_to_keep=C + 1).logits[:, :-1]: loss and
     the gradient of every parameter (head, tied embedding, backbone)."""
@@ -473,3 +518,25 @@ def test_causal_lm_helper(backend, name):
     assert out.logprobs.shape == (batch, completion)
     for pname, a, e in zip(names, grads, expect_grads):
         assert rel_err(a, e) < tol, pname
+
+
+def test_head_transform_reads_what_trl_reads():
+    """The post-processing attributes of TRL 1.16's fused LM head, with its precedence; HyperCLOVA X multiplies by
+    logits_scaling where Granite divides."""
+    transformers = pytest.importorskip("transformers")
+    from grpo_kernels.fused_linear import head_transform
+
+    def config(model_type, **attrs):
+        if model_type not in transformers.CONFIG_MAPPING:
+            pytest.skip(f"transformers {transformers.__version__} has no {model_type} model")
+        return transformers.CONFIG_MAPPING[model_type](**attrs)
+
+    assert head_transform(config("llama")) == (None, 1.0)
+    assert head_transform(config("gemma2", final_logit_softcapping=30.0)) == (30.0, 1.0)
+    assert head_transform(config("cohere", logit_scale=0.25)) == (None, 0.25)
+    assert head_transform(config("granite", logits_scaling=4.0)) == (None, 0.25)
+    assert head_transform(config("falcon_h1", lm_head_multiplier=0.5)) == (None, 0.5)
+    assert head_transform(config("hyperclovax", logits_scaling=4.0)) == (None, 4.0)
+    # Muse: output_multiplier before the softcap (any config object with the attributes will do)
+    muse = transformers.PretrainedConfig(output_multiplier=2.0, final_logit_softcapping=30.0)
+    assert head_transform(muse) == (30.0, 2.0)

@@ -3,14 +3,16 @@
 Both trainers load the same 2-layer Qwen2 (built from a config, saved to a temp dir: no download) with a tokenizer
 built in code, and run ``_compute_loss`` + backward on the same prepared inputs. Loss, every parameter's gradient
 and every logged metric must agree to float32 rounding: the two compute the same function by different routes
-(TRL: chunked LM head + online log-sum-exp; ours: the model's logits + the fused op), so they differ only in
-summation order. Tests that need TRL skip with the reason when it is not installed; CI installs trl==1.16.0.
+(TRL: chunked LM head + online log-sum-exp; ours: hidden states + LM head through the fused-linear op, or the model's
+logits + the fused op), so they differ only in summation order. The parity tests run on both of our paths. Tests
+that need TRL skip with the reason when it is not installed; CI installs trl==1.16.0.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import sys
 
 import pytest
@@ -25,6 +27,7 @@ CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"
 B, P, C = 4, 5, 7  # sequences, prompt width, completion width of the prepared inputs
 GRAD_RTOL = 1e-5  # max |g_ours - g_trl| <= GRAD_RTOL * max |g_trl| per parameter (observed ~1e-6)
 USE_CPU = not torch.cuda.is_available()
+PATHS = ("fused_linear", "logits")  # our two loss paths, each forced (a silent fallback would fail the test)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,7 +70,8 @@ def reward_len_e(completions, **kwargs):
     return [float(len(set(c)) + c.count("e")) for c in completions]
 
 
-def make_trainer(cls, model_dir, tokenizer, output_dir, **config):
+def make_trainer(cls, model_dir, tokenizer, output_dir, loss_path=None, **config):
+    """``cls`` (ours or stock) on ``model_dir`` (a path or a model); ``loss_path`` only for ours (None: default)."""
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -78,9 +82,13 @@ def make_trainer(cls, model_dir, tokenizer, output_dir, **config):
     )  # fmt: skip
     args = GRPOConfig(**{**defaults, **config})
     dataset = Dataset.from_dict({"prompt": ["hello", "the sky", "abc", "one two", "why", "a, b", "go!", "it is"]})
+    extra = {} if loss_path is None else dict(loss_path=loss_path)
     trainer = cls(
-        model=model_dir, reward_funcs=reward_len_e, args=args, train_dataset=dataset, processing_class=tokenizer
-    )
+        model=model_dir, reward_funcs=reward_len_e, args=args, train_dataset=dataset, processing_class=tokenizer,
+        **extra,
+    )  # fmt: skip
+    if loss_path is not None:
+        assert trainer.loss_path == loss_path
     trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # set by Trainer's training loop
     trainer.model.train()
     return trainer
@@ -176,21 +184,30 @@ def _vllm_correction(trainer):
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 
 
+@pytest.fixture(scope="module")
+def stock_results():
+    """Stock TRL's (loss, grads, metrics) per configuration, computed once for both of our paths."""
+    return {}
+
+
 @needs_trl
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_matches_trl(model_dir, tokenizer, tmp_path, inputs, loss_type, level, beta):
+def test_matches_trl(model_dir, tokenizer, tmp_path, inputs, stock_results, loss_type, level, beta, path):
     from trl import GRPOTrainer as StockTrainer
 
     from grpo_kernels.integrations.trl import GRPOTrainer
 
     config = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta)
     config["epsilon_high"] = 1.2 if loss_type == "cispo" else 0.28  # cispo's cap is the ratio itself
-    ours, stock = (
-        loss_grads_metrics(make_trainer(cls, model_dir, tokenizer, tmp_path, **config), select(inputs))
-        for cls in (GRPOTrainer, StockTrainer)
-    )
+    key = (loss_type, level, beta)
+    if key not in stock_results:
+        stock_results[key] = loss_grads_metrics(make_trainer(StockTrainer, model_dir, tokenizer, tmp_path, **config),
+                                                select(inputs))  # fmt: skip
+    stock = stock_results[key]
+    ours = loss_grads_metrics(make_trainer(GRPOTrainer, model_dir, tokenizer, tmp_path, path, **config), select(inputs))
     assert_same(ours, stock)
     assert any(g.abs().max() > 0 for g in stock[1].values())
     if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):  # the inputs do exercise the clip branches
@@ -198,7 +215,7 @@ def test_matches_trl(model_dir, tokenizer, tmp_path, inputs, loss_type, level, b
 
 
 # name -> GRPOConfig overrides, plus: "keep" / "drop" (optional input keys), "setup" (trainer attributes that TRL's
-# vLLM path would set), "per_sequence_is_ratio", "eval", "steps" (calls in a row).
+# vLLM path would set), "per_sequence_is_ratio", "eval", "steps" (calls in a row), "paths" (default: both).
 KNOBS = {
     "delta": dict(config=dict(loss_type="grpo", delta=1.5, epsilon_high=0.28)),
     # delta below 1 + epsilon_high: TRL's clip metrics see min(rho, delta)
@@ -227,6 +244,10 @@ KNOBS = {
         per_sequence_is_ratio=True,
     ),
     "tool_mask": dict(config=dict(loss_type="bnpo", beta=0.04), keep=("tool_mask",)),
+    "entropy_bonus_accumulation_3": dict(
+        config=dict(loss_type="dapo", beta=0.04, entropy_coef=0.05, gradient_accumulation_steps=3)
+    ),
+    "entropy_bonus_grpo": dict(config=dict(loss_type="grpo", top_entropy_quantile=0.7, entropy_coef=0.05)),
     "on_policy": dict(config=dict(loss_type="grpo", beta=0.04), drop=("old_per_token_logps",)),
     "on_policy_sequence_cispo": dict(
         config=dict(loss_type="cispo", importance_sampling_level="sequence"), drop=("old_per_token_logps",)
@@ -236,12 +257,19 @@ KNOBS = {
     "cast_lm_head_to_fp32": dict(
         config=dict(loss_type="dapo", beta=0.04, cast_lm_head_to_fp32=True, model_init_kwargs={"dtype": "bfloat16"})
     ),
+    # bf16 autocast with a float32 LM head outside it, as TRL projects (the logits path refuses this combination):
+    # the same bf16 backbone, then float32 heads, so float32 rounding again
+    "cast_lm_head_to_fp32_bf16_autocast": dict(
+        config=dict(loss_type="dapo", beta=0.04, entropy_coef=0.01, cast_lm_head_to_fp32=True, bf16=True),
+        paths=("fused_linear",),
+    ),
 }
+KNOB_CASES = [(case, path) for case, spec in KNOBS.items() for path in spec.get("paths", PATHS)]
 
 
 @needs_trl
-@pytest.mark.parametrize("case", list(KNOBS))
-def test_knob_matches_trl(model_dir, tokenizer, tmp_path, inputs, case):
+@pytest.mark.parametrize("case, path", KNOB_CASES, ids=[f"{case}-{path}" for case, path in KNOB_CASES])
+def test_knob_matches_trl(model_dir, tokenizer, tmp_path, inputs, case, path):
     from trl import GRPOTrainer as StockTrainer
 
     from grpo_kernels.integrations.trl import GRPOTrainer
@@ -250,7 +278,10 @@ def test_knob_matches_trl(model_dir, tokenizer, tmp_path, inputs, case):
     batch = select(inputs, spec.get("keep", ()), spec.get("drop", ()))
     if spec.get("per_sequence_is_ratio"):  # TRL's sequence_* vLLM modes give one ratio per sequence, [B, 1]
         batch["importance_sampling_ratio"] = batch["importance_sampling_ratio"][:, :1]
-    trainers = [make_trainer(c, model_dir, tokenizer, tmp_path, **spec["config"]) for c in (GRPOTrainer, StockTrainer)]
+    trainers = [
+        make_trainer(GRPOTrainer, model_dir, tokenizer, tmp_path, path, **spec["config"]),
+        make_trainer(StockTrainer, model_dir, tokenizer, tmp_path, **spec["config"]),
+    ]
     for trainer in trainers:
         if "setup" in spec:
             spec["setup"](trainer)
@@ -289,11 +320,14 @@ def test_knobs_change_the_objective(model_dir, tokenizer, tmp_path, inputs):
 
 @needs_trl
 def test_backward_writes_the_gradient_over_the_model_logits(model_dir, tokenizer, tmp_path, inputs, monkeypatch):
-    """The op receives the LM head's own output (no slice, no copy) and its backward writes into that buffer."""
+    """Logits path: the op receives the LM head's own output (no slice, no copy) and its backward writes into that
+    buffer."""
     from grpo_kernels.backends import get_backend, resolve_backend
     from grpo_kernels.integrations.trl import GRPOTrainer
 
-    trainer = make_trainer(GRPOTrainer, model_dir, tokenizer, tmp_path, loss_type="dapo", beta=0.04, entropy_coef=0.01)
+    trainer = make_trainer(
+        GRPOTrainer, model_dir, tokenizer, tmp_path, "logits", loss_type="dapo", beta=0.04, entropy_coef=0.01
+    )
     backend = get_backend(resolve_backend("auto", trainer.accelerator.device))
     head_outputs, writes = [], []
     trainer.model.lm_head.register_forward_hook(lambda module, args, out: head_outputs.append(out.data_ptr()))
@@ -308,23 +342,160 @@ def test_backward_writes_the_gradient_over_the_model_logits(model_dir, tokenizer
     assert writes == [(head_outputs[-1], head_outputs[-1])]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# which path: the fused-linear one by default, the logits one with a logged reason
+# ----------------------------------------------------------------------------------------------------------------
+def tiny_model(tokenizer, arch="llama"):
+    """A 1-layer Llama, or Cohere (logit_scale, which both TRL's head and ours read), with a tied head (an instance:
+    both trainers accept one)."""
+    import transformers
+
+    config_class, model_class, extra = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+        "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM, dict(logit_scale=0.5)),
+    }[arch]
+    torch.manual_seed(2)
+    config = config_class(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+        **extra,
+    )  # fmt: skip
+    return model_class(config)
+
+
+def record_head_calls(trainer, calls):
+    """Append the output shape of every call of the trainer's LM head module to ``calls``; returns the hook."""
+    head = trainer.model.get_output_embeddings()
+    return head.register_forward_hook(lambda module, args, out: calls.append(tuple(out.shape)))
+
+
 @needs_trl
-def test_bf16_autocast_error_is_trls(model_dir, tokenizer, tmp_path, inputs):
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "cohere"])
+def test_fused_linear_is_the_default_and_never_materialises_the_logits(
+    model_dir, tokenizer, tmp_path, inputs, caplog, arch
+):
+    """With no loss_path, a standard causal LM takes the fused-linear path (logged once at INFO): the LM head module
+    never runs, so no [B, C, V] logits exist; the hook does see the logits path's call. Llama and Cohere (tied heads,
+    Cohere's logit_scale; entropy bonus + high-entropy mask) are also compared with stock TRL; Qwen2 is in every
+    parity test."""
+    from trl import GRPOTrainer as StockTrainer
+
+    from grpo_kernels.integrations.trl import GRPOTrainer
+
+    config = dict(loss_type="grpo", entropy_coef=0.05, top_entropy_quantile=0.6)
+    build = (lambda: model_dir) if arch == "qwen2" else (lambda: tiny_model(tokenizer, arch))
+    with caplog.at_level(logging.INFO, logger="grpo_kernels.integrations.trl"):
+        trainer = make_trainer(GRPOTrainer, build(), tokenizer, tmp_path, **config)
+    assert (trainer.loss_path, trainer.loss_path_reason) == ("fused_linear", None)
+    assert [r.levelname for r in caplog.records] == ["INFO"] and "fused-linear path" in caplog.text
+
+    calls = []
+    handle = record_head_calls(trainer, calls)
+    ours = loss_grads_metrics(trainer, select(inputs))
+    handle.remove()
+    assert calls == []
+    logits_trainer = make_trainer(GRPOTrainer, build(), tokenizer, tmp_path, "logits", **config)
+    handle = record_head_calls(logits_trainer, calls)
+    loss_grads_metrics(logits_trainer, select(inputs))
+    handle.remove()
+    assert calls == [(B, C, len(tokenizer))]
+    if arch != "qwen2":
+        stock = make_trainer(StockTrainer, build(), tokenizer, tmp_path, **config)
+        assert_same(ours, loss_grads_metrics(stock, select(inputs)))
+
+
+def scaled_logits_model(tokenizer):
+    """A Qwen2 whose forward halves its logits: post-processing that no config attribute declares."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    class ScaledQwen2(Qwen2ForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    torch.manual_seed(3)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return ScaledQwen2(config)
+
+
+class ShiftedLinear(torch.nn.Linear):
+    """An LM head with a forward of its own, as a quantised or adapted layer has."""
+
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+def custom_head_model(tokenizer):
+    model = tiny_model(tokenizer)
+    model.config.tie_word_embeddings = False
+    model.lm_head = ShiftedLinear(model.config.hidden_size, model.config.vocab_size, bias=False)
+    return model
+
+
+@needs_trl
+@pytest.mark.parametrize(
+    "build, reason",
+    [
+        (scaled_logits_model, "post-processes its logits in a way the fused-linear path does not know"),
+        (custom_head_model, "the LM head is a ShiftedLinear, not a plain torch.nn.Linear"),
+    ],
+    ids=["unknown-logit-post-processing", "lm-head-not-a-plain-linear"],
+)
+def test_unsupported_model_falls_back_with_the_reason(tokenizer, tmp_path, inputs, caplog, build, reason):
+    """The logits path, with the reason logged once at INFO, and it trains; loss_path='fused_linear' raises it."""
+    from grpo_kernels.integrations.trl import GRPOTrainer
+
+    with caplog.at_level(logging.INFO, logger="grpo_kernels.integrations.trl"):
+        trainer = make_trainer(GRPOTrainer, build(tokenizer), tokenizer, tmp_path, loss_type="dapo")
+    assert trainer.loss_path == "logits" and reason in trainer.loss_path_reason
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert "fused-linear path is not available" in caplog.text and reason in caplog.text
+    calls = []
+    handle = record_head_calls(trainer, calls)
+    loss, grads, _ = loss_grads_metrics(trainer, select(inputs))
+    handle.remove()
+    assert torch.isfinite(loss) and grads["lm_head.weight"].abs().max() > 0 and calls == [(B, C, len(tokenizer))]
+    with pytest.raises(ValueError, match="loss_path='fused_linear' is not available for this model"):
+        make_trainer(GRPOTrainer, build(tokenizer), tokenizer, tmp_path, "fused_linear", loss_type="dapo")
+
+
+@needs_trl
+def test_logits_path_on_request_is_logged(model_dir, tokenizer, tmp_path, caplog):
+    from grpo_kernels.integrations.trl import GRPOTrainer
+
+    with caplog.at_level(logging.INFO, logger="grpo_kernels.integrations.trl"):
+        trainer = make_trainer(GRPOTrainer, model_dir, tokenizer, tmp_path, "logits")
+    assert trainer.loss_path == "logits" and "loss_path='logits'" in caplog.text
+
+
+@needs_trl
+@pytest.mark.parametrize(
+    "path, extra",
+    [("fused_linear", {}), ("logits", {}), ("fused_linear", dict(cast_lm_head_to_fp32=True))],
+    ids=["fused_linear", "logits", "fused_linear-cast_lm_head_to_fp32"],
+)
+def test_bf16_autocast_error_is_trls(model_dir, tokenizer, tmp_path, inputs, path, extra):
     """Under TRL's default bf16 autocast the two routes round differently, so they are compared with a float64 run
-    instead: our gradients' error must stay within 2x stock TRL's (measured ~1.1x on this model)."""
+    instead: our gradients' error must stay within 2x stock TRL's (measured ~1.1x on this model). With
+    cast_lm_head_to_fp32 (fused-linear path only) both project in float32 outside autocast."""
     from trl import GRPOTrainer as StockTrainer
 
     from grpo_kernels.integrations.trl import GRPOTrainer
 
     config = dict(loss_type="dapo", beta=0.04, entropy_coef=0.01)
-    exact = make_trainer(GRPOTrainer, model_dir, tokenizer, tmp_path, **config)
+    exact = make_trainer(GRPOTrainer, model_dir, tokenizer, tmp_path, path, **config)
     exact.model.double()  # float64 weights and logits; the op runs in float64 on the torch backend
     batch = select(inputs)
     _, grads64, _ = loss_grads_metrics(exact, {k: v.double() if v.is_floating_point() else v for k, v in batch.items()})
     norm = sum(g.pow(2).sum() for g in grads64.values()).sqrt().item()
     errors = []
-    for cls in (GRPOTrainer, StockTrainer):
-        _, grads, _ = loss_grads_metrics(make_trainer(cls, model_dir, tokenizer, tmp_path, bf16=True, **config), batch)
+    for cls, loss_path in ((GRPOTrainer, path), (StockTrainer, None)):
+        trainer = make_trainer(cls, model_dir, tokenizer, tmp_path, loss_path, bf16=True, **config, **extra)
+        _, grads, _ = loss_grads_metrics(trainer, batch)
         errors.append(sum((grads[n].double() - g).pow(2).sum() for n, g in grads64.items()).sqrt().item() / norm)
     ours, stock = errors
     assert 0 < stock < 0.05  # bf16 rounding is there, and small
@@ -335,16 +506,17 @@ def test_bf16_autocast_error_is_trls(model_dir, tokenizer, tmp_path, inputs):
 # real training
 # ----------------------------------------------------------------------------------------------------------------
 @needs_trl
-def test_one_optimizer_step_matches_trl(model_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("path", PATHS)
+def test_one_optimizer_step_matches_trl(model_dir, tokenizer, tmp_path, path):
     """trainer.train(): generation, rewards, 2 accumulated micro-batches, one SGD step; same update as stock TRL."""
     from trl import GRPOTrainer as StockTrainer
 
     from grpo_kernels.integrations.trl import GRPOTrainer
 
     deltas, logs = [], []
-    for cls in (GRPOTrainer, StockTrainer):
+    for cls, loss_path in ((GRPOTrainer, path), (StockTrainer, None)):
         trainer = make_trainer(
-            cls, model_dir, tokenizer, tmp_path, max_steps=1, learning_rate=0.1, optim="sgd",
+            cls, model_dir, tokenizer, tmp_path, loss_path, max_steps=1, learning_rate=0.1, optim="sgd",
             beta=0.04, loss_type="grpo",
         )  # fmt: skip
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -372,6 +544,7 @@ def test_trains_end_to_end_with_trl_defaults(model_dir, tokenizer, tmp_path):
     trainer = make_trainer(
         GRPOTrainer, model_dir, tokenizer, tmp_path, max_steps=3, steps_per_generation=2, bf16=True, learning_rate=1e-2
     )
+    assert trainer.loss_path == "fused_linear"
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     steps = [log for log in trainer.state.log_history if "loss" in log]
@@ -394,7 +567,8 @@ def test_trains_end_to_end_with_trl_defaults(model_dir, tokenizer, tmp_path):
         (dict(use_liger_kernel=True), "use_liger_kernel=True is not supported"),
         (dict(temperature=0.0), "temperature must be > 0"),
         (dict(delta=0.9), "delta"),
-        (dict(cast_lm_head_to_fp32=True, bf16=True), "cast_lm_head_to_fp32=True with bf16/fp16 mixed precision"),
+        (dict(cast_lm_head_to_fp32=True, bf16=True, loss_path="logits"), "cast_lm_head_to_fp32=True with bf16/fp16"),
+        (dict(loss_path="chunked"), "loss_path must be one of"),
     ],
 )
 def test_unsupported_config_raises_at_construction(model_dir, tokenizer, tmp_path, config, message):

@@ -1,20 +1,29 @@
-"""TRL's ``GRPOTrainer`` with the training loss computed by :func:`grpo_kernels.grpo_loss`.
+"""TRL's ``GRPOTrainer`` with the training loss computed by grpo_kernels' fused ops.
 
 Switch with one import line; the constructor and ``GRPOConfig`` are TRL's::
 
     from grpo_kernels.integrations.trl import GRPOTrainer   # was: from trl import GRPOTrainer
 
-Only ``_compute_loss`` changes hands. The model runs forward on prompt + completion and returns the completion logits
-``[B, C, V]``; one fused op turns them into log-probs, entropy, the clipped-ratio + KL loss and, in the same forward,
-the per-token gradient it writes over the logits in the backward. Generation, rewards, advantages, the old and
-reference log-probs (TRL 1.16's chunked LM head, which never holds the logits), logging and everything else are TRL's
-own code. Built and tested against TRL 1.16.0; ``docs/trl.md`` lists what is supported and what it costs.
+Only ``_compute_loss`` changes hands, along one of two paths:
+
+- ``"fused_linear"`` (the default whenever the model allows it): the backbone's hidden states and the LM head's
+  weight go to :func:`grpo_kernels.fused_linear.fused_linear_grpo_loss`, which computes log-probs, entropy, the
+  clipped-ratio + KL loss and finishes the gradients tile by tile: the ``[B, C, V]`` logits never exist.
+- ``"logits"``: the model returns the completion logits ``[B, C, V]`` and :func:`grpo_kernels.grpo_loss` turns them
+  into the same outputs, writing the gradient over the logits in the backward.
+
+Generation, rewards, advantages, the old and reference log-probs (TRL 1.16's chunked LM head), logging and everything
+else are TRL's own code. Built and tested against TRL 1.16.0; ``docs/trl.md`` lists what is supported and what each
+path costs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import logging
+import types
 
 try:
     import trl
@@ -25,17 +34,21 @@ except ImportError as error:
 
 import torch
 from packaging.version import Version
+from torch import nn
 from trl import GRPOConfig
 from trl import GRPOTrainer as TRLGRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
 from ..api import grpo_loss, token_logprobs
+from ..fused_linear import causal_lm_head_inputs, fused_linear_grpo_loss, fused_linear_token_logprobs, head_transform
 
 if Version(trl.__version__) < Version("1.16"):
     raise ImportError(
         f"grpo_kernels.integrations.trl needs TRL >= 1.16 (it overrides GRPOTrainer internals of that version), "
         f'found {trl.__version__}: pip install "grpo-kernels[trl]"'
     )
+
+logger = logging.getLogger(__name__)
 
 # TRL loss_type -> ours. TRL's luspo aggregates mean_b sum_t m L, which is dr_grpo with max_completion_length = 1.
 _LOSS_TYPES = {
@@ -48,11 +61,16 @@ _LOSS_TYPES = {
     "luspo": "dr_grpo",
 }
 _CLIP_METRIC_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL logs clip_ratio/* for these
+_LOSS_PATHS = ("auto", "fused_linear", "logits")
 _TRL_INIT_SIGNATURE = inspect.signature(TRLGRPOTrainer.__init__)
+_PROBE_TOKENS = 8  # sequence length of the construction-time check of the fused-linear path
 
 
-def check_config(args: GRPOConfig) -> None:
-    """Raise ``ValueError`` when ``args`` asks for an objective this trainer does not compute exactly as TRL 1.16."""
+def check_config(args: GRPOConfig, loss_path: str = "auto") -> None:
+    """Raise ``ValueError`` when ``args`` asks for an objective this trainer does not compute exactly as TRL 1.16
+    (on ``loss_path``; with ``"auto"`` the path-specific checks wait until the path is known)."""
+    if loss_path not in _LOSS_PATHS:
+        raise ValueError(f"loss_path must be one of {', '.join(map(repr, _LOSS_PATHS))}, got {loss_path!r}")
     if args.loss_type not in _LOSS_TYPES:
         raise ValueError(
             f"loss_type={args.loss_type!r} is not supported by grpo_kernels' GRPOTrainer (supported: "
@@ -67,13 +85,14 @@ def check_config(args: GRPOConfig) -> None:
             "use_liger_kernel=True is not supported by grpo_kernels' GRPOTrainer: Liger patches the model whose "
             "logits this trainer reads, a combination that is not tested; set use_liger_kernel=False"
         )
-    if args.cast_lm_head_to_fp32 and (args.bf16 or args.fp16):
-        # TRL's fused head projects outside autocast; this trainer calls the model's own forward, where autocast
-        # would run the float32 LM head in half precision after all.
+    if loss_path == "logits" and args.cast_lm_head_to_fp32 and (args.bf16 or args.fp16):
+        # TRL's fused head projects outside autocast; the logits path calls the model's own forward, where autocast
+        # would run the float32 LM head in half precision after all. The fused-linear path projects outside autocast.
         raise ValueError(
-            "cast_lm_head_to_fp32=True with bf16/fp16 mixed precision is not supported by grpo_kernels' GRPOTrainer "
-            "(autocast would run the LM head in half precision); load the model in half precision without mixed "
-            "precision (bf16=False, model_init_kwargs={'dtype': 'bfloat16'}) or set cast_lm_head_to_fp32=False"
+            "cast_lm_head_to_fp32=True with bf16/fp16 mixed precision is not supported on grpo_kernels' logits path "
+            "(autocast would run the LM head in half precision); use the fused-linear path where the model allows "
+            "it, load the model in half precision without mixed precision (bf16=False, "
+            "model_init_kwargs={'dtype': 'bfloat16'}) or set cast_lm_head_to_fp32=False"
         )
     if not args.temperature > 0:
         raise ValueError(
@@ -83,6 +102,32 @@ def check_config(args: GRPOConfig) -> None:
         raise ValueError(f"delta (the two-sided clip of the ratio) must be > 1, got {args.delta}")
 
 
+def _route_loss_through_forward(model: nn.Module) -> None:
+    """Let ``model(..., grpo_kernels_loss=fn)`` return ``fn(model, ...)`` from inside the model's forward.
+
+    Wrappers (DDP, accelerate's autocast and float32 outputs, PEFT) do their bookkeeping only for calls that go
+    through their forward: DDP, for one, arms its gradient all-reduce there. So the backbone and the fused loss run
+    inside the forward, as TRL's own ``fused_lm_head=True`` does. Without the keyword the forward is unchanged.
+    """
+    forward = model.forward
+
+    @functools.wraps(type(model).forward)  # keeps the signature that generate() validates its kwargs against
+    def routed_forward(self, *args, grpo_kernels_loss=None, **kwargs):
+        if grpo_kernels_loss is None:
+            return forward(*args, **kwargs)
+        return grpo_kernels_loss(self, *args, **kwargs)
+
+    model.forward = types.MethodType(routed_forward, model)
+
+
+def _project(hidden, head, softcap, scale):
+    """The logits the fused-linear path computes: ``softcap(scale * head(hidden))``, in float32."""
+    dtype = torch.promote_types(hidden.dtype, head.weight.dtype)
+    bias = None if head.bias is None else head.bias.to(dtype)
+    z = nn.functional.linear(hidden.to(dtype), head.weight.to(dtype), bias).float() * scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
 class GRPOTrainer(TRLGRPOTrainer):
     """TRL's ``GRPOTrainer`` (same constructor, same ``GRPOConfig``) whose training loss is one fused op.
 
@@ -90,18 +135,30 @@ class GRPOTrainer(TRLGRPOTrainer):
     either ``importance_sampling_level``, with ``beta``, ``epsilon``/``epsilon_high``, ``delta``, ``temperature``,
     ``use_bias_correction_kl``, the vLLM importance-sampling ratio, ``top_entropy_quantile``, the entropy bonus (static
     or adaptive), ``off_policy_mask_threshold``, ``num_items_in_batch`` normalisation and gradient-accumulation
-    scaling, ``cast_lm_head_to_fp32`` (without mixed precision); logs TRL's metrics under TRL's names. Raises
-    ``ValueError`` at construction for what it does not support (other loss types, ``use_liger_kernel``,
-    ``cast_lm_head_to_fp32`` under bf16/fp16 autocast, vision-language models, an MoE router auxiliary loss).
+    scaling, ``cast_lm_head_to_fp32``; logs TRL's metrics under TRL's names. Raises ``ValueError`` at construction for
+    what it does not support (other loss types, ``use_liger_kernel``, vision-language models, an MoE router auxiliary
+    loss, ``cast_lm_head_to_fp32`` under bf16/fp16 autocast on the logits path).
+
+    One keyword more than TRL's constructor:
+
+    Args:
+        loss_path: ``"auto"`` (default): the fused-linear path (hidden states + LM head, the logits never exist)
+            when the model allows it, else the logits path, with the reason logged once at INFO level.
+            ``"fused_linear"``: that path or a ``ValueError`` naming why the model does not allow it. ``"logits"``:
+            the model's logits ``[B, C, V]`` and :func:`grpo_kernels.grpo_loss`.
+
+    Attributes:
+        loss_path: the path taken, ``"fused_linear"`` or ``"logits"``.
+        loss_path_reason: why the fused-linear path is not taken (None when it is).
     """
 
     @functools.wraps(TRLGRPOTrainer.__init__)
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, loss_path: str = "auto", **kwargs):
         config = _TRL_INIT_SIGNATURE.bind(self, *args, **kwargs).arguments.get("args")
         if config is not None:
-            check_config(config)  # before TRL loads the model
+            check_config(config, loss_path)  # before TRL loads the model
         super().__init__(*args, **kwargs)
-        check_config(self.args)  # TRL's default config, when none was given
+        check_config(self.args, loss_path)  # TRL's default config, when none was given
         if self._is_vlm:
             raise ValueError(
                 "grpo_kernels' GRPOTrainer supports text-only models; a vision-language processor was given "
@@ -112,6 +169,100 @@ class GRPOTrainer(TRLGRPOTrainer):
                 "grpo_kernels' GRPOTrainer does not add the MoE router auxiliary loss; set "
                 "GRPOConfig(router_aux_loss_coef=0.0) or use trl.GRPOTrainer"
             )
+        self.loss_path, self.loss_path_reason = self._choose_loss_path(loss_path)
+        if self.loss_path == "logits":
+            check_config(self.args, "logits")
+        else:
+            _route_loss_through_forward(self._patched_model())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # which path
+    # ------------------------------------------------------------------------------------------------------------
+    def _patched_model(self) -> nn.Module:
+        """The transformers model under a PEFT wrapper, if any: the one TRL gave its fused LM head."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def _choose_loss_path(self, requested: str) -> tuple[str, str | None]:
+        """``(path, reason)``: the fused-linear path unless ``requested`` is "logits" or the model does not allow it."""
+        if requested == "logits":
+            logger.info("grpo_kernels GRPOTrainer: the logits path computes the loss (loss_path='logits')")
+            return "logits", "loss_path='logits' was asked for"
+        reason = self._fused_linear_unsupported()
+        if reason is None:
+            logger.info(
+                "grpo_kernels GRPOTrainer: the fused-linear path computes the loss (hidden states + LM head; the "
+                "[B, C, V] logits are never materialised)"
+            )
+            return "fused_linear", None
+        if requested == "fused_linear":
+            raise ValueError(f"loss_path='fused_linear' is not available for this model: {reason}")
+        logger.info(
+            "grpo_kernels GRPOTrainer: the logits path computes the loss (it holds the [B, C, V] logits); the "
+            "fused-linear path is not available: %s",
+            reason,
+        )
+        return "logits", reason
+
+    def _fused_linear_unsupported(self) -> str | None:
+        """Why the fused-linear path would not compute what the model's forward computes, or None.
+
+        It runs ``model.base_model`` and projects with ``get_output_embeddings().weight`` / ``.bias`` and the logit
+        transform of the config (:func:`grpo_kernels.fused_linear.head_transform`, the attributes TRL's fused head
+        reads). So the head must be a plain ``nn.Linear`` whose weight is all there, and the model's logits must be
+        exactly that projection: checked on a few tokens at construction.
+        """
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            return (
+                "it reads the LM head's weight directly, which FSDP and DeepSpeed ZeRO-3 shard; it is not tested "
+                "under FSDP or DeepSpeed"
+            )
+        model = self._patched_model()
+        head = model.get_output_embeddings()
+        if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+            return (
+                f"the LM head is a {type(head).__name__}, not a plain torch.nn.Linear (e.g. a PEFT adapter or a "
+                "quantised layer on lm_head), so its weight alone is not what it computes"
+            )
+        if "forward" in vars(head) and not self.args.cast_lm_head_to_fp32:  # TRL's float32 cast replaces forward
+            return "the LM head's forward is replaced (e.g. by accelerate's offloading hooks)"
+        if head.weight.is_meta:
+            return "the LM head's weight is on the meta device (offloaded)"
+        if model.base_model is model:
+            return f"{type(model).__name__} has no separate backbone (base_model is the model itself)"
+        return self._probe_fused_linear(model, head)
+
+    @torch.no_grad()
+    def _probe_fused_linear(self, model, head) -> str | None:
+        """Compare the model's logits with what the fused-linear path projects, on ``_PROBE_TOKENS`` tokens.
+
+        Catches post-processing of the logits that ``head_transform`` does not read (a scale, a cap, an offset), to
+        the rounding of the model's dtype: 8 ulps of the largest logit. Runs in eval mode (no dropout).
+        """
+        device = head.weight.device
+        input_ids = (torch.arange(_PROBE_TOKENS, device=device) % head.weight.shape[0]).unsqueeze(0)
+        training = model.training
+        model.eval()
+        try:
+            logits = model(input_ids=input_ids, use_cache=False).logits.float()
+            hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+            if hidden.device != device:  # the fused op takes every tensor on one device
+                return f"the backbone's output is on {hidden.device} and the LM head on {device} (a split model)"
+            projected = _project(hidden, head, *head_transform(model.config))
+        except Exception as error:  # noqa: BLE001 - any failure means the path is not for this model
+            return f"running the backbone and the LM head separately failed ({type(error).__name__}: {error})"
+        finally:
+            model.train(training)
+        if logits.shape != projected.shape:
+            return f"the model's logits {list(logits.shape)} are not the LM head's output {list(projected.shape)}"
+        error = (logits - projected).abs().max().item()
+        tolerance = 8 * torch.finfo(head.weight.dtype).eps * logits.abs().max().item()
+        if not error <= tolerance:
+            return (
+                "the model's logits are not softcap(scale * lm_head(hidden)) with the transform its config declares "
+                f"(max |difference| {error:.3g} on a probe): it post-processes its logits in a way the fused-linear "
+                "path does not know"
+            )
+        return None
 
     # ------------------------------------------------------------------------------------------------------------
     # the loss
@@ -119,7 +270,6 @@ class GRPOTrainer(TRLGRPOTrainer):
     def _compute_loss(self, model, inputs):
         """TRL 1.16's ``_compute_loss`` (same inputs, same loss, same metrics), through one fused op."""
         mode = "train" if self.model.training else "eval"
-        completion_ids = inputs["completion_ids"]  # [B, C]
         mask = inputs["completion_mask"]  # [B, C]
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
@@ -127,9 +277,51 @@ class GRPOTrainer(TRLGRPOTrainer):
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
         old = inputs.get("old_per_token_logps")  # [B, C]; None: on-policy (ratio 1, as TRL's detached log-probs)
+        # TRL 1.16's scaling of the aggregated loss: dapo/cispo divide by num_items_in_batch / num_processes, times
+        # accumulation steps / steps_per_generation in training (the op divides by num_items_in_batch); the others
+        # divide by the accumulation steps in training.
+        if self.loss_type in ("dapo", "cispo"):
+            scale = self.accelerator.num_processes
+            if mode == "train":
+                scale = scale * self.args.steps_per_generation / self.current_gradient_accumulation_steps
+        else:
+            scale = 1.0 / self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        loss_args = (inputs, mask, advantages, old, mode)
+        if self.loss_path == "fused_linear":
+            input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)  # [B, P + C]
+            attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+            loss_fn = functools.partial(self._fused_linear_loss, loss_args=loss_args, scale=scale)
+            with self.accelerator.autocast():
+                out, bonus, entropy_mask = model(
+                    input_ids=input_ids, attention_mask=attention_mask, grpo_kernels_loss=loss_fn
+                )
+        else:
+            out, bonus, entropy_mask = self._logits_loss(model, *loss_args)
 
+        loss = out.loss * scale
+        if self._entropy_bonus_enabled:
+            # TRL's loss is policy * scale - bonus. The fused op's loss already holds - bonus / scale; on the logits
+            # path the bonus is subtracted here, from the op's differentiable entropy.
+            if self.loss_path == "fused_linear":
+                policy_loss = out.loss.detach() + bonus / scale
+            else:
+                policy_loss = out.loss.detach()
+                loss = loss - bonus
+            if self.loss_type in ("dapo", "cispo"):  # TRL logs the policy loss where it takes it: after the scale
+                policy_loss = policy_loss * scale
+            self._entropy_bonus_metrics(out.entropy.detach(), mask, entropy_mask, policy_loss, mode)
+        self._log_metrics(mode, out, advantages, mask, old)
+        return loss
+
+    def _logits_loss(self, model, inputs, mask, advantages, old, mode):
+        """``(GRPOLossOutput, entropy bonus or None, entropy mask or None)`` from the completion logits."""
+        completion_ids = inputs["completion_ids"]
         logits = self._completion_logits(model, inputs)
-        is_weights, entropy_mask = self._token_weights(logits, inputs, mask, advantages, old)
+
+        def score():  # one more read of the logits, nothing of size [B, C, V] allocated
+            return token_logprobs(logits, completion_ids, temperature=self.temperature, return_entropy=True, mask=mask)
+
+        is_weights, entropy_mask = self._token_weights(score, inputs, mask, advantages, old)
         out = grpo_loss(
             logits,
             completion_ids,
@@ -145,24 +337,51 @@ class GRPOTrainer(TRLGRPOTrainer):
             inplace_backward=True,
             **self._loss_config(),
         )
+        weights = self._entropy_bonus_weights(mask, entropy_mask, mode)
+        bonus = None if weights is None else (weights * out.entropy).sum()
+        return out, bonus, entropy_mask
 
-        # TRL 1.16's scaling: dapo/cispo divide by num_items_in_batch / num_processes, times accumulation steps /
-        # steps_per_generation in training (the op divided by num_items_in_batch); the others divide by the
-        # accumulation steps in training. The logged policy loss is taken where TRL takes it.
-        if self.loss_type in ("dapo", "cispo"):
-            scale = self.accelerator.num_processes
-            if mode == "train":
-                scale = scale * self.args.steps_per_generation / self.current_gradient_accumulation_steps
-            loss = out.loss * scale
-            policy_loss = loss.detach()
-        else:
-            policy_loss = out.loss.detach()
-            loss = out.loss / self.current_gradient_accumulation_steps if mode == "train" else out.loss
+    def _fused_linear_loss(self, model, input_ids, attention_mask, *, loss_args, scale, **unused):
+        """``(GRPOLossOutput, entropy bonus or None, entropy mask or None)`` from the hidden states and the LM head.
 
-        if self._entropy_bonus_enabled:
-            loss = loss - self._entropy_bonus(out.entropy, mask, entropy_mask, policy_loss, mode)
-        self._log_metrics(mode, out, advantages, mask, old)
-        return loss
+        Runs inside the model's forward (see :func:`_route_loss_through_forward`; ``unused``: the None-valued
+        keywords a PEFT wrapper's forward passes on). The bonus goes into the fused op as per-token weights
+        (``entropy_weights``, divided by ``scale`` because the caller multiplies the op's loss by it); the returned
+        bonus is its detached value, for the policy-loss metric.
+        """
+        inputs, mask, advantages, old, mode = loss_args
+        completion_length = inputs["completion_ids"].shape[1]
+        hidden, weight, targets, head = causal_lm_head_inputs(
+            model, input_ids, attention_mask, completion_length, completion_mask=mask
+        )
+
+        def score():  # 2 n H V more FLOPs and one tile of logits, no gradient
+            return fused_linear_token_logprobs(
+                hidden, weight, targets, temperature=self.temperature, return_entropy=True, **head
+            )
+
+        # TRL's cast_lm_head_to_fp32 projects in float32 outside autocast: a float32 weight without autocast makes
+        # float32 the fused ops' compute dtype.
+        cast = self.args.cast_lm_head_to_fp32
+        with torch.autocast(hidden.device.type, enabled=False) if cast else contextlib.nullcontext():
+            is_weights, entropy_mask = self._token_weights(score, inputs, mask, advantages, old)
+            weights = self._entropy_bonus_weights(mask, entropy_mask, mode)
+            out = fused_linear_grpo_loss(
+                hidden,
+                weight,
+                targets,
+                advantages,
+                old_logprobs=old,
+                ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None,
+                is_weights=is_weights,
+                num_items_in_batch=inputs["num_items_in_batch"],
+                return_entropy=True,
+                entropy_weights=None if weights is None else weights / scale,
+                **head,
+                **self._loss_config(),
+            )
+        bonus = None if weights is None else (weights * out.entropy.detach()).sum()
+        return out, bonus, entropy_mask
 
     def _completion_logits(self, model, inputs) -> torch.Tensor:
         """The completion logits ``[B, C, V]``: position t scores completion token t, and no bigger tensor holds them.
@@ -171,10 +390,6 @@ class GRPOTrainer(TRLGRPOTrainer):
         completion tokens (causal attention: dropping the last token changes no earlier position). The logits thus
         come out of the LM head aligned, not as a ``[:, :-1]`` slice: no copy now, and no zero-filled full-size
         gradient from a slice's backward later, which is what lets ``inplace_backward`` reuse this buffer.
-
-        This is the one place that turns the model into per-token scores. The fused-linear path (hidden states + LM
-        head weight, never the logits) belongs here, with the two ops ``_compute_loss`` and ``_token_weights`` apply
-        to the result.
         """
         completion_ids = inputs["completion_ids"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids[:, :-1]], dim=1)  # [B, P + C - 1]
@@ -188,21 +403,21 @@ class GRPOTrainer(TRLGRPOTrainer):
             )
         return outputs.logits
 
-    def _token_weights(self, logits, inputs, mask, advantages, old):
+    def _token_weights(self, score, inputs, mask, advantages, old):
         """TRL's per-token factors of the policy term, which it applies before adding the KL: our ``is_weights``.
 
+        ``score()`` returns the current ``(log-probs, entropies)`` ``[B, C]`` without gradient; it is called only when
+        a mask needs them (off-policy sequence mask, high-entropy token mask), before the loss: one more pass over
+        the logits, or over the LM head on the fused-linear path.
+
         Returns ``(is_weights, entropy_mask)``: ``is_weights`` ``[B, 1]`` or ``[B, C]`` float, or None when no
-        factor applies (off-policy sequence mask, high-entropy token mask, vLLM importance-sampling ratio);
-        ``entropy_mask`` ``[B, C]`` bool or None (the entropy bonus uses it too).
+        factor applies (those two masks, vLLM importance-sampling ratio); ``entropy_mask`` ``[B, C]`` bool or None
+        (the entropy bonus uses it too).
         """
         factors, entropy_mask = [], None
         if self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None:
-            # Both masks depend on the current log-probs / entropies, so they cost one more read of the logits before
-            # the fused loss (no gradient, nothing of size [B, C, V] allocated).
             with torch.no_grad():
-                lp, entropy = token_logprobs(
-                    logits, inputs["completion_ids"], temperature=self.temperature, return_entropy=True, mask=mask
-                )
+                lp, entropy = score()
             if self.off_policy_mask_threshold is not None:
                 sampling = inputs.get("sampling_per_token_logps", lp if old is None else old)
                 factors.append(self.get_off_policy_mask(advantages, lp, sampling, mask, self.off_policy_mask_threshold))
@@ -217,7 +432,7 @@ class GRPOTrainer(TRLGRPOTrainer):
         return weights, entropy_mask
 
     def _loss_config(self) -> dict:
-        """The :func:`grpo_loss` arguments that come from the trainer's configuration (read per call, as TRL does)."""
+        """The loss arguments that come from the trainer's configuration (read per call, as TRL does)."""
         return dict(
             loss_type=_LOSS_TYPES[self.loss_type],
             beta=self.beta,
@@ -235,23 +450,32 @@ class GRPOTrainer(TRLGRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # entropy bonus (TRL 1.16: L = L_policy - coef * H, H the mean entropy over the tokens the policy term acts on)
     # ------------------------------------------------------------------------------------------------------------
-    def _entropy_bonus(self, entropy, mask, entropy_mask, policy_loss, mode):
+    def _entropy_bonus_weights(self, mask, entropy_mask, mode):
+        """TRL's bonus ``coef * sum_t m_t H_t / sum_t m_t / accumulation`` as per-token weights ``w`` ``[B, C]``
+        (bonus = ``sum_t w_t H_t``), ``m`` = ``mask`` restricted to the high-entropy tokens; None without a bonus."""
+        if not self._entropy_bonus_enabled:
+            return None
         if entropy_mask is not None:
             mask = mask * entropy_mask
+        mask = mask.float()
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        mean_entropy = (entropy * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
         # The coefficient (and, adaptive, its gate) of the end of the previous optimizer step: every micro-batch of
         # an accumulation window gets the same bonus.
         if self.use_adaptive_entropy:
             coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
         else:
             coef = self.entropy_coef
+        return mask * (coef / (mask.sum().clamp(min=1.0) * accumulation))
+
+    def _entropy_bonus_metrics(self, entropy, mask, entropy_mask, policy_loss, mode):
+        """TRL's ``policy_loss`` and ``entropy_coef`` metrics, and the adaptive coefficient's update."""
+        if entropy_mask is not None:
+            mask = mask * entropy_mask
         self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
         if self.use_adaptive_entropy and mode == "train":
             self._update_entropy_coef(entropy, mask)
         if mode == "train" and self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        return coef * mean_entropy
 
     def _update_entropy_coef(self, entropy, mask):
         """Adaptive control: accumulate the window's entropy; at the optimizer step, move the coefficient one step."""
@@ -315,5 +539,13 @@ class GRPOTrainer(TRLGRPOTrainer):
         metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(per_sequence_mean(low))).item())
         metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(per_sequence_mean(high))).item())
 
+
+# TRL's constructor signature plus the keyword this subclass adds (functools.wraps would show TRL's alone)
+GRPOTrainer.__init__.__signature__ = _TRL_INIT_SIGNATURE.replace(
+    parameters=[
+        *_TRL_INIT_SIGNATURE.parameters.values(),
+        inspect.Parameter("loss_path", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation="str"),
+    ]
+)
 
 __all__ = ["GRPOConfig", "GRPOTrainer", "check_config"]
