@@ -388,8 +388,11 @@ def _fused_backward(ctx, grad_loss, grad_lp, grad_entropy, *unused):
             "gradient of its own: for an entropy bonus pass entropy_coef (loss -= entropy_coef * sum_t c_t H_t) or "
             "entropy_weights (loss -= sum_t w_t H_t), or use out.entropy.detach() for logging"
         )
-    # g * (0-dim float32 grad_loss) keeps g's dtype and rounds once: the scale itself is never rounded to bf16
-    grads = [g * grad_loss if done and grad_loss is not None else None
+    # Scaled in place: the stored gradients are needed by nothing else, and a second [V, H] buffer would raise the
+    # peak by the size of the head. A second backward through the same graph (retain_graph=True) therefore fails
+    # autograd's saved-tensor version check instead of reusing scaled values.
+    # g.mul_(0-dim float32 grad_loss) keeps g's dtype and rounds once, as g * grad_loss would.
+    grads = [g.mul_(grad_loss) if done and grad_loss is not None else None
              for g, done in zip(ctx.saved_tensors, ctx.computed)]  # fmt: skip
     return (*grads, *(None,) * (ctx.num_inputs - 3))
 

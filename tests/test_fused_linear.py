@@ -540,3 +540,19 @@ def test_head_transform_reads_what_trl_reads():
     # Muse: output_multiplier before the softcap (any config object with the attributes will do)
     muse = transformers.PretrainedConfig(output_multiplier=2.0, final_logit_softcapping=30.0)
     assert head_transform(muse) == (30.0, 2.0)
+
+
+def test_second_backward_through_the_same_graph_is_refused():
+    """The stored gradients are scaled in place by the first backward; a second one must not reuse them."""
+    from grpo_kernels.fused_linear import fused_linear_grpo_loss
+
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    weight = torch.randn(13, 8, generator=g, requires_grad=True)
+    ids = torch.randint(0, 13, (2, 5), generator=g)
+    out = fused_linear_grpo_loss(hidden, weight, ids, torch.randn(2, generator=g), backend="torch")
+    (out.loss * 2.0).backward(retain_graph=True)
+    first = weight.grad.clone()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss.backward()
+    assert torch.equal(weight.grad, first)
