@@ -25,12 +25,20 @@ def none_first_reward(completions, **_):
     return [None] + [1.0] * (len(completions) - 1)
 
 
-def blocking_reward(completions, **kwargs):
-    """``digit_reward``, except that call number $GRPO_TEST_BLOCK_AT touches $GRPO_TEST_MARKER and then hangs (in the
-    middle of a step, after the rollout and before the update), so that a test can SIGKILL the process there."""
+def reset_calls() -> None:
+    _calls["n"] = 0
+
+
+def interrupting_reward(completions, **kwargs):
+    """``digit_reward``, except in the middle of a step (after the rollout, before the update):
+
+    - call number $GRPO_TEST_INTERRUPT_AT raises KeyboardInterrupt (Ctrl-C);
+    - call number $GRPO_TEST_BLOCK_AT writes $GRPO_TEST_MARKER and hangs, so that a test can SIGKILL the process.
+    """
     _calls["n"] += 1
-    block_at = os.environ.get("GRPO_TEST_BLOCK_AT")
-    if block_at is not None and _calls["n"] == int(block_at):
+    if os.environ.get("GRPO_TEST_INTERRUPT_AT") == str(_calls["n"]):
+        raise KeyboardInterrupt
+    if os.environ.get("GRPO_TEST_BLOCK_AT") == str(_calls["n"]):
         with open(os.environ["GRPO_TEST_MARKER"], "w") as f:
             f.write(str(os.getpid()))
         time.sleep(600)

@@ -1,0 +1,143 @@
+"""The training loop in-process: the step's loss and gradient against reference.py, exact resume, bad inputs."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tests.trainer_helpers as helpers
+from grpo_kernels import reference
+from grpo_kernels.trainer.cli import main
+from grpo_kernels.trainer.loop import Trainer, train
+from grpo_kernels.trainer.metrics import TIMING_KEYS, read_metrics
+from grpo_kernels.trainer.rewards import RewardError
+from tests.trainer_helpers import tiny_cli_args, tiny_config
+
+REFERENCE_KEYS = ("beta", "epsilon_low", "epsilon_high", "delta", "dual_clip", "temperature", "loss_type",
+                  "importance_sampling_level", "kl_estimator", "bias_corrected_kl", "max_completion_length",
+                  "sapo_temperature_pos", "sapo_temperature_neg")  # fmt: skip
+
+
+def _scaled_losses(trainer, batches, loss_fn):
+    """Sum over micro-batches of loss_fn(batch) scaled as the trainer scales it, backward included; the grads."""
+    token_normalised = trainer.cfg.loss_type in ("dapo", "cispo")
+    total = 0.0
+    for batch in batches:
+        loss = loss_fn(batch)
+        scaled = loss if token_normalised else loss / len(batches)
+        scaled.backward()
+        total += float(scaled.detach())
+    grads = [p.grad.detach().clone() for p in trainer.model.parameters()]
+    trainer.model.zero_grad(set_to_none=True)
+    return total, grads
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),  # dapo, on-policy, no KL: the defaults
+        dict(beta=0.1, kl_estimator="k3", loss_type="grpo", num_iterations=2),  # reference model + old log-probs
+        dict(loss_type="dr_grpo", importance_sampling_level="sequence", epsilon_high=0.28, temperature=0.7),
+        dict(loss_type="cispo", epsilon_high=3.0, beta=0.02, kl_estimator="low_var_kl", mask_truncated=True),
+    ],
+    ids=["dapo", "grpo-kl-mu2", "drgrpo-gspo", "cispo"],
+)
+def test_step_loss_and_gradient_match_reference(tmp_path, variant):
+    trainer = Trainer(tiny_config(tmp_path, sft_steps=0, batch_prompts=4, grad_accum=2, **variant))
+    trainer._begin_grpo()
+    start = copy.deepcopy(trainer.model.state_dict())
+    batches = trainer.rollout_step_batches()
+    assert len(batches) == 2 and any(bool((b.advantages != 0).any()) for b in batches)
+    if trainer.cfg.beta > 0:
+        assert all(b.ref_logprobs is not None for b in batches)
+    num_items = sum(float(b.rollout.completion_mask.sum()) for b in batches)
+
+    ours, our_grads = _scaled_losses(trainer, batches, lambda b: trainer.policy_loss(b, num_items).loss)
+
+    config = {k: trainer.loss_config[k] for k in REFERENCE_KEYS}
+
+    def reference_loss(b):
+        logits = trainer._completion_logits(trainer.model, b.rollout).double()
+        return reference.grpo_loss(
+            logits, b.rollout.completion_ids, b.advantages.double(), mask=b.rollout.completion_mask,
+            old_logprobs=b.old_logprobs, ref_logprobs=b.ref_logprobs, num_items_in_batch=num_items, **config,
+        ).loss  # fmt: skip
+
+    expected, ref_grads = _scaled_losses(trainer, batches, reference_loss)
+    assert ours == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    for ours_g, ref_g in zip(our_grads, ref_grads):
+        torch.testing.assert_close(ours_g, ref_g, rtol=1e-4, atol=1e-6 * float(ref_g.abs().max()) + 1e-10)
+
+    # The full step draws the same batch (seeded by step and micro-batch) and logs that loss.
+    trainer.model.load_state_dict(start)
+    record = trainer.grpo_step()
+    if trainer.cfg.num_iterations == 1:
+        assert record["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert not torch.equal(trainer.model.state_dict()["lm_head.weight"], start["lm_head.weight"])
+
+
+def _final_weights(out):
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def _stable_metrics(out):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(out / "metrics.jsonl")]
+
+
+def test_resume_after_interrupt_is_exact(tmp_path, monkeypatch):
+    """k steps straight == k1 steps, Ctrl-C in the middle of step k1 + 1, --resume: same weights, same metrics."""
+    common = dict(sft_steps=2, steps=4, save_every=3, beta=0.05, rewards=["tests.trainer_helpers:interrupting_reward"])
+    helpers.reset_calls()
+    straight = train(tiny_config(tmp_path / "a", **common))
+
+    helpers.reset_calls()
+    monkeypatch.setenv("GRPO_TEST_INTERRUPT_AT", "3")  # the 3rd GRPO step = step 5; checkpoint at 3, step 4 logged
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "b", **common))
+    assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "phase" in r] == [1, 2, 3, 4]
+    monkeypatch.delenv("GRPO_TEST_INTERRUPT_AT")
+    resumed = train(tiny_config(tmp_path / "b", resume="latest", **common))
+
+    assert resumed["evals"] == straight["evals"]
+    assert _stable_metrics(tmp_path / "b") == _stable_metrics(tmp_path / "a")  # step 4 not duplicated
+    a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reward_that_raises_is_named(tmp_path):
+    with pytest.raises(RewardError, match=r"reward function 'tests.trainer_helpers:raising_reward' raised ZeroDivision"):
+        train(tiny_config(tmp_path, sft_steps=0, steps=1, rewards=["tests.trainer_helpers:raising_reward"]))
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--data", "--resume", "--loss-type", "--beta", "--num-iterations", "--grad-accum",
+                 "--mask-truncated", "--reward", "--importance-sampling-level", "--dual-clip", "--delta"):  # fmt: skip
+        assert flag in text
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda p: ["--data", str(p / "missing.jsonl")], "missing.jsonl' does not exist"),
+        (lambda p: ["--data", str(p / "bad.jsonl")], r"bad.jsonl:2: not valid JSON"),
+        (lambda p: ["--eval-data", str(p / "bad.jsonl")], r"bad.jsonl:2: not valid JSON"),
+        (lambda p: ["--model", str(p / "no-model")], "is not a directory"),
+        (lambda p: ["--resume"], "no checkpoint under"),
+        (lambda p: ["--reward", "nope"], "unknown reward 'nope'"),
+        (lambda p: ["--batch-prompts", "6", "--grad-accum", "4"], "must be divisible"),
+        (lambda p: ["--data", str(p / "ok.jsonl"), "--sft-steps", "3"], "needs a 'completion'"),
+        (lambda p: ["--reward", "tests.trainer_helpers:raising_reward", "--sft-steps", "0"], "raised ZeroDivisionError"),
+    ],
+)
+def test_cli_bad_inputs_exit_with_a_clear_message(tmp_path, capsys, make_args, message):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": oops}\n')
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    assert main(tiny_cli_args(tmp_path / "out") + make_args(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("grpo-train: error: ") and message in err, err
