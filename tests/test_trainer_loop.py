@@ -39,7 +39,8 @@ def _scaled_losses(trainer, batches, loss_fn):
     [
         dict(),  # dapo, on-policy, no KL: the defaults
         dict(beta=0.1, kl_estimator="k3", loss_type="grpo", num_iterations=2),  # reference model + old log-probs
-        dict(loss_type="dr_grpo", importance_sampling_level="sequence", epsilon_high=0.28, temperature=0.7),
+        dict(loss_type="dr_grpo", importance_sampling_level="sequence", epsilon_high=0.28, temperature=0.7,
+             inplace_backward=True),
         dict(loss_type="cispo", epsilon_high=3.0, beta=0.02, kl_estimator="low_var_kl", mask_truncated=True),
     ],
     ids=["dapo", "grpo-kl-mu2", "drgrpo-gspo", "cispo"],
@@ -141,3 +142,25 @@ def test_cli_bad_inputs_exit_with_a_clear_message(tmp_path, capsys, make_args, m
     assert main(tiny_cli_args(tmp_path / "out") + make_args(tmp_path)) == 2
     err = capsys.readouterr().err
     assert err.startswith("grpo-train: error: ") and message in err, err
+
+
+def test_hf_model_directory_jsonl_data_and_chat_template(tmp_path):
+    """--model DIR (a previous run's final/ export, given a chat template) with --data JSONL and a warm-up."""
+    train(tiny_config(tmp_path / "first", sft_steps=1, steps=0, eval_size=0))
+    model_dir = tmp_path / "first" / "final"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = "{% for m in messages %}({{ m['content'] }}){% endfor %}="
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"{a}+{a}", "answer": 2 * a, "completion": f"<answer>{2 * a}</answer>"} for a in range(10)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    helpers.SEEN_PROMPTS.clear()
+    summary = train(tiny_config(tmp_path / "second", model=str(model_dir), data=str(data), eval_data=str(data),
+                                sft_steps=1, steps=1, rewards=["tests.trainer_helpers:recording_reward"]))  # fmt: skip
+    assert helpers.SEEN_PROMPTS and all(p.startswith("(") and p.endswith(")=") for p in helpers.SEEN_PROMPTS)
+    assert summary["evals"]["after_grpo"]["total"] == 8  # --eval-size 8 of the 10 lines
+    records = read_metrics(tmp_path / "second" / "metrics.jsonl")
+    assert [r["phase"] for r in records if "phase" in r] == ["sft", "grpo"]

@@ -69,3 +69,12 @@ def tiny_cli_args(output_dir, **overrides) -> list[str]:
         else:
             args += [flag, str(value)]
     return args
+
+
+SEEN_PROMPTS: list[str] = []
+
+
+def recording_reward(prompts, completions, **kwargs):
+    """``digit_reward`` that also records the prompts as the model saw them."""
+    SEEN_PROMPTS.extend(prompts)
+    return digit_reward(completions, **kwargs)

@@ -16,8 +16,8 @@ def _opt(default, help: str, **kwargs):
 
 # Defaults that differ between the built-in task (tiny model, from scratch) and a real model on --data.
 AUTO = {
-    "sft_steps": (120, 0),
-    "lr": (5e-4, 1e-6),
+    "sft_steps": (150, 0),
+    "lr": (1e-4, 1e-6),
     "max_new_tokens": (32, 256),
     "rewards": (["accuracy"], ["accuracy"]),
 }
@@ -39,7 +39,7 @@ class TrainConfig:
     output_dir: str = _opt("grpo-output", "metrics.jsonl, curves.png, checkpoints/ and final/ go here")
     # --- supervised warm-up ------------------------------------------------------------------------------------
     sft_steps: int | None = _opt(None, "supervised warm-up steps on demonstrations before GRPO "
-                                       "(default: 120 on the built-in task, 0 with --data)")  # fmt: skip
+                                       "(default: 150 on the built-in task, 0 with --data)")  # fmt: skip
     sft_batch_size: int = _opt(64, "demonstrations per warm-up step (global)")
     sft_lr: float = _opt(1e-3, "warm-up learning rate")
     # --- GRPO ----------------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ class TrainConfig:
     inplace_backward: bool = _opt(False, "write the logits' gradient over the logits (saves one [N, V] buffer)")
     backend: str = _opt("auto", "grpo_kernels backend", choices=("auto", "torch", "triton", "cuda"))
     # --- optimizer -----------------------------------------------------------------------------------------------
-    lr: float | None = _opt(None, "GRPO learning rate (default: 5e-4 built-in, 1e-6 with --data)")
+    lr: float | None = _opt(None, "GRPO learning rate (default: 1e-4 built-in, 1e-6 with --data)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     max_grad_norm: float = _opt(1.0, "gradient clipping (0 = off)")
     # --- operations ----------------------------------------------------------------------------------------------
@@ -97,12 +97,12 @@ class TrainConfig:
         builtin = self.data is None
         values = {k: (v[0] if builtin else v[1]) for k, v in AUTO.items() if getattr(self, k) is None}
         cfg = dataclasses.replace(self, **values)
-        positive = ("steps", "batch_prompts", "num_generations", "grad_accum", "num_iterations", "max_new_tokens",
+        positive = ("batch_prompts", "num_generations", "grad_accum", "num_iterations", "max_new_tokens",
                     "sft_batch_size", "eval_batch_size", "task_digits", "keep_checkpoints")  # fmt: skip
         for name in positive:
             if getattr(cfg, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-        for name in ("sft_steps", "save_every", "eval_every", "eval_size"):
+        for name in ("steps", "sft_steps", "save_every", "eval_every", "eval_size"):
             if getattr(cfg, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
         if cfg.batch_prompts % cfg.grad_accum:
