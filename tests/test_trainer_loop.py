@@ -164,3 +164,12 @@ def test_hf_model_directory_jsonl_data_and_chat_template(tmp_path):
     assert summary["evals"]["after_grpo"]["total"] == 8  # --eval-size 8 of the 10 lines
     records = read_metrics(tmp_path / "second" / "metrics.jsonl")
     assert [r["phase"] for r in records if "phase" in r] == ["sft", "grpo"]
+
+
+def test_fresh_run_refuses_a_used_output_dir(tmp_path):
+    train(tiny_config(tmp_path, sft_steps=1, steps=0, eval_size=0, save_every=1))
+    with pytest.raises(ValueError, match=r"holds a previous run \(checkpoints, metrics.jsonl, final\)"):
+        train(tiny_config(tmp_path, sft_steps=1, steps=0, eval_size=0))
+    train(tiny_config(tmp_path, sft_steps=2, steps=0, eval_size=0, save_every=0, overwrite=True))
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002"]

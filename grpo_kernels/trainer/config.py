@@ -87,6 +87,8 @@ class TrainConfig:
     eval_batch_size: int = _opt(128, "prompts per evaluation generate call")
     resume: str | None = _opt(None, "continue from the latest checkpoint in output_dir, or from a given checkpoint "
                                     "directory", nargs="?", const="latest")  # fmt: skip
+    overwrite: bool = _opt(False, "start afresh in an output_dir that holds a previous run (deletes its checkpoints, "
+                                   "metrics, curves and final model)")  # fmt: skip
     device: str = _opt("auto", "auto (CUDA when available), cpu or cuda")
     bf16: bool = _opt(True, "bf16 autocast on CUDA (ignored on CPU)")
     progress: bool = _opt(True, "progress bar")

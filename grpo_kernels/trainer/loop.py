@@ -22,6 +22,7 @@ import hashlib
 import inspect
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -165,8 +166,8 @@ class Trainer:
         )  # fmt: skip
         if cfg.resume is not None:
             self.load(resolve_resume(self.checkpoints, cfg.resume))
-        elif self.dist.main and (self.out / "metrics.jsonl").exists():
-            (self.out / "metrics.jsonl").unlink()  # a fresh run starts a fresh metrics file
+        else:
+            self._fresh_output_dir()
 
     # ------------------------------------------------------------------------------------------------------------
     # setup
@@ -189,6 +190,20 @@ class Trainer:
             self.eval_examples = heldout_set(task, cfg.eval_size, HELDOUT_SEED) if cfg.eval_size else []
         held_out = frozenset(e.prompt for e in self.eval_examples)
         self.stream = PromptStream(cfg.seed, task=task, exclude=held_out)
+
+    def _fresh_output_dir(self) -> None:
+        """A new run never mixes with an old one: its checkpoints would be resumed or pruned by mistake."""
+        previous = [self.checkpoints, self.out / "metrics.jsonl", self.out / "final", self.out / "curves.png"]
+        previous = [p for p in previous if p.exists()]
+        if previous and not self.cfg.overwrite:
+            names = ", ".join(p.name for p in previous)
+            raise ValueError(f"{str(self.out)!r} holds a previous run ({names}): pass --resume to continue it, "
+                             "--overwrite to delete it and start afresh, or another --output-dir")  # fmt: skip
+        self.dist.barrier()  # every rank has looked before rank 0 deletes
+        if self.dist.main:
+            for path in previous:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.dist.barrier()
 
     def _optimizer(self) -> torch.optim.Optimizer:
         """AdamW of the phase that the next step belongs to (the warm-up and GRPO each start fresh moments)."""
@@ -447,6 +462,8 @@ class Trainer:
             print(f"grpo-train: resuming {path} with changed settings: {', '.join(changed)}")
         load_model(self.model, str(files["model"]), device=str(self.device))
         self.step, self.evals = state["step"], state["evals"]
+        if self.step < self.total_steps:  # a finished run resumed with more --steps: it ends somewhere else now
+            self.evals.pop("after_grpo", None)
         if self.step > self.cfg.sft_steps and self.cfg.beta > 0:
             if "ref_model" not in files:
                 raise CheckpointError(f"checkpoint {str(path)!r} has no ref_model.safetensors but --beta > 0")
