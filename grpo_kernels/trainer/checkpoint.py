@@ -50,15 +50,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """``obj`` as JSON at ``path``: written beside it, fsynced, renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """``state_dict()`` split into safetensors-storable tensors (``"<param>.<key>"``) and JSON (the rest)."""
     sd = optimizer.state_dict()

@@ -154,7 +154,7 @@ class Trainer:
         self.total_steps = cfg.sft_steps + cfg.steps
         self.step = 0
         self.evals: dict[str, dict] = {}
-        self.optimizer = self._optimizer()
+        self.optimizer = self._optimizer(warm_up=cfg.sft_steps > 0)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.dist.main)
         self.loss_config = dict(
             beta=cfg.beta, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
@@ -205,13 +205,13 @@ class Trainer:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.dist.barrier()
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        """AdamW of the phase that the next step belongs to (the warm-up and GRPO each start fresh moments)."""
-        lr = self.cfg.sft_lr if self.step < self.cfg.sft_steps else self.cfg.lr
+    def _optimizer(self, warm_up: bool) -> torch.optim.Optimizer:
+        """AdamW of the warm-up or of GRPO (each phase starts with fresh moments)."""
+        lr = self.cfg.sft_lr if warm_up else self.cfg.lr
         return torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
 
     def _begin_grpo(self) -> None:
-        self.optimizer = self._optimizer()
+        self.optimizer = self._optimizer(warm_up=False)
         if self.cfg.beta > 0:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
 
@@ -351,59 +351,56 @@ class Trainer:
         masks = [b.rollout.completion_mask for b in batches]
         (num_items,) = self.dist.sum([sum(float(m.sum()) for m in masks)])
         token_normalised = cfg.loss_type in ("dapo", "cispo")
-        loss_sum, grad_norms = 0.0, []
-        sums = dict.fromkeys(("tokens", "kl", "clip_low", "clip_high", "clip_region", "entropy"), 0.0)
+        token_metrics = ("kl_mean", "clip_low", "clip_high", "clip_region", "entropy_mean")
+        sums = dict.fromkeys(("loss", "tokens", *token_metrics), 0.0)  # local sums, token-weighted
+        grad_norms = []
         for _ in range(cfg.num_iterations):
             for i, batch in enumerate(batches):
                 with self._sync(i == len(batches) - 1):
                     out = self.policy_loss(batch, num_items)
-                    loss_sum += self._backward(out.loss, len(batches), token_normalised=token_normalised)
+                    sums["loss"] += self._backward(out.loss, len(batches), token_normalised=token_normalised)
                 tokens = float(masks[i].sum())
                 sums["tokens"] += tokens
-                for key, value in (("kl", out.kl_mean), ("clip_low", out.clip_low), ("clip_high", out.clip_high),
-                                   ("clip_region", out.clip_region), ("entropy", out.entropy_mean)):  # fmt: skip
-                    if value is not None:
-                        sums[key] += float(value) * tokens
+                for key in token_metrics:
+                    if getattr(out, key) is not None:
+                        sums[key] += float(getattr(out, key)) * tokens
             grad_norms.append(self._optimizer_step())
 
         # --- metrics over the global batch ---------------------------------------------------------------------
         rewards = self.dist.gather(torch.cat([b.rewards for b in batches]))  # [B_global, R]
-        weights = torch.tensor(self.rewards.weights, device=rewards.device)
-        combined = (rewards.nan_to_num() * weights).sum(dim=1)
+        combined = (rewards.nan_to_num() * torch.tensor(self.rewards.weights, device=rewards.device)).sum(dim=1)
         lengths = [n for b in batches for n in b.rollout.completion_lengths]
-        local = [
-            loss_sum / self.world / cfg.num_iterations, *sums.values(),
-            sum(sum(b.correct) for b in batches), len(lengths), sum(lengths),
-            sum(sum(b.rollout.truncated) for b in batches),
-            sum(b.frac_zero_std * b.group_std.numel() for b in batches), sum(b.group_std.numel() for b in batches),
-            float(sum(b.group_std.nan_to_num().sum() for b in batches)),
-        ]  # fmt: skip
-        loss, tokens, kl, clip_low, clip_high, clip_region, entropy, correct, count, length, truncated, zero_std, \
-            groups, group_std = self.dist.sum(local)  # fmt: skip
-        step_time = time.perf_counter() - start
+        sums.update(
+            completions=len(lengths), length=sum(lengths), correct=sum(sum(b.correct) for b in batches),
+            truncated=sum(sum(b.rollout.truncated) for b in batches), groups=sum(b.group_std.numel() for b in batches),
+            zero_std=sum(b.frac_zero_std * b.group_std.numel() for b in batches),
+            group_std=sum(float(b.group_std.nan_to_num().sum()) for b in batches),
+        )  # fmt: skip
+        total = dict(zip(sums, self.dist.sum(list(sums.values()))))
+        tokens, count, step_time = max(total["tokens"], 1.0), total["completions"], time.perf_counter() - start
         record = {
             "phase": "grpo",
-            "loss": loss,
+            "loss": total["loss"] / self.world / cfg.num_iterations,  # the objective DDP's averaged gradient follows
             "reward_mean": float(combined.mean()),
             "reward_std": float(combined.std()) if combined.numel() > 1 else 0.0,
-            "reward_group_std": group_std / groups,
-            "frac_zero_std": zero_std / groups,
+            "reward_group_std": total["group_std"] / total["groups"],
+            "frac_zero_std": total["zero_std"] / total["groups"],
             **{f"reward/{name}": float(rewards[:, k].nanmean()) for k, name in enumerate(self.rewards.names)},
-            "accuracy": correct / count,
-            "kl": kl / max(tokens, 1.0),
-            "clip_low": clip_low / max(tokens, 1.0),
-            "clip_high": clip_high / max(tokens, 1.0),
-            "clip_region": clip_region / max(tokens, 1.0),
-            "completion_length": length / count,
-            "truncated": truncated / count,
+            "accuracy": total["correct"] / count,
+            "kl": total["kl_mean"] / tokens,
+            "clip_low": total["clip_low"] / tokens,
+            "clip_high": total["clip_high"] / tokens,
+            "clip_region": total["clip_region"] / tokens,
+            "completion_length": total["length"] / count,
+            "truncated": total["truncated"] / count,
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "lr": self.optimizer.param_groups[0]["lr"],
             "step_time": step_time,
             "generation_time": sum(b.generation_time for b in batches),
-            "tokens_per_s": length / step_time,
+            "tokens_per_s": total["length"] / step_time,
         }
         if cfg.entropy:
-            record["entropy"] = entropy / max(tokens, 1.0)
+            record["entropy"] = total["entropy_mean"] / tokens
         return record
 
     # ------------------------------------------------------------------------------------------------------------
@@ -470,8 +467,7 @@ class Trainer:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
             load_model(self.ref_model, str(files["ref_model"]), device=str(self.device))
         # The optimizer of the last completed step's phase; at the warm-up/GRPO boundary _begin_grpo replaces it.
-        lr = self.cfg.sft_lr if self.step <= self.cfg.sft_steps else self.cfg.lr
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
+        self.optimizer = self._optimizer(warm_up=self.step <= self.cfg.sft_steps)
         self.optimizer.load_state_dict(optimizer_from_tensors(load_file(str(files["optimizer"])), state["optimizer"]))
         rng = load_file(str(files["rng"]))
         torch.set_rng_state(rng[f"rank{self.rank}.torch"])
