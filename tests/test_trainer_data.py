@@ -4,7 +4,15 @@ import json
 
 import pytest
 
-from grpo_kernels.trainer.data import AdditionTask, DataError, Example, PromptStream, format_prompt, heldout_set, read_jsonl
+from grpo_kernels.trainer.data import (
+    AdditionTask,
+    DataError,
+    Example,
+    PromptStream,
+    format_prompt,
+    heldout_set,
+    read_jsonl,
+)
 from grpo_kernels.trainer.rewards import answer_score
 
 

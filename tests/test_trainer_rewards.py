@@ -6,7 +6,14 @@ from decimal import Decimal
 import pytest
 
 from grpo_kernels.trainer.rewards import (
-    RewardError, RewardSet, accuracy_reward, answer_score, extract_answer, format_reward, length_reward, load_reward,
+    RewardError,
+    RewardSet,
+    accuracy_reward,
+    answer_score,
+    extract_answer,
+    format_reward,
+    length_reward,
+    load_reward,
     parse_reward_spec,
 )  # fmt: skip
 
@@ -64,12 +71,14 @@ def test_accuracy_and_format_rewards():
     completions = ["<think>a</think><answer>5</answer>", " <think>\nx\n</think>\n<answer>4</answer>\n", "5", ""]
     assert accuracy_reward(completions=completions, answers=["5"] * 4) == [1.0, 0.0, 0.5, 0.0]
     assert format_reward(completions=completions) == [1.0, 1.0, 0.0, 0.0]
-    assert format_reward(completions=["<answer>5</answer><think>a</think>", "<think>a</think><answer>5</answer> tail"]) == [0.0, 0.0]
+    wrong_order, trailing = "<answer>5</answer><think>a</think>", "<think>a</think><answer>5</answer> tail"
+    assert format_reward(completions=[wrong_order, trailing]) == [0.0, 0.0]
 
 
 def test_length_reward_is_dapo_soft_overlong_penalty():
     # L_max = 20, buffer = 5: free up to 15 tokens, then -1/5 per token, -1 when truncated.
-    out = length_reward(completion_lengths=[3, 15, 16, 18, 20, 20], truncated=[False] * 5 + [True], max_completion_length=20)
+    lengths, truncated = [3, 15, 16, 18, 20, 20], [False] * 5 + [True]
+    out = length_reward(completion_lengths=lengths, truncated=truncated, max_completion_length=20)
     assert out == pytest.approx([0.0, 0.0, -0.2, -0.6, -1.0, -1.0])
 
 

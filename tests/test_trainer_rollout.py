@@ -41,7 +41,7 @@ def test_completion_mask_eos_truncation_and_empty():
         assert r.completions == ["12", "", "11111", "2"]
         assert r.completion_lengths == [3, 1, 5, 2]
         assert r.truncated == [False, False, True, False]
-        expected = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.float32)
+        expected = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]).float()
         if mask_truncated:
             expected[2] = 0
         assert torch.equal(r.completion_mask, expected)

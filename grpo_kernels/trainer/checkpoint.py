@@ -123,22 +123,23 @@ def verify_checkpoint(path: Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     manifest_path = path / MANIFEST
+    where = f"checkpoint {str(path)!r}"
     if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} is partial: it has no {MANIFEST} (it was not completely written)")
+        raise CheckpointError(f"{where} is partial: it has no {MANIFEST} (it was not completely written)")
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupted: unreadable {MANIFEST} ({e})") from None
+        raise CheckpointError(f"{where} is corrupted: unreadable {MANIFEST} ({e})") from None
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
-            raise CheckpointError(f"checkpoint {str(path)!r} is partial: {name} is missing")
+            raise CheckpointError(f"{where} is partial: {name} is missing")
         size = file.stat().st_size
         if size != expected["bytes"]:
-            raise CheckpointError(f"checkpoint {str(path)!r} is corrupted: {name} has {size} bytes, expected {expected['bytes']}")
+            raise CheckpointError(f"{where} is corrupted: {name} has {size} bytes, expected {expected['bytes']}")
         if _sha256(file) != expected["sha256"]:
-            raise CheckpointError(f"checkpoint {str(path)!r} is corrupted: the sha256 of {name} does not match the manifest")
+            raise CheckpointError(f"{where} is corrupted: the sha256 of {name} does not match the manifest")
     return manifest
 
 

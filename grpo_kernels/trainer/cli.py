@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .loop import train
-    from .checkpoint import CheckpointError
     from .rewards import RewardError
 
     try:

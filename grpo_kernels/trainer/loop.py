@@ -35,8 +35,14 @@ from torch import Tensor
 
 from ..api import group_advantages, grpo_loss, token_logprobs
 from .checkpoint import (
-    CheckpointError, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, remove_partial_checkpoints,
-    repair_metrics, resolve_resume, save_checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    remove_partial_checkpoints,
+    repair_metrics,
+    resolve_resume,
+    save_checkpoint,
 )  # fmt: skip
 from .config import TrainConfig
 from .data import AdditionTask, DataError, PromptStream, format_prompt, heldout_set, read_jsonl
@@ -387,7 +393,6 @@ class Trainer:
             "frac_zero_std": total["zero_std"] / total["groups"],
             **{f"reward/{name}": float(rewards[:, k].nanmean()) for k, name in enumerate(self.rewards.names)},
             "accuracy": total["correct"] / count,
-            "kl": total["kl_mean"] / tokens,
             "clip_low": total["clip_low"] / tokens,
             "clip_high": total["clip_high"] / tokens,
             "clip_region": total["clip_region"] / tokens,
@@ -399,6 +404,8 @@ class Trainer:
             "generation_time": sum(b.generation_time for b in batches),
             "tokens_per_s": total["length"] / step_time,
         }
+        if cfg.beta > 0:  # without a reference model there is no KL to report
+            record["kl"] = total["kl_mean"] / tokens
         if cfg.entropy:
             record["entropy"] = total["entropy_mean"] / tokens
         return record
@@ -496,7 +503,8 @@ class Trainer:
 
         cfg = self.cfg
         self._after_step()  # the held-out baseline when there is no warm-up
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="grpo-train", disable=not (self.dist.main and cfg.progress))
+        show = self.dist.main and cfg.progress
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="grpo-train", disable=not show)
         while self.step < self.total_steps:
             if self.step == cfg.sft_steps:
                 self._begin_grpo()

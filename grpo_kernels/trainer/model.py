@@ -59,7 +59,7 @@ def load_model_and_tokenizer(path: str | None, *, tiny_hidden_size: int = 128, t
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"--model {path!r} is not a directory (a local Hugging Face model directory is expected)")
+        raise FileNotFoundError(f"--model {path!r} is not a directory (expected a local Hugging Face model directory)")
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # many causal LMs ship without one; the completion mask handles the overlap
