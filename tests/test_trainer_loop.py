@@ -173,3 +173,15 @@ def test_fresh_run_refuses_a_used_output_dir(tmp_path):
     train(tiny_config(tmp_path, sft_steps=2, steps=0, eval_size=0, save_every=0, overwrite=True))
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+@pytest.mark.slow
+def test_default_run_raises_heldout_accuracy(tmp_path):
+    """The README's main command, `grpo-train` with no arguments (minutes on a CPU): GRPO must beat the warm-up."""
+    from grpo_kernels.trainer.config import TrainConfig
+
+    evals = train(TrainConfig(output_dir=str(tmp_path), progress=False))["evals"]
+    before, after = evals["before_grpo"], evals["after_grpo"]
+    assert before["total"] == after["total"] == 256
+    assert after["accuracy"] >= before["accuracy"] + 0.1, (before, after)
+    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "final" / "config.json").exists()
