@@ -10,14 +10,13 @@ from safetensors.torch import load_file
 import tests.trainer_helpers as helpers
 from grpo_kernels import reference
 from grpo_kernels.trainer.cli import main
-from grpo_kernels.trainer.loop import Trainer, train
+from grpo_kernels.trainer.loop import LOSS_KNOBS, Trainer, train
 from grpo_kernels.trainer.metrics import TIMING_KEYS, read_metrics
 from grpo_kernels.trainer.rewards import RewardError
 from tests.trainer_helpers import tiny_cli_args, tiny_config
 
-REFERENCE_KEYS = ("beta", "epsilon_low", "epsilon_high", "delta", "dual_clip", "temperature", "loss_type",
-                  "importance_sampling_level", "kl_estimator", "bias_corrected_kl", "max_completion_length",
-                  "sapo_temperature_pos", "sapo_temperature_neg")  # fmt: skip
+# grpo_loss arguments that reference.grpo_loss takes too (not the backend choices or the entropy output)
+REFERENCE_KEYS = [k for k in LOSS_KNOBS if k not in ("inplace_backward", "backend")] + ["max_completion_length"]
 
 
 def _scaled_losses(trainer, batches, loss_fn):
@@ -110,6 +109,20 @@ def test_resume_after_interrupt_is_exact(tmp_path, monkeypatch):
 def test_reward_that_raises_is_named(tmp_path):
     with pytest.raises(RewardError, match=r"function 'tests.trainer_helpers:raising_reward' raised ZeroDivision"):
         train(tiny_config(tmp_path, sft_steps=0, steps=1, rewards=["tests.trainer_helpers:raising_reward"]))
+
+
+def test_every_grpo_loss_knob_is_a_flag():
+    import dataclasses
+    import inspect
+
+    import grpo_kernels
+    from grpo_kernels.trainer.config import TrainConfig
+
+    per_batch = {"logits", "token_ids", "advantages", "mask", "old_logprobs", "ref_logprobs", "num_items_in_batch",
+                 "is_weights", "cu_seqlens", "ignore_index"}  # fmt: skip
+    knobs = set(inspect.signature(grpo_kernels.grpo_loss).parameters) - per_batch
+    assert knobs == set(LOSS_KNOBS) | {"return_entropy", "max_completion_length"}  # --entropy, --max-new-tokens
+    assert set(LOSS_KNOBS) <= {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def test_cli_help(capsys):

@@ -52,6 +52,10 @@ from .rewards import RewardSet, answer_score
 from .rollout import Rollout, demonstration_batch, generate
 
 HELDOUT_SEED = 0  # the built-in task's held-out problems are the same for every run
+# Arguments of grpo_kernels.grpo_loss that TrainConfig holds under the same name.
+LOSS_KNOBS = ("beta", "epsilon_low", "epsilon_high", "delta", "dual_clip", "temperature", "loss_type",
+              "importance_sampling_level", "kl_estimator", "bias_corrected_kl", "inplace_backward", "backend",
+              "sapo_temperature_pos", "sapo_temperature_neg")  # fmt: skip
 
 
 class Dist:
@@ -162,14 +166,8 @@ class Trainer:
         self.evals: dict[str, dict] = {}
         self.optimizer = self._optimizer(warm_up=cfg.sft_steps > 0)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.dist.main)
-        self.loss_config = dict(
-            beta=cfg.beta, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
-            dual_clip=cfg.dual_clip, temperature=cfg.temperature, loss_type=cfg.loss_type,
-            importance_sampling_level=cfg.importance_sampling_level, kl_estimator=cfg.kl_estimator,
-            bias_corrected_kl=cfg.bias_corrected_kl, max_completion_length=cfg.max_new_tokens,
-            return_entropy=cfg.entropy, inplace_backward=cfg.inplace_backward, backend=cfg.backend,
-            sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg,
-        )  # fmt: skip
+        self.loss_config = {k: getattr(cfg, k) for k in LOSS_KNOBS}
+        self.loss_config.update(return_entropy=cfg.entropy, max_completion_length=cfg.max_new_tokens)
         if cfg.resume is not None:
             self.load(resolve_resume(self.checkpoints, cfg.resume))
         else:
