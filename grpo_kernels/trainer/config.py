@@ -1,0 +1,116 @@
+"""Every setting of a run, with its default and its ``--flag`` help (the CLI is generated from this dataclass).
+
+A few defaults depend on whether the run uses the built-in task or ``--data``; they are ``None`` here and filled in
+by :meth:`TrainConfig.resolved` (see ``AUTO``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def _opt(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+# Defaults that differ between the built-in task (tiny model, from scratch) and a real model on --data.
+AUTO = {
+    "sft_steps": (150, 0),
+    "lr": (1e-4, 1e-6),
+    "max_new_tokens": (32, 256),
+    "rewards": (["accuracy"], ["accuracy"]),
+}
+
+
+@dataclass
+class TrainConfig:
+    # --- model and data ---------------------------------------------------------------------------------------
+    model: str | None = _opt(None, "local Hugging Face model directory (default: the built-in tiny model)")
+    data: str | None = _opt(None, "JSONL file with 'prompt', 'answer' (and optionally 'completion' for the warm-up); "
+                                  "default: the built-in addition task")  # fmt: skip
+    eval_data: str | None = _opt(None, "JSONL held-out set (default with the built-in task: --eval-size problems "
+                                       "never trained on)")  # fmt: skip
+    eval_size: int = _opt(256, "held-out problems of the built-in task (or the first N of --eval-data; 0 = all)")
+    task_digits: int = _opt(2, "digits of each operand in the built-in addition task")
+    system_prompt: str | None = _opt(None, "system message for the chat template (or a line before the prompt)")
+    tiny_hidden_size: int = _opt(128, "hidden size of the built-in tiny model")
+    tiny_layers: int = _opt(2, "layers of the built-in tiny model")
+    output_dir: str = _opt("grpo-output", "metrics.jsonl, curves.png, checkpoints/ and final/ go here")
+    # --- supervised warm-up ------------------------------------------------------------------------------------
+    sft_steps: int | None = _opt(None, "supervised warm-up steps on demonstrations before GRPO "
+                                       "(default: 150 on the built-in task, 0 with --data)")  # fmt: skip
+    sft_batch_size: int = _opt(64, "demonstrations per warm-up step (global)")
+    sft_lr: float = _opt(1e-3, "warm-up learning rate")
+    # --- GRPO ----------------------------------------------------------------------------------------------------
+    steps: int = _opt(60, "GRPO steps (one rollout round each)")
+    batch_prompts: int = _opt(16, "prompts per GRPO step (global, across ranks)")
+    num_generations: int = _opt(8, "completions per prompt (the group size G)")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step (per rank)")
+    num_iterations: int = _opt(1, "optimizer steps on each rollout batch (mu); > 1 uses old log-probs")
+    max_new_tokens: int | None = _opt(None, "completion length limit (default: 32 built-in, 256 with --data)")
+    temperature: float = _opt(1.0, "sampling temperature (the loss divides the logits by it too)")
+    top_p: float = _opt(1.0, "nucleus sampling threshold")
+    mask_truncated: bool = _opt(False, "leave completions without EOS out of the loss (DAPO overlong filtering)")
+    rewards: list[str] | None = _opt(None, "NAME[=WEIGHT], repeatable: accuracy, format, length or module:function "
+                                           "(default: accuracy)", flag="--reward")  # fmt: skip
+    multi_reward: str = _opt("sum_then_normalize", "how several rewards combine",
+                             choices=("sum_then_normalize", "normalize_then_sum"))  # fmt: skip
+    advantage_scale: str = _opt("group", "advantage denominator: group std, batch std or none (Dr. GRPO)",
+                                choices=("group", "batch", "none"))  # fmt: skip
+    advantage_eps: float = _opt(1e-4, "added to the std of the advantage denominator")
+    # --- the loss: every knob of grpo_kernels.grpo_loss ---------------------------------------------------------
+    loss_type: str = _opt("dapo", "aggregation", choices=("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"))
+    beta: float = _opt(0.0, "KL coefficient; > 0 keeps a frozen reference model (the policy when GRPO starts)")
+    epsilon_low: float = _opt(0.2, "lower clip range")
+    epsilon_high: float | None = _opt(None, "upper clip range (default: epsilon_low; cispo: the ratio cap)")
+    delta: float | None = _opt(None, "two-sided clip of the ratio (> 1, INTELLECT-2)")
+    dual_clip: float | None = _opt(None, "dual-clip constant c > 1 for negative advantages (verl)")
+    importance_sampling_level: str = _opt("token", "ratio per token or per sequence (GSPO)",
+                                          choices=("token", "sequence"))  # fmt: skip
+    kl_estimator: str = _opt("k3", "KL estimator", choices=("k1", "k2", "k3", "low_var_kl"))
+    bias_corrected_kl: bool = _opt(False, "multiply the KL by the ratio (TRL use_bias_correction_kl)")
+    sapo_temperature_pos: float = _opt(1.0, "SAPO temperature for positive advantages")
+    sapo_temperature_neg: float = _opt(1.05, "SAPO temperature for negative advantages")
+    entropy: bool = _opt(True, "compute the per-token entropy (logged as a metric)")
+    inplace_backward: bool = _opt(False, "write the logits' gradient over the logits (saves one [N, V] buffer)")
+    backend: str = _opt("auto", "grpo_kernels backend", choices=("auto", "torch", "triton", "cuda"))
+    # --- optimizer -----------------------------------------------------------------------------------------------
+    lr: float | None = _opt(None, "GRPO learning rate (default: 1e-4 built-in, 1e-6 with --data)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "gradient clipping (0 = off)")
+    # --- operations ----------------------------------------------------------------------------------------------
+    seed: int = _opt(0, "seed of the model init, the data order and the sampling")
+    save_every: int = _opt(50, "checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = _opt(2, "checkpoints kept on disk (the newest)")
+    eval_every: int = _opt(0, "held-out evaluation every N GRPO steps besides before and after GRPO (0 = off)")
+    eval_batch_size: int = _opt(128, "prompts per evaluation generate call")
+    resume: str | None = _opt(None, "continue from the latest checkpoint in output_dir, or from a given checkpoint "
+                                    "directory", nargs="?", const="latest")  # fmt: skip
+    overwrite: bool = _opt(False, "start afresh in an output_dir that holds a previous run (deletes its checkpoints, "
+                                   "metrics, curves and final model)")  # fmt: skip
+    device: str = _opt("auto", "auto (CUDA when available), cpu or cuda")
+    bf16: bool = _opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    progress: bool = _opt(True, "progress bar")
+    plot: bool = _opt(True, "write curves.png at the end")
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the automatic defaults filled in and the settings checked."""
+        builtin = self.data is None
+        values = {k: (v[0] if builtin else v[1]) for k, v in AUTO.items() if getattr(self, k) is None}
+        cfg = dataclasses.replace(self, **values)
+        positive = ("batch_prompts", "num_generations", "grad_accum", "num_iterations", "max_new_tokens",
+                    "sft_batch_size", "eval_batch_size", "task_digits", "keep_checkpoints")  # fmt: skip
+        for name in positive:
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+        for name in ("steps", "sft_steps", "save_every", "eval_every", "eval_size"):
+            if getattr(cfg, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+        if cfg.batch_prompts % cfg.grad_accum:
+            raise ValueError(f"--batch-prompts {cfg.batch_prompts} must be divisible by --grad-accum {cfg.grad_accum}")
+        if not 0 < cfg.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+        if cfg.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
+        return cfg
