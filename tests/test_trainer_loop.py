@@ -16,7 +16,7 @@ from grpo_kernels.trainer.rewards import RewardError
 from tests.trainer_helpers import tiny_cli_args, tiny_config
 
 # grpo_loss arguments that reference.grpo_loss takes too (not the backend choices or the entropy output)
-REFERENCE_KEYS = [k for k in LOSS_KNOBS if k not in ("inplace_backward", "backend")] + ["max_completion_length"]
+REFERENCE_KEYS = [k for k in LOSS_KNOBS if k not in ("inplace_backward", "grad_in_forward", "backend")] + ["max_completion_length"]
 
 
 def _scaled_losses(trainer, batches, loss_fn):
@@ -41,8 +41,10 @@ def _scaled_losses(trainer, batches, loss_fn):
         dict(loss_type="dr_grpo", importance_sampling_level="sequence", epsilon_high=0.28, temperature=0.7,
              inplace_backward=True),
         dict(loss_type="cispo", epsilon_high=3.0, beta=0.02, kl_estimator="low_var_kl", mask_truncated=True),
+        dict(grad_in_forward=True),  # the gradient computed in the forward, loss_scale matching the backward's
+        dict(loss_type="bnpo", grad_in_forward=True, inplace_backward=True),  # loss_scale 1 vs 1/2: the rescale
     ],
-    ids=["dapo", "grpo-kl-mu2", "drgrpo-gspo", "cispo"],
+    ids=["dapo", "grpo-kl-mu2", "drgrpo-gspo", "cispo", "dapo-grad-in-forward", "bnpo-grad-in-forward-inplace"],
 )
 def test_step_loss_and_gradient_match_reference(tmp_path, variant):
     trainer = Trainer(tiny_config(tmp_path, sft_steps=0, batch_prompts=4, grad_accum=2, **variant))
@@ -119,7 +121,7 @@ def test_every_grpo_loss_knob_is_a_flag():
     from grpo_kernels.trainer.config import TrainConfig
 
     per_batch = {"logits", "token_ids", "advantages", "mask", "old_logprobs", "ref_logprobs", "num_items_in_batch",
-                 "is_weights", "cu_seqlens", "ignore_index"}  # fmt: skip
+                 "is_weights", "cu_seqlens", "ignore_index", "loss_scale"}  # fmt: skip (loss_scale: computed per step)
     knobs = set(inspect.signature(grpo_kernels.grpo_loss).parameters) - per_batch
     assert knobs == set(LOSS_KNOBS) | {"return_entropy", "max_completion_length"}  # --entropy, --max-new-tokens
     assert set(LOSS_KNOBS) <= {f.name for f in dataclasses.fields(TrainConfig)}

@@ -74,6 +74,7 @@ class TrainConfig:
     sapo_temperature_neg: float = _opt(1.05, "SAPO temperature for negative advantages")
     entropy: bool = _opt(True, "compute the per-token entropy (logged as a metric)")
     inplace_backward: bool = _opt(False, "write the logits' gradient over the logits (saves one [N, V] buffer)")
+    grad_in_forward: bool = _opt(False, "compute the logits' gradient inside the loss forward (2-pass kernels)")
     backend: str = _opt("auto", "grpo_kernels backend", choices=("auto", "torch", "triton", "cuda"))
     # --- optimizer -----------------------------------------------------------------------------------------------
     lr: float | None = _opt(None, "GRPO learning rate (default: 1e-4 built-in, 1e-6 with --data)")

@@ -54,8 +54,8 @@ from .rollout import Rollout, demonstration_batch, generate
 HELDOUT_SEED = 0  # the built-in task's held-out problems are the same for every run
 # Arguments of grpo_kernels.grpo_loss that TrainConfig holds under the same name.
 LOSS_KNOBS = ("beta", "epsilon_low", "epsilon_high", "delta", "dual_clip", "temperature", "loss_type",
-              "importance_sampling_level", "kl_estimator", "bias_corrected_kl", "inplace_backward", "backend",
-              "sapo_temperature_pos", "sapo_temperature_neg")  # fmt: skip
+              "importance_sampling_level", "kl_estimator", "bias_corrected_kl", "inplace_backward", "grad_in_forward",
+              "backend", "sapo_temperature_pos", "sapo_temperature_neg")  # fmt: skip
 
 
 class Dist:
@@ -249,9 +249,13 @@ class Trainer:
             backend=self.cfg.backend,
         )  # fmt: skip
 
-    def _backward(self, loss: Tensor, micro_batches: int, *, token_normalised: bool) -> float:
+    def _loss_scale(self, micro_batches: int, *, token_normalised: bool) -> float:
+        """The factor each micro-batch's loss is multiplied by before its backward (accumulation and DDP)."""
+        return float(self.world) if token_normalised else 1.0 / micro_batches
+
+    def _backward(self, loss: Tensor, scale: float) -> float:
         """Scale for accumulation and DDP (module docstring), backward; returns the scaled loss for logging."""
-        scaled = loss * self.world if token_normalised else loss / micro_batches
+        scaled = loss * scale
         scaled.backward()
         return float(scaled.detach())
 
@@ -291,7 +295,7 @@ class Trainer:
                 logits = self._completion_logits(self.policy, batch)
                 lp = token_logprobs(logits, batch.completion_ids, mask=batch.completion_mask, backend=cfg.backend)
                 loss = -(lp * batch.completion_mask).sum() / max(num_items, 1.0)
-                loss_sum += self._backward(loss, len(batches), token_normalised=True)
+                loss_sum += self._backward(loss, self._loss_scale(len(batches), token_normalised=True))
         grad_norm = self._optimizer_step()
         (loss_sum,) = self.dist.sum([loss_sum / self.world])
         return {"phase": "sft", "loss": loss_sum, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
@@ -332,13 +336,17 @@ class Trainer:
             generation_time=generation_time,
         )
 
-    def policy_loss(self, batch: GroupBatch, num_items_in_batch: float):
-        """``grpo_loss`` of the current policy on one micro-batch (a :class:`grpo_kernels.GRPOLossOutput`)."""
+    def policy_loss(self, batch: GroupBatch, num_items_in_batch: float, loss_scale: float = 1.0):
+        """``grpo_loss`` of the current policy on one micro-batch (a :class:`grpo_kernels.GRPOLossOutput`).
+
+        ``loss_scale`` is the factor the loss will be multiplied by before its backward; with ``--grad-in-forward``
+        the op bakes it into the gradient it computes in the forward.
+        """
         logits = self._completion_logits(self.policy, batch.rollout)
         return grpo_loss(
             logits, batch.rollout.completion_ids, batch.advantages, mask=batch.rollout.completion_mask,
             old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs,
-            num_items_in_batch=num_items_in_batch, **self.loss_config,
+            num_items_in_batch=num_items_in_batch, loss_scale=loss_scale, **self.loss_config,
         )  # fmt: skip
 
     def rollout_step_batches(self) -> list[GroupBatch]:
@@ -361,8 +369,9 @@ class Trainer:
         for _ in range(cfg.num_iterations):
             for i, batch in enumerate(batches):
                 with self._sync(i == len(batches) - 1):
-                    out = self.policy_loss(batch, num_items)
-                    sums["loss"] += self._backward(out.loss, len(batches), token_normalised=token_normalised)
+                    scale = self._loss_scale(len(batches), token_normalised=token_normalised)
+                    out = self.policy_loss(batch, num_items, scale)
+                    sums["loss"] += self._backward(out.loss, scale)
                 tokens = float(masks[i].sum())
                 sums["tokens"] += tokens
                 for key in token_metrics:
