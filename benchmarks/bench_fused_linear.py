@@ -29,9 +29,8 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
-from benchmarks.bench_torch_backend import _reset_peak_rss, _status_bytes
+from benchmarks.measure import repeated_runs
 
 VARIANTS = ("eager", "materialised", "fused", "trl-chunked")
 
@@ -78,20 +77,16 @@ def run_one(
 
     if variant == "matmul":  # the GEMM rate of this machine at this shape
         a, b = h.detach().reshape(-1, hidden), w.detach().T
-        torch.mm(a, b)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - start)
-        return dict(variant=variant, median_s=sorted(times)[len(times) // 2])
+        return dict(variant=variant, **repeated_runs(lambda: torch.mm(a, b), repeats, torch.device("cpu")))
 
     if variant == "trl-chunked":
         from trl.kernels.chunked_logprob import ChunkedLogProbFunction
         from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE  # TRL's vocabulary tile (32768)
 
-    def step():
+    def clear_grads():
         h.grad = w.grad = None
+
+    def step():
         if variant == "eager":
             loss = eager_grpo_loss(h @ w.T, ids, adv, mask=mask, old_logprobs=old)[0]
         elif variant == "materialised":
@@ -109,16 +104,7 @@ def run_one(
             loss = _loss_from_logprobs(lp.view(ids.shape), old, adv, mask)
         loss.backward()
 
-    _reset_peak_rss()
-    base = _status_bytes("VmRSS")
-    times = []
-    for _ in range(repeats + 1):  # the first run is a warm-up (inside the peak: its allocations are the real ones)
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    peak = _status_bytes("VmHWM")
-    times = sorted(times[1:])
-    return dict(variant=variant, median_s=times[len(times) // 2], min_s=times[0], peak_extra_bytes=peak - base)
+    return dict(variant=variant, **repeated_runs(step, repeats, torch.device("cpu"), before_each=clear_grads))
 
 
 def main() -> None:

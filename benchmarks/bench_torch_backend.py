@@ -19,9 +19,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 
-from benchmarks.measure import reset_peak_rss, status_bytes
+from benchmarks.measure import repeated_runs
 
 VARIANTS = ("eager", "torch", "torch-inplace")
 
@@ -65,18 +64,10 @@ def run_one(variant: str, tokens: int, vocab: int, repeats: int, threads: int) -
 
     if variant == "torch-inplace":  # the in-place backward overwrites the logits: give each run fresh values
         pristine = values.clone()
-    reset_peak_rss()
-    base = status_bytes("VmRSS")
-    times = []
-    for _ in range(repeats + 1):  # the first run is a warm-up
-        if variant == "torch-inplace":
-            values.copy_(pristine)
-        start = time.perf_counter()
-        forward_backward()
-        times.append(time.perf_counter() - start)
-    peak = status_bytes("VmHWM")
-    times = sorted(times[1:])
-    return dict(variant=variant, median_s=times[len(times) // 2], min_s=times[0], peak_extra_bytes=peak - base)
+        restore = lambda: values.copy_(pristine)  # noqa: E731
+    else:
+        restore = None
+    return dict(variant=variant, **repeated_runs(forward_backward, repeats, torch.device("cpu"), before_each=restore))
 
 
 def main() -> None:

@@ -24,9 +24,8 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
-from benchmarks.bench_torch_backend import _reset_peak_rss, _status_bytes
+from benchmarks.measure import repeated_runs
 
 VARIANTS = ("trl", "fused_linear", "logits")
 
@@ -86,29 +85,13 @@ def run_one(variant: str, vocab: int, hidden: int, batch: int, prompt: int, comp
             "num_items_in_batch": torch.tensor(batch * completion),
         }
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        cuda = device.type == "cuda"
 
         def step():
             trainer.model.zero_grad(set_to_none=False)
             trainer._compute_loss(trainer.model, dict(inputs)).backward()
-            if cuda:
-                torch.cuda.synchronize()
 
-        step()  # warm-up: allocates the .grad buffers (part of the baseline)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            _reset_peak_rss()
-            base = _status_bytes("VmRSS")
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")
-    times.sort()
-    return dict(variant=variant, device=str(device), median_s=times[len(times) // 2], peak_extra_bytes=peak - base)
+        measured = repeated_runs(step, repeats, device)  # the warm-up allocates the .grad buffers: baseline
+    return dict(variant=variant, device=str(device), **measured)
 
 
 def main() -> None:

@@ -85,6 +85,43 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
+def repeated_runs(
+    step: Callable[[], object], repeats: int, device: torch.device, before_each: Callable[[], object] | None = None
+) -> dict:
+    """Wall time of ``repeats`` calls of ``step()`` after one warm-up call, and their peak memory above the start.
+
+    ``before_each`` runs untimed before every call, the warm-up's included, and once more before the baseline is
+    read: what it frees (e.g. ``.grad`` set to None) is not in the baseline, so the peak counts it again; what the
+    warm-up leaves alive otherwise (``.grad`` buffers reused in place, caches) belongs to the baseline. Peak memory:
+    on a GPU ``torch.cuda.max_memory_allocated``; on the CPU the peak resident set (``VmHWM``, reset first). Returns
+    ``median_s``, ``min_s`` and ``peak_extra_bytes``.
+    """
+    cuda = device.type == "cuda"
+    prepare = before_each or (lambda: None)
+    prepare()
+    step()
+    synchronize(device)
+    prepare()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        _release_free_heap()
+        reset_peak_rss()
+        base = status_bytes("VmRSS")
+    times = []
+    for i in range(repeats):
+        if i:
+            prepare()
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if cuda else status_bytes("VmHWM")
+    times.sort()
+    return dict(median_s=times[len(times) // 2], min_s=times[0], peak_extra_bytes=peak - base)
+
+
 def _release_free_heap() -> None:
     """Give the allocator's free pages back to the kernel, so that a later run's peak counts its allocations."""
     gc.collect()
