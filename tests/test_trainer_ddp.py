@@ -38,7 +38,10 @@ def test_two_process_ddp_matches_gradient_accumulation(tmp_path):
     for a, b in zip(ddp, single):
         assert a.keys() == b.keys()
         for key in a.keys() - set(TIMING_KEYS):
-            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), (a["step"], key)
+            if isinstance(a[key], (int, float)) and not isinstance(a[key], bool):
+                assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), (a["step"], key)
+            else:  # phase names and the like (pytest >= 9.2 refuses approx of a str)
+                assert a[key] == b[key], (a["step"], key)
     # Bitwise: with 2 ranks the all-reduce is one addition, the same one the single process does when it
     # accumulates its 2 micro-batches, and the world-size scaling (x2, then DDP's /2) is exact.
     wa, wb = (load_file(str(d / "final" / "model.safetensors")) for d in (ddp_out, single_out))
