@@ -1,0 +1,42 @@
+"""The torch backend: chunked log-probs / entropy with a hand-written gradient, on any device.
+
+One file per op, as in the Triton backend:
+
+    logprobs.py    token log-probs + entropy in row blocks (one read of the logits) and their gradient (one read +
+                   one write), never a full [N, V] float32 softmax
+    advantages.py  group-relative advantages: NaN-aware group statistics, float64 sums, no atomics
+
+The fused loss is the log-prob pass followed by the closed-form per-token math of :mod:`grpo_kernels.loss_math`.
+This is the fallback everyone gets (CPU, or a GPU without Triton) and the only backend that computes float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...loss_math import LossConfig, LossForward, TokenBatch, loss_forward_from_logprobs
+from .advantages import group_advantages
+from .logprobs import token_logprobs_backward, token_logprobs_forward
+
+
+class TorchBackend:
+    name = "torch"
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        return None
+
+    def token_logprobs_forward(self, logits, token_ids, temperature, with_entropy):
+        return token_logprobs_forward(logits, token_ids, temperature, with_entropy)
+
+    def token_logprobs_backward(self, logits, token_ids, lse, entropy, grad_lp, grad_entropy, temperature, out):
+        token_logprobs_backward(logits, token_ids, lse, entropy, grad_lp, grad_entropy, temperature, out)
+
+    def grpo_loss_forward(self, logits, batch: TokenBatch, config: LossConfig, with_entropy: bool) -> LossForward:
+        lp, lse, entropy = token_logprobs_forward(logits, batch.token_ids, config.temperature, with_entropy)
+        return loss_forward_from_logprobs(lp, lse, entropy, batch, config)
+
+    def group_advantages(self, rewards, weights, layout, config):
+        return group_advantages(rewards, weights, layout, config)
+
+
+BACKEND = TorchBackend()
