@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import torch
 
+from .config import AdvantageConfig  # noqa: F401 - re-exported: the backends read it from here
+
 
 class GroupLayout(NamedTuple):
     """Which rows form which group, in a form kernels can use without atomics.
@@ -22,12 +24,6 @@ class GroupLayout(NamedTuple):
     @property
     def num_groups(self) -> int:
         return self.cu_groups.shape[0] - 1
-
-
-class AdvantageConfig(NamedTuple):
-    scale: str = "group"  # "group" | "batch" | "none"
-    eps: float = 1e-4
-    multi_reward: str = "sum_then_normalize"  # | "normalize_then_sum"
 
 
 class GroupAdvantages(NamedTuple):

@@ -16,35 +16,14 @@ sum_t c_t L_t``), ``r`` the log-ratio, ``rho = exp(r)``, ``P`` the policy term, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from .config import LossConfig
+
 CLIP_LOW = 1  # bit of LossForward.clip_flags: rho < 1 - eps_low and A < 0
 CLIP_HIGH = 2  # bit of LossForward.clip_flags: rho > 1 + eps_high and A > 0
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """The scalar hyper-parameters and modes of the loss (already validated, epsilon_high resolved)."""
-
-    loss_type: str = "dapo"
-    beta: float = 0.0
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-    delta: float | None = None
-    dual_clip: float | None = None
-    temperature: float = 1.0
-    importance_sampling_level: str = "token"
-    kl_estimator: str = "k3"
-    bias_corrected_kl: bool = False
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
-
-    @property
-    def sequence_level(self) -> bool:
-        return self.importance_sampling_level == "sequence"
 
 
 class TokenBatch(NamedTuple):
@@ -103,6 +82,25 @@ def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     total = torch.where(pos, float("inf"), torch.where(neg, float("-inf"), total))
     total = torch.where(nan | (pos & neg), float("nan"), total)
     return total.to(values.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Aggregation: loss = sum_t c_t L_t (docs/math.md section 6)
+# ----------------------------------------------------------------------------------------------------------------
+def aggregation_coef(
+    m: torch.Tensor, seq_weights: torch.Tensor, num_seqs: int, config: LossConfig, num_items_in_batch=None
+) -> torch.Tensor:
+    """``c_t`` of ``loss_type``: ``m`` ``[N]`` the mask weight of each token (0 where it does not take part),
+    ``seq_weights`` ``[N]`` its weight in its sequence's mean (``m_t / max(1, n_s)``), ``num_seqs`` ``S``."""
+    if config.loss_type in ("grpo", "sapo"):
+        return seq_weights / max(num_seqs, 1)
+    if config.loss_type == "bnpo":
+        return m / m.sum().clamp(min=1.0)
+    if config.loss_type == "dr_grpo":
+        return m / (max(num_seqs, 1) * config.max_completion_length)
+    # dapo, cispo
+    items = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=m.dtype, device=m.device)
+    return m / items.reshape(()).clamp(min=1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

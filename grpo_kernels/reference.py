@@ -22,11 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
-KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
-IS_LEVELS = ("token", "sequence")
-ADVANTAGE_SCALES = ("group", "batch", "none")
-MULTI_REWARD_MODES = ("sum_then_normalize", "normalize_then_sum")
+from .config import ADVANTAGE_SCALES, IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES, MULTI_REWARD_MODES  # noqa: F401
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

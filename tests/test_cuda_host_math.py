@@ -127,7 +127,8 @@ POLICIES = {  # name -> LossConfig fields of the policy term
     "clip-asym": dict(loss_type="grpo", epsilon_high=0.28),
     "clip-delta": dict(loss_type="bnpo", delta=1.5),
     "clip-dual": dict(loss_type="dapo", dual_clip=3.0),
-    "clip-delta-dual": dict(loss_type="dr_grpo", delta=1.4, dual_clip=2.0, epsilon_low=0.1, epsilon_high=0.3),
+    "clip-delta-dual": dict(loss_type="dr_grpo", delta=1.4, dual_clip=2.0, epsilon_low=0.1, epsilon_high=0.3,
+                            max_completion_length=8),  # (dr_grpo needs it: a LossConfig field since 0.2)
     "cispo": dict(loss_type="cispo", epsilon_high=4.0),
     "sapo": dict(loss_type="sapo", sapo_temperature_pos=1.3, sapo_temperature_neg=0.7),
 }

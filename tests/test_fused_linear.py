@@ -11,13 +11,13 @@ from conftest import DEVICE
 from grpo_kernels import reference as ref
 from grpo_kernels.fused_linear import (
     FusedLinearGRPOLoss,
-    _plan_tiles,
     causal_lm_grpo_loss,
     causal_lm_token_logprobs,
     default_chunk_tokens,
     fused_linear_grpo_loss,
     fused_linear_token_logprobs,
 )
+from grpo_kernels.fused_linear.tiles import plan_tiles as _plan_tiles
 from helpers import low_precision_ok, make_batch, rel_err
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]

@@ -1,7 +1,7 @@
 """Backend registry.
 
-A backend is an object with the methods of :class:`Backend`. The public API never calls a backend directly: it goes
-through the custom ops of :mod:`grpo_kernels._ops`, which look the backend up here by name. This keeps every
+A backend is an instance of a :class:`Backend` subclass. The public API never calls a backend directly: it goes
+through the custom ops of :mod:`grpo_kernels.ops`, which look the backend up here by name. This keeps every
 backend a plain module of kernels + launchers, and the autograd / ``torch.compile`` plumbing in one place.
 
 Adding a backend = one module that builds a ``Backend`` object + one line in ``_FACTORIES``.
@@ -10,10 +10,14 @@ Adding a backend = one module that builds a ``Backend`` object + one line in ``_
 from __future__ import annotations
 
 import importlib
+import json
 import logging
-from typing import Protocol
 
-import torch
+# Imported under another name: importing the subpackage grpo_kernels.backends.torch binds the name ``torch`` in this
+# package's namespace to that subpackage.
+import torch as _torch
+
+from .base import Backend
 
 logger = logging.getLogger("grpo_kernels")
 
@@ -25,45 +29,6 @@ _FACTORIES = {
     "triton": "grpo_kernels.backends.triton",
     "cuda": "grpo_kernels.backends.cuda",
 }
-
-
-class Backend(Protocol):
-    """What a backend provides. Shapes: ``N`` tokens, ``V`` vocabulary, ``S`` sequences.
-
-    ``logits`` always arrives 3-D ``[B, T, V]`` (``N = B * T``) with unit stride along V and any strides along B
-    and T (a sliced ``logits[:, :-1]`` is not copied). ``token_ids`` is ``[N]`` int64 with ``-1`` where a
-    position does not take part (such rows are never read and produce 0). Outputs are float32 (float64 where a
-    backend supports float64 logits).
-    """
-
-    name: str
-
-    def unavailable_reason(self, device: torch.device) -> str | None:
-        """None when the backend can run on ``device``, else a sentence saying why not."""
-
-    def token_logprobs_forward(
-        self, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, with_entropy: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(lp, lse, entropy)``, each ``[N]``; ``entropy`` is empty ``[0]`` unless ``with_entropy``."""
-
-    def token_logprobs_backward(
-        self,
-        logits: torch.Tensor,
-        token_ids: torch.Tensor,
-        lse: torch.Tensor,
-        entropy: torch.Tensor,
-        grad_lp: torch.Tensor,
-        grad_entropy: torch.Tensor | None,
-        temperature: float,
-        out: torch.Tensor,
-    ) -> None:
-        """Write ``d/dz`` into ``out`` (``[B, T, V]``, logits' dtype; may be ``logits`` itself: in place)."""
-
-    def grpo_loss_forward(self, logits: torch.Tensor, batch, config, with_entropy: bool):
-        """Forward of the fused loss: a :class:`grpo_kernels.loss_math.LossForward` (see there)."""
-
-    def group_advantages(self, rewards: torch.Tensor, groups, config):
-        """A :class:`grpo_kernels.advantages.AdvantageResult` (see there)."""
 
 
 _cache: dict[str, Backend] = {}
@@ -83,7 +48,7 @@ def get_backend(name: str) -> Backend:
     return _cache[name]
 
 
-def unavailable_reason(name: str, device: torch.device) -> str | None:
+def unavailable_reason(name: str, device: _torch.device) -> str | None:
     try:
         backend = get_backend(name)
     except RuntimeError as e:
@@ -91,17 +56,54 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return backend.unavailable_reason(device)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# which (backend, GPU architecture) pairs have passed the test suite on real hardware
+# ----------------------------------------------------------------------------------------------------------------
+def verified_runs() -> list[dict]:
+    """The GPU runs recorded in ``verified.json`` (package data), each ``{"backend", "arch" ("sm_90"), "device",
+    "date", "torch", "triton", "cuda", "tests"}``: that backend passed the GPU test selection on that architecture.
+    Written from a GPU run's ``verified.json`` (benchmarks/gpu_run.sh), never by hand."""
+    if "verified" not in _cache_data:
+        from importlib.resources import files
+
+        _cache_data["verified"] = json.loads(files(__name__).joinpath("verified.json").read_text())
+    return _cache_data["verified"]
+
+
+def device_arch(device: _torch.device) -> str | None:
+    """``"sm_90"`` for a compute-capability-9.0 CUDA device; None for any other device."""
+    if device.type != "cuda" or not _torch.cuda.is_available():
+        return None
+    major, minor = _torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def is_verified(name: str, device: _torch.device) -> bool:
+    arch = device_arch(device)
+    return arch is not None and any(r["backend"] == name and r["arch"] == arch for r in verified_runs())
+
+
+_cache_data: dict[str, object] = {}
+_unverified_logged: set[tuple[str, str]] = set()
+
+
 # Under torch.compile, dynamo calls this at trace time and keeps the answer as a constant: it imports the backend
 # modules (and may build the CUDA extension) on first use, which cannot be traced.
-@torch.compiler.assume_constant_result
-def resolve_backend(name: str, device: torch.device, *, float64: bool = False) -> str:
+@_torch.compiler.assume_constant_result
+def resolve_backend(name: str, device: _torch.device, *, float64: bool = False) -> str:
     """Turn the user's ``backend`` argument into a concrete, available backend name.
 
-    ``"auto"`` picks the fastest backend that can run on ``device``: cuda, then triton, on a GPU; torch on the CPU
-    (and for float64 logits, which only the torch backend computes). An explicit name that cannot run raises.
+    ``"auto"`` on a GPU takes the backends verified on its architecture first (``verified.json``: cuda, then
+    triton), then triton (the most portable GPU code, tested under the interpreter), then torch; the CUDA backend
+    only once it is verified there. On the CPU (and for float64 logits, which only it computes): torch. An explicit
+    name that cannot run raises; an explicit GPU backend that is not verified on the device runs, and says so once.
     """
     if name == "auto":
-        candidates = ("torch",) if float64 or device.type != "cuda" else ("cuda", "triton", "torch")
+        if float64 or device.type != "cuda":
+            candidates = ("torch",)
+        else:
+            verified = [b for b in ("cuda", "triton") if is_verified(b, device)]
+            candidates = tuple(dict.fromkeys([*verified, "triton", "torch"]))
         reasons = {}
         for candidate in candidates:
             reason = unavailable_reason(candidate, device)
@@ -121,10 +123,16 @@ def resolve_backend(name: str, device: torch.device, *, float64: bool = False) -
         raise RuntimeError(f"backend={name!r} cannot run on {device}: {reason}")
     if float64 and name != "torch":
         raise TypeError(f"float64 logits are only supported by backend='torch', not {name!r}")
+    if device.type == "cuda" and not is_verified(name, device) and (name, str(device)) not in _unverified_logged:
+        _unverified_logged.add((name, str(device)))
+        logger.warning(
+            "grpo_kernels: backend=%r has not passed the test suite on %s (%s) yet: its results are unverified "
+            "(grpo_kernels/backends/verified.json lists the verified pairs)", name, device, device_arch(device)
+        )
     return name
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
+def available_backends(device: _torch.device | str = "cpu") -> list[str]:
     """The backends that can run on ``device`` right now."""
-    device = torch.device(device)
+    device = _torch.device(device)
     return [name for name in BACKENDS if unavailable_reason(name, device) is None]

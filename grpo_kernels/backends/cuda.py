@@ -24,6 +24,7 @@ from .. import _alloc
 from ..advantages import AdvantageConfig, GroupLayout
 from ..loss_math import LossConfig, LossForward, TokenBatch, loss_forward_from_logprobs
 from . import _cuda_build
+from .base import Backend
 
 
 def _ops():
@@ -34,7 +35,7 @@ def _optional(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.float().contiguous()
 
 
-class CudaBackend:
+class CudaBackend(Backend):
     name = "cuda"
 
     def unavailable_reason(self, device: torch.device) -> str | None:

@@ -24,7 +24,8 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from ..api import GRPOLossOutput, grpo_loss
+from .._inputs import GRPOLossOutput
+from ..api import grpo_loss
 
 # verl loss_agg_mode -> (our loss_type, max_completion_length); "T" stands for the batch's completion width.
 #   token-mean              sum m L / sum m                     = bnpo

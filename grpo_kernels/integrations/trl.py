@@ -40,7 +40,8 @@ from trl import GRPOTrainer as TRLGRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
 from ..api import grpo_loss, token_logprobs
-from ..fused_linear import causal_lm_head_inputs, fused_linear_grpo_loss, fused_linear_token_logprobs, head_transform
+from ..fused_linear import fused_linear_grpo_loss, fused_linear_token_logprobs
+from .hf import causal_lm_head_inputs, head_transform
 
 if Version(trl.__version__) < Version("1.16"):
     raise ImportError(
@@ -59,6 +60,21 @@ _LOSS_TYPES = {
     "cispo": "cispo",
     "sapo": "sapo",
     "luspo": "dr_grpo",
+}
+# GRPOTrainer (its GRPOConfig) -> the knobs of grpo_kernels.LossConfig: the one place where TRL's names meet ours.
+# Knobs not listed keep LossConfig's defaults (TRL 1.16 has no dual_clip, its KL estimator is k3).
+TRL_KNOBS = {
+    "loss_type": lambda t: _LOSS_TYPES[t.loss_type],
+    "beta": lambda t: t.beta,
+    "epsilon_low": lambda t: t.epsilon_low,
+    "epsilon_high": lambda t: t.epsilon_high,
+    "delta": lambda t: t.args.delta,
+    "temperature": lambda t: t.temperature,
+    "importance_sampling_level": lambda t: t.importance_sampling_level,
+    "bias_corrected_kl": lambda t: t.args.use_bias_correction_kl,
+    "max_completion_length": lambda t: 1 if t.loss_type == "luspo" else t.max_completion_length,
+    "sapo_temperature_pos": lambda t: t.args.sapo_temperature_pos,
+    "sapo_temperature_neg": lambda t: t.args.sapo_temperature_neg,
 }
 _CLIP_METRIC_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL logs clip_ratio/* for these
 _LOSS_PATHS = ("auto", "fused_linear", "logits")
@@ -432,20 +448,9 @@ class GRPOTrainer(TRLGRPOTrainer):
         return weights, entropy_mask
 
     def _loss_config(self) -> dict:
-        """The loss arguments that come from the trainer's configuration (read per call, as TRL does)."""
-        return dict(
-            loss_type=_LOSS_TYPES[self.loss_type],
-            beta=self.beta,
-            epsilon_low=self.epsilon_low,
-            epsilon_high=self.epsilon_high,
-            delta=self.args.delta,
-            temperature=self.temperature,
-            importance_sampling_level=self.importance_sampling_level,
-            bias_corrected_kl=self.args.use_bias_correction_kl,
-            max_completion_length=1 if self.loss_type == "luspo" else self.max_completion_length,
-            sapo_temperature_pos=self.args.sapo_temperature_pos,
-            sapo_temperature_neg=self.args.sapo_temperature_neg,
-        )
+        """The knobs of :class:`grpo_kernels.LossConfig` from the trainer's configuration (read per call, as TRL
+        does), through the one table ``TRL_KNOBS``."""
+        return {knob: read(self) for knob, read in TRL_KNOBS.items()}
 
     # ------------------------------------------------------------------------------------------------------------
     # entropy bonus (TRL 1.16: L = L_policy - coef * H, H the mean entropy over the tokens the policy term acts on)

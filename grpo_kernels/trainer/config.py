@@ -1,17 +1,35 @@
 """Every setting of a run, with its default and its ``--flag`` help (the CLI is generated from this dataclass).
 
-A few defaults depend on whether the run uses the built-in task or ``--data``; they are ``None`` here and filled in
+The loss's knobs are not listed here: they are :class:`grpo_kernels.LossConfig`'s fields, inherited. A few defaults
+depend on whether the run uses the built-in task or ``--data``; they are ``None`` here and filled in
 by :meth:`TrainConfig.resolved` (see ``AUTO``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
+
+from ..config import KNOBS, LossConfig
 
 
 def _opt(default, help: str, **kwargs):
     return field(default=default, metadata={"help": help, **kwargs})
+
+
+def _knob_fields() -> list[tuple[str, object, object]]:
+    """``LossConfig``'s fields as fields of this config: same names, types and defaults, their help as the flag's."""
+    hints = typing.get_type_hints(LossConfig)
+    out = []
+    for f in dataclasses.fields(LossConfig):
+        extra = {"choices": f.metadata["choices"]} if f.metadata["choices"] else {}
+        out.append((f.name, hints[f.name], _opt(f.default, f.metadata["help"], **extra)))
+    return out
+
+
+# Every knob of the loss, generated: a field added to LossConfig is a grpo-train flag with no edit here.
+_LossKnobs = dataclasses.make_dataclass("_LossKnobs", _knob_fields())
 
 
 # Defaults that differ between the built-in task (tiny model, from scratch) and a real model on --data.
@@ -24,7 +42,7 @@ AUTO = {
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_LossKnobs):
     # --- model and data ---------------------------------------------------------------------------------------
     model: str | None = _opt(None, "local Hugging Face model directory (default: the built-in tiny model)")
     data: str | None = _opt(None, "JSONL file with 'prompt', 'answer' (and optionally 'completion' for the warm-up); "
@@ -59,19 +77,7 @@ class TrainConfig:
     advantage_scale: str = _opt("group", "advantage denominator: group std, batch std or none (Dr. GRPO)",
                                 choices=("group", "batch", "none"))  # fmt: skip
     advantage_eps: float = _opt(1e-4, "added to the std of the advantage denominator")
-    # --- the loss: every knob of grpo_kernels.grpo_loss ---------------------------------------------------------
-    loss_type: str = _opt("dapo", "aggregation", choices=("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"))
-    beta: float = _opt(0.0, "KL coefficient; > 0 keeps a frozen reference model (the policy when GRPO starts)")
-    epsilon_low: float = _opt(0.2, "lower clip range")
-    epsilon_high: float | None = _opt(None, "upper clip range (default: epsilon_low; cispo: the ratio cap)")
-    delta: float | None = _opt(None, "two-sided clip of the ratio (> 1, INTELLECT-2)")
-    dual_clip: float | None = _opt(None, "dual-clip constant c > 1 for negative advantages (verl)")
-    importance_sampling_level: str = _opt("token", "ratio per token or per sequence (GSPO)",
-                                          choices=("token", "sequence"))  # fmt: skip
-    kl_estimator: str = _opt("k3", "KL estimator", choices=("k1", "k2", "k3", "low_var_kl"))
-    bias_corrected_kl: bool = _opt(False, "multiply the KL by the ratio (TRL use_bias_correction_kl)")
-    sapo_temperature_pos: float = _opt(1.0, "SAPO temperature for positive advantages")
-    sapo_temperature_neg: float = _opt(1.05, "SAPO temperature for negative advantages")
+    # --- the loss: every knob of grpo_kernels.LossConfig is a field (and a flag), inherited from _LossKnobs ---
     entropy: bool = _opt(True, "compute the per-token entropy (logged as a metric)")
     inplace_backward: bool = _opt(False, "write the logits' gradient over the logits (saves one [N, V] buffer)")
     grad_in_forward: bool = _opt(False, "compute the logits' gradient inside the loss forward (2-pass kernels)")
@@ -112,6 +118,11 @@ class TrainConfig:
             raise ValueError(f"--batch-prompts {cfg.batch_prompts} must be divisible by --grad-accum {cfg.grad_accum}")
         if not 0 < cfg.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {cfg.top_p}")
-        if cfg.temperature <= 0:
-            raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
+        if cfg.max_completion_length is None:  # dr_grpo's normaliser: the completion length limit
+            cfg = dataclasses.replace(cfg, max_completion_length=cfg.max_new_tokens)
+        cfg.loss_config()  # checks every knob (ValueError naming it)
         return cfg
+
+    def loss_config(self) -> LossConfig:
+        """The loss's configuration: this run's values of :class:`grpo_kernels.LossConfig`'s fields."""
+        return LossConfig(**{name: getattr(self, name) for name in KNOBS})

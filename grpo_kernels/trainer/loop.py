@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..api import group_advantages, grpo_loss, token_logprobs
+from ..config import KNOBS
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -52,10 +53,8 @@ from .rewards import RewardSet, answer_score
 from .rollout import Rollout, demonstration_batch, generate
 
 HELDOUT_SEED = 0  # the built-in task's held-out problems are the same for every run
-# Arguments of grpo_kernels.grpo_loss that TrainConfig holds under the same name.
-LOSS_KNOBS = ("beta", "epsilon_low", "epsilon_high", "delta", "dual_clip", "temperature", "loss_type",
-              "importance_sampling_level", "kl_estimator", "bias_corrected_kl", "inplace_backward", "grad_in_forward",
-              "backend", "sapo_temperature_pos", "sapo_temperature_neg")  # fmt: skip
+# Arguments of grpo_kernels.grpo_loss that TrainConfig holds under the same name: every knob, and three options.
+LOSS_KNOBS = (*KNOBS, "inplace_backward", "grad_in_forward", "backend")
 
 
 class Dist:
@@ -167,7 +166,8 @@ class Trainer:
         self.optimizer = self._optimizer(warm_up=cfg.sft_steps > 0)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.dist.main)
         self.loss_config = {k: getattr(cfg, k) for k in LOSS_KNOBS}
-        self.loss_config.update(return_entropy=cfg.entropy, max_completion_length=cfg.max_new_tokens)
+        self.loss_config.update(return_entropy=cfg.entropy)
+        self.uses_reference = cfg.loss_config().uses_reference  # beta != 0: a frozen reference model
         if cfg.resume is not None:
             self.load(resolve_resume(self.checkpoints, cfg.resume))
         else:
@@ -216,7 +216,7 @@ class Trainer:
 
     def _begin_grpo(self) -> None:
         self.optimizer = self._optimizer(warm_up=False)
-        if self.cfg.beta > 0:
+        if self.uses_reference:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
 
     def _autocast(self):
@@ -331,7 +331,7 @@ class Trainer:
             group_std=adv.group_std,
             frac_zero_std=float(adv.frac_zero_std),
             old_logprobs=self._logprobs(self.model, rollout) if cfg.num_iterations > 1 else None,
-            ref_logprobs=self._logprobs(self.ref_model, rollout) if cfg.beta > 0 else None,
+            ref_logprobs=self._logprobs(self.ref_model, rollout) if self.uses_reference else None,
             correct=[answer_score(c, a) == 1.0 for c, a in zip(rollout.completions, answers)],
             generation_time=generation_time,
         )
@@ -362,7 +362,7 @@ class Trainer:
         batches = self.rollout_step_batches()
         masks = [b.rollout.completion_mask for b in batches]
         (num_items,) = self.dist.sum([sum(float(m.sum()) for m in masks)])
-        token_normalised = cfg.loss_type in ("dapo", "cispo")
+        token_normalised = cfg.loss_config().normalised_by_items
         token_metrics = ("kl_mean", "clip_low", "clip_high", "clip_region", "entropy_mean")
         sums = dict.fromkeys(("loss", "tokens", *token_metrics), 0.0)  # local sums, token-weighted
         grad_norms = []
@@ -411,7 +411,7 @@ class Trainer:
             "generation_time": sum(b.generation_time for b in batches),
             "tokens_per_s": total["length"] / step_time,
         }
-        if cfg.beta > 0:  # without a reference model there is no KL to report
+        if self.uses_reference:  # without a reference model there is no KL to report
             record["kl"] = total["kl_mean"] / tokens
         if cfg.entropy:
             record["entropy"] = total["entropy_mean"] / tokens
@@ -475,7 +475,7 @@ class Trainer:
         self.step, self.evals = state["step"], state["evals"]
         if self.step < self.total_steps:  # a finished run resumed with more --steps: it ends somewhere else now
             self.evals.pop("after_grpo", None)
-        if self.step > self.cfg.sft_steps and self.cfg.beta > 0:
+        if self.step > self.cfg.sft_steps and self.uses_reference:
             if "ref_model" not in files:
                 raise CheckpointError(f"checkpoint {str(path)!r} has no ref_model.safetensors but --beta > 0")
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)

@@ -17,9 +17,10 @@ import torch
 from ...loss_math import LossConfig, LossForward, TokenBatch, loss_forward_from_logprobs
 from .advantages import group_advantages
 from .logprobs import token_logprobs_backward, token_logprobs_forward
+from ..base import Backend
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
 
     def unavailable_reason(self, device: torch.device) -> str | None:

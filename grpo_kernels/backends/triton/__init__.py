@@ -19,12 +19,13 @@ from triton.runtime.jit import JITFunction
 from .advantages import group_advantages
 from .grpo_loss import grpo_loss_forward
 from .logprobs import _token_logprobs_fwd_kernel, token_logprobs_backward, token_logprobs_forward
+from ..base import Backend
 
 # Under TRITON_INTERPRET=1, @triton.jit returns an interpreter object instead of a JITFunction.
 _INTERPRETED = not isinstance(_token_logprobs_fwd_kernel, JITFunction)
 
 
-class TritonBackend:
+class TritonBackend(Backend):
     name = "triton"
 
     def unavailable_reason(self, device: torch.device) -> str | None:

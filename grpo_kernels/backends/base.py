@@ -1,0 +1,80 @@
+"""The base class of every backend: the methods a backend provides, optional ones with their defaults."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ..advantages import AdvantageConfig, GroupLayout
+    from ..loss_math import LossConfig, TokenBatch
+
+
+class Backend:
+    """What a backend provides; every backend subclasses this. Shapes: ``N`` tokens, ``V`` vocabulary, ``S``
+    sequences, ``B`` rows of rewards, ``R`` reward columns.
+
+    ``logits`` always arrives 3-D ``[B, T, V]`` (``N = B * T``) with unit stride along V and any strides along B
+    and T (a sliced ``logits[:, :-1]`` is not copied). ``token_ids`` is ``[N]`` int64 with ``-1`` where a
+    position does not take part (such rows are never read and produce 0). Outputs are float32 (float64 where a
+    backend supports float64 logits).
+
+    Required: :meth:`unavailable_reason`, :meth:`token_logprobs_forward`, :meth:`token_logprobs_backward`,
+    :meth:`grpo_loss_forward`, :meth:`group_advantages`. Optional (a default here that is correct on every backend,
+    which a backend overrides where it has a faster kernel): :meth:`grpo_loss_forward_with_grad`,
+    :meth:`scale_gradient_`.
+    """
+
+    name: str
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """None when the backend can run on ``device``, else a sentence saying why not."""
+        raise NotImplementedError
+
+    def token_logprobs_forward(
+        self, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(lp, lse, entropy)``, each ``[N]``; ``entropy`` is empty ``[0]`` unless ``with_entropy``."""
+        raise NotImplementedError
+
+    def token_logprobs_backward(
+        self,
+        logits: torch.Tensor,
+        token_ids: torch.Tensor,
+        lse: torch.Tensor,
+        entropy: torch.Tensor,
+        grad_lp: torch.Tensor,
+        grad_entropy: torch.Tensor | None,
+        temperature: float,
+        out: torch.Tensor,
+    ) -> None:
+        """Write ``d/dz`` into ``out`` (``[B, T, V]``, logits' dtype; may be ``logits`` itself: in place)."""
+        raise NotImplementedError
+
+    def grpo_loss_forward(self, logits: torch.Tensor, batch: TokenBatch, config: LossConfig, with_entropy: bool):
+        """Forward of the fused loss: a :class:`grpo_kernels.loss_math.LossForward` (see there)."""
+        raise NotImplementedError
+
+    def group_advantages(self, rewards: torch.Tensor, weights: torch.Tensor, layout: GroupLayout,
+                         config: AdvantageConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``rewards [B, R]``, ``weights [R]`` -> ``(advantages [B], group_mean [G], group_std [G])``."""
+        raise NotImplementedError
+
+    def grpo_loss_forward_with_grad(
+        self, logits: torch.Tensor, batch: TokenBatch, config: LossConfig, with_entropy: bool, loss_scale: float,
+        grad_out: torch.Tensor,
+    ):  # fmt: skip
+        """The fused forward that also writes ``loss_scale * d loss / d logits`` into ``grad_out`` (may be the
+        logits: then their values are gone on return). Default: the forward, then the backward pass (3 passes over
+        the logits); the CUDA backend's sm_90 kernel does it in 2."""
+        fwd = self.grpo_loss_forward(logits, batch, config, with_entropy)
+        g = fwd.grad_logprobs * loss_scale
+        self.token_logprobs_backward(logits, batch.token_ids, fwd.lse, fwd.entropy, g, None, config.temperature, grad_out)
+        return fwd
+
+    def scale_gradient_(self, grad: torch.Tensor, grad_loss: torch.Tensor, loss_scale: float) -> None:
+        """``grad *= grad_loss / loss_scale`` where ``grad_loss != loss_scale``, else nothing. Default: decided on the
+        host (one synchronisation); the CUDA backend decides on the device."""
+        if bool(grad_loss != loss_scale):
+            grad.mul_(grad_loss.detach().to(torch.float64 if grad.dtype == torch.float64 else torch.float32) / loss_scale)

@@ -1,0 +1,326 @@
+"""The GRPO loss from the hidden states and the LM head: the ``[N, V]`` logits never exist.
+
+    logits = softcap(logit_scale * (hidden @ weight.T + bias))     softcap(x) = c * tanh(x / c), optional
+    loss   = grpo_loss(logits, ...)                                 (temperature divides the logits inside the loss)
+
+The tokens that take part are gathered (masked positions are never projected), then processed in tiles of
+``chunk_tokens`` rows with the whole vocabulary per tile. Per tile::
+
+    Z    = H_t @ W.T (+ b)                 [c, V] in the compute dtype, float32 accumulation (cuBLAS on GPU)
+    lp, lse, g_t  <- backend.grpo_loss_forward(Z)                  (one read of Z)
+    Z   <- dloss/dZ                        written in place by backend.token_logprobs_backward (one read + write)
+    dH_t = Z @ W                           complete for these rows: the tile has the whole vocabulary
+    dW  += Z.T @ H_t,  db += sum_rows Z    float32 accumulators
+
+so the gradients are finished when the forward returns (6 N H V FLOPs, no recompute), and the autograd backward only
+scales them by the incoming gradient. The importance ratio at sequence level (GSPO) couples the tokens of a
+sequence: when every sequence fits in a tile, tiles are cut at sequence boundaries and the same single pass is exact;
+otherwise a first pass computes the log-probs of every tile, the closed-form loss math runs on the whole batch, and a
+second pass recomputes each tile's logits to write its gradient (8 N H V FLOPs). ``docs/fused_linear.md`` has the
+memory formula and the cost table.
+
+Layout: ``tiles.py`` (the head and the tokens, tile by tile), ``op.py`` (the custom ops, fake kernels, autograd),
+this file (the public functions and module); the Hugging Face helpers are in :mod:`grpo_kernels.integrations.hf`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from .._inputs import (
+    LOGITS_DTYPES,
+    GRPOLossOutput,
+    check_float,
+    check_mask,
+    check_number,
+    check_same_shape,
+    check_tensor,
+    check_token_ids,
+    kernel_token_ids,
+    loss_output,
+    poison,
+    prepare_loss_inputs,
+)
+from ..backends import BACKENDS, resolve_backend
+from ..config import LossConfig, config_from, with_knob_parameters
+from . import op
+from .tiles import acc_dtype, compute_dtype, default_chunk_tokens
+
+
+def _check_head(hidden, weight, bias, logit_softcap, logit_scale, chunk_tokens) -> None:
+    if not isinstance(hidden, Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [B, T, H] or packed [N, H], got shape {list(hidden.shape)}")
+    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if x is None and name == "bias":
+            continue
+        check_tensor(name, x, hidden.device, "hidden")
+        if x.dtype not in LOGITS_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(
+            f"weight must be the LM head [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]} and V >= 1, "
+            f"got shape {list(weight.shape)}"
+        )
+    if bias is not None:
+        check_same_shape("bias", bias, weight.shape[:1], "weight's vocabulary dim")
+    _check_head_options(logit_softcap, logit_scale, chunk_tokens)
+
+
+def _check_head_options(logit_softcap, logit_scale, chunk_tokens) -> None:
+    check_number("logit_scale", logit_scale, low=0, low_inclusive=False)
+    check_number("logit_softcap", logit_softcap, low=0, low_inclusive=False, allow_none=True)
+    if chunk_tokens is not None and (
+        isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1
+    ):
+        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+
+
+def _head_options(hidden, weight, logit_softcap, logit_scale, chunk_tokens) -> dict:
+    """The head's op options: softcap, scale, compute dtype, rows per tile."""
+    dtype = compute_dtype(hidden, weight)
+    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], dtype, logit_softcap is not None)
+    softcap = None if logit_softcap is None else float(logit_softcap)
+    return dict(logit_softcap=softcap, logit_scale=float(logit_scale), dtype=dtype, chunk_tokens=chunk)
+
+
+def fused_linear_grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor,
+    advantages: Tensor,
+    *,
+    bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    is_weights: Tensor | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
+    return_entropy: bool = False,
+    entropy_coef: float = 0.0,
+    entropy_weights: Tensor | None = None,
+    backend: str = "auto",
+    cu_seqlens: Tensor | None = None,
+    ignore_index: int = -100,
+    logit_softcap: float | None = None,
+    logit_scale: float = 1.0,
+    chunk_tokens: int | None = None,
+    **knobs,
+) -> GRPOLossOutput:
+    """:func:`grpo_kernels.grpo_loss` of ``logits = softcap(logit_scale * (hidden @ weight.T + bias))``, without
+    the logits: the LM head and the loss run fused, tile by tile, and the gradients w.r.t. ``hidden``, ``weight``
+    and ``bias`` are finished during the forward (6 N H V FLOPs; 8 N H V at sequence level when a sequence is
+    longer than ``chunk_tokens``). ``softcap(x) = logit_softcap * tanh(x / logit_softcap)`` (Gemma 2/3) when set;
+    ``temperature`` then divides the logits inside the loss, as in TRL.
+
+    Args:
+        hidden: ``[B, T, H]`` (``hidden[:, t]`` predicts ``token_ids[:, t]``: the caller shifts) or packed
+            ``[N, H]``; float16/bfloat16/float32 (float64 on the torch backend).
+        weight: the LM head ``[V, H]``, possibly tied to the input embedding (its gradient adds to the
+            embedding's, as autograd does for any shared parameter).
+        bias: optional ``[V]``.
+        token_ids, advantages, mask, ..., ignore_index: as :func:`grpo_kernels.grpo_loss` (every argument of it
+            except ``inplace_backward``: the logits tile is always overwritten by its gradient here).
+        return_entropy: also return the per-token entropy and its mean. The entropy carries no gradient (the
+            gradients are finished before anything can use it; a backward through it raises): for an entropy bonus
+            use ``entropy_coef`` or ``entropy_weights``.
+        entropy_coef: adds ``-entropy_coef * sum_t c_t H_t`` to the loss, with ``c_t`` the aggregation weights of
+            ``loss_type`` (verl's ``entropy_coeff`` with its ``loss_agg_mode``); its gradient is part of the fused
+            backward. ``per_token_loss`` does not include it.
+        entropy_weights: per-token weights ``w_t`` shaped like ``token_ids``: adds ``-sum_t w_t H_t`` to the loss
+            (on top of ``entropy_coef``'s term), with its gradient in the fused backward; positions that do not take
+            part are ignored. For an entropy bonus whose normalisation is not ``loss_type``'s (TRL's: a mean over a
+            token mask of its own, whatever the loss type).
+        logit_softcap: final logit soft-capping (Gemma 2/3's ``final_logit_softcapping``), > 0, or None.
+        logit_scale: multiplies the projection before the softcap (Cohere's ``logit_scale``; Granite's
+            ``1 / logits_scaling``), > 0.
+        chunk_tokens: tokens per tile; default :func:`default_chunk_tokens` (one tile of logits ~ 512 MiB).
+        backend: which backend runs the per-tile loss and gradient passes: "auto", "torch", "triton" or "cuda".
+
+    Compute dtype: autocast's dtype when autocast is on, else ``promote_types(hidden.dtype, weight.dtype)``; the
+    matmuls accumulate in float32, ``dW`` and ``db`` are accumulated across tiles in float32 and returned in the
+    parameters' dtype, ``dH`` in ``hidden``'s dtype.
+
+    Returns:
+        :class:`grpo_kernels.GRPOLossOutput` (per-token fields shaped like ``token_ids``). ``loss`` is
+        differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; its backward only scales the stored gradients.
+    """
+    config = config_from(LossConfig, "fused_linear_grpo_loss", knobs)
+    return _fused_linear_grpo_loss(
+        hidden, weight, token_ids, advantages, config, bias=bias, mask=mask, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, is_weights=is_weights, num_items_in_batch=num_items_in_batch,
+        return_entropy=return_entropy, entropy_coef=entropy_coef, entropy_weights=entropy_weights, backend=backend,
+        cu_seqlens=cu_seqlens, ignore_index=ignore_index, logit_softcap=logit_softcap, logit_scale=logit_scale,
+        chunk_tokens=chunk_tokens,
+    )  # fmt: skip
+
+
+with_knob_parameters(fused_linear_grpo_loss, LossConfig, after="ref_logprobs")
+
+
+def _fused_linear_grpo_loss(hidden, weight, token_ids, advantages, config: LossConfig, *, bias, mask, old_logprobs,
+                            ref_logprobs, is_weights, num_items_in_batch, return_entropy, entropy_coef,
+                            entropy_weights, backend, cu_seqlens, ignore_index, logit_softcap, logit_scale,
+                            chunk_tokens) -> GRPOLossOutput:  # fmt: skip
+    """:func:`fused_linear_grpo_loss` once its configuration is built."""
+    _check_head(hidden, weight, bias, logit_softcap, logit_scale, chunk_tokens)
+    entropy_coef = check_number("entropy_coef", entropy_coef)
+    head = _head_options(hidden, weight, logit_softcap, logit_scale, chunk_tokens)
+    if entropy_weights is not None:
+        check_tensor("entropy_weights", entropy_weights, hidden.device, "hidden")
+        check_float("entropy_weights", entropy_weights)
+        check_same_shape("entropy_weights", entropy_weights, token_ids.shape, "token_ids")
+        entropy_weights = entropy_weights.detach().reshape(-1).to(acc_dtype(head["dtype"]))
+    inputs = prepare_loss_inputs(
+        "hidden", hidden.shape[:-1], weight.shape[0], hidden.device, head["dtype"] == torch.float64, token_ids,
+        advantages, config, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, is_weights=is_weights,
+        num_items_in_batch=num_items_in_batch, backend=backend, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
+    )  # fmt: skip
+    grad = torch.is_grad_enabled()
+    needs = [grad and x is not None and x.requires_grad for x in (hidden, weight, bias)]
+    with_entropy = bool(return_entropy) or entropy_coef != 0.0 or entropy_weights is not None
+    loss, lp, entropy, per_token_loss, kl, flags, *_ = op.fused_linear_grpo_loss(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, batch=inputs.batch, config=config,
+        entropy_weights=entropy_weights, entropy_coef=entropy_coef, with_entropy=with_entropy,
+        backend=inputs.backend, grad_hidden=needs[0], grad_weight=needs[1], grad_bias=needs[2], **head,
+    )  # fmt: skip
+    return loss_output(inputs, token_ids, mask, ignore_index, loss, lp, entropy if return_entropy else None,
+                       per_token_loss, kl, flags)  # fmt: skip
+
+
+def fused_linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    mask: Tensor | None = None,
+    backend: str = "auto",
+    ignore_index: int = -100,
+    logit_softcap: float | None = None,
+    logit_scale: float = 1.0,
+    chunk_tokens: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`grpo_kernels.token_logprobs` of ``softcap(logit_scale * (hidden @ weight.T + bias))``, tile by tile,
+    without gradient: for the old / reference policy's log-probs (2 N H V FLOPs).
+
+    Arguments as :func:`fused_linear_grpo_loss` and :func:`grpo_kernels.token_logprobs`. Returns ``lp`` float32
+    (float64 for a float64 compute dtype) shaped like ``token_ids``, 0 where a position does not take part; with
+    ``return_entropy=True``, ``(lp, H)``. Neither carries a gradient.
+    """
+    _check_head(hidden, weight, bias, logit_softcap, logit_scale, chunk_tokens)
+    device = hidden.device
+    check_token_ids(token_ids, hidden.shape[:-1], device, "hidden")
+    check_mask(mask, token_ids, device, "hidden")
+    check_number("temperature", temperature, low=0, low_inclusive=False)
+    head = _head_options(hidden, weight, logit_softcap, logit_scale, chunk_tokens)
+    name = resolve_backend(backend, device, float64=head["dtype"] == torch.float64)
+    ids = kernel_token_ids(token_ids, mask, ignore_index, weight.shape[0])
+    detach = lambda x: None if x is None else x.detach()  # noqa: E731
+    lp, entropy = op.fused_linear_token_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]).detach(), weight.detach(), detach(bias), ids, temperature=temperature,
+        with_entropy=bool(return_entropy), backend=name, **head,
+    )  # fmt: skip
+    lp = poison(lp, token_ids, ids, mask, ignore_index).view(token_ids.shape)
+    if return_entropy:
+        return lp, poison(entropy, token_ids, ids, mask, ignore_index).view(token_ids.shape)
+    return lp
+
+
+class FusedLinearGRPOLoss(nn.Module):
+    """:func:`fused_linear_grpo_loss` as a module holding the configuration (the arguments of
+    :class:`grpo_kernels.GRPOLoss` except ``inplace_backward``, ``grad_in_forward`` and ``loss_scale``, which do not
+    apply: the logits tiles are always overwritten and the gradients are always finished in the forward; plus the
+    head's).
+
+    ``FusedLinearGRPOLoss(beta=0.04)(hidden, lm_head.weight, token_ids, advantages, mask=mask, ref_logprobs=ref)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: LossConfig | None = None,
+        logit_softcap: float | None = None,
+        logit_scale: float = 1.0,
+        entropy_coef: float = 0.0,
+        chunk_tokens: int | None = None,
+        return_entropy: bool = False,
+        backend: str = "auto",
+        ignore_index: int = -100,
+        **knobs,
+    ):
+        super().__init__()
+        for key in ("inplace_backward", "grad_in_forward", "loss_scale"):
+            if key in knobs:
+                raise TypeError(
+                    f"FusedLinearGRPOLoss has no {key}: its logits tiles are always overwritten and its gradients "
+                    "always finished in the forward"
+                )
+        from ..api import _module_config
+
+        self.loss_config = _module_config("FusedLinearGRPOLoss", config, knobs)
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+        _check_head_options(logit_softcap, logit_scale, chunk_tokens)
+        self.options = dict(
+            logit_softcap=logit_softcap, logit_scale=logit_scale, entropy_coef=check_number("entropy_coef", entropy_coef),
+            chunk_tokens=chunk_tokens, return_entropy=return_entropy, backend=backend, ignore_index=ignore_index,
+        )  # fmt: skip
+
+    @property
+    def config(self) -> dict:
+        return {**dataclasses.asdict(self.loss_config), **self.options}
+
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        token_ids: Tensor,
+        advantages: Tensor,
+        *,
+        bias: Tensor | None = None,
+        mask: Tensor | None = None,
+        old_logprobs: Tensor | None = None,
+        ref_logprobs: Tensor | None = None,
+        is_weights: Tensor | None = None,
+        num_items_in_batch: int | float | Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        entropy_weights: Tensor | None = None,
+    ) -> GRPOLossOutput:
+        return _fused_linear_grpo_loss(
+            hidden, weight, token_ids, advantages, self.loss_config, bias=bias, mask=mask, old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, is_weights=is_weights, num_items_in_batch=num_items_in_batch,
+            cu_seqlens=cu_seqlens, entropy_weights=entropy_weights, **self.options,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items() if v is not None)
+
+
+with_knob_parameters(FusedLinearGRPOLoss.__init__, LossConfig, after="ignore_index")
+
+# The Hugging Face helpers moved to grpo_kernels.integrations.hf; their names stay importable from here.
+from ..integrations.hf import (  # noqa: E402
+    causal_lm_grpo_loss,
+    causal_lm_head_inputs,
+    causal_lm_token_logprobs,
+    head_transform,
+)
+
+__all__ = [
+    "FusedLinearGRPOLoss",
+    "causal_lm_grpo_loss",
+    "causal_lm_head_inputs",
+    "causal_lm_token_logprobs",
+    "compute_dtype",
+    "default_chunk_tokens",
+    "fused_linear_grpo_loss",
+    "fused_linear_token_logprobs",
+    "head_transform",
+]
