@@ -1,4 +1,9 @@
-"""Packaging metadata lives in pyproject.toml; this file only adds the optional ahead-of-time CUDA build.
+"""Packaging metadata lives in pyproject.toml; this file adds two build steps.
+
+* The CUDA sources (``csrc/``, at the top of the repository) are copied into the built package as
+  ``grpo_kernels/csrc`` (package data): a wheel install JIT-builds from them (``backends/_cuda_build.py`` finds them
+  through ``importlib.resources``); an editable install reads the checkout's ``csrc/`` directly.
+* The optional ahead-of-time CUDA build, below.
 
 `pip install .` never compiles anything and never imports torch here (pip's build isolation has none). With
 ``GRPO_KERNELS_BUILD_CUDA=1`` (and ``--no-build-isolation``, so the installed CUDA torch is used) it builds csrc/ into
@@ -8,9 +13,24 @@ the CUDA backend compiles itself on first use (see grpo_kernels/backends/_cuda_b
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).parent
+
+
+class BuildWithSources(build_py):
+    """build_py that also ships csrc/ inside the package (grpo_kernels/csrc)."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "grpo_kernels" / "csrc"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(ROOT / "csrc", target)
 
 
 def _cuda_extension_kwargs() -> dict:
@@ -39,4 +59,5 @@ def _cuda_extension_kwargs() -> dict:
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
 
 
-setup(**_cuda_extension_kwargs())
+_cuda = _cuda_extension_kwargs()
+setup(ext_modules=_cuda.get("ext_modules", []), cmdclass={"build_py": BuildWithSources, **_cuda.get("cmdclass", {})})

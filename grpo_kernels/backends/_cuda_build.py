@@ -17,10 +17,27 @@ absent (pip's build isolation).
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+logger = logging.getLogger("grpo_kernels")
+
+
+def _csrc_dir() -> Path:
+    """The CUDA sources: shipped as package data (``grpo_kernels/csrc``, a wheel install), else the checkout's
+    ``csrc/`` (an editable install, or setup.py, which loads this file by path: no package to ask then)."""
+    if __name__.startswith("grpo_kernels."):
+        from importlib.resources import files
+
+        packaged = files("grpo_kernels").joinpath("csrc")
+        if packaged.is_dir():
+            return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / "csrc"
+
+
+CSRC = _csrc_dir()
 # The kernels' translation units; torch_binding.cu is the only one that includes torch.
 KERNEL_SOURCES = ("logprobs.cu", "grpo_loss.cu", "advantages.cu")
 BINDING_SOURCE = "torch_binding.cu"
@@ -93,11 +110,21 @@ def _load() -> str | None:
     else:
         aot_error = ""
     if not CSRC.is_dir():
-        return f"{aot_error}the CUDA sources (csrc/) are not installed next to the package; build with GRPO_KERNELS_BUILD_CUDA=1"
+        return f"{aot_error}the CUDA sources (csrc/) were not found at {CSRC}; reinstall grpo-kernels"
     from torch.utils import cpp_extension
 
     if cpp_extension.CUDA_HOME is None:
         return f"{aot_error}nvcc was not found (set CUDA_HOME or put nvcc on PATH) to build the CUDA extension"
+    # A JIT build takes minutes: say so before it starts (a first training step must not stall silently).
+    try:
+        cached = (Path(cpp_extension._get_build_directory(EXTENSION_NAME, False)) / f"{EXTENSION_NAME}.so").exists()
+    except Exception:  # noqa: BLE001 - a private helper of torch: when it is gone, announce the build anyway
+        cached = False
+    log = logger.info if cached else logger.warning
+    log("grpo_kernels: %s the CUDA extension %s from %s (%d sources, archs %s)%s", "loading" if cached else "building",
+        EXTENSION_NAME, CSRC, len(sources()), ";".join(archs()),
+        "" if cached else "; a first build takes a few minutes, then it is cached (TORCH_EXTENSIONS_DIR)")  # fmt: skip
+    start = time.perf_counter()
     try:
         cpp_extension.load(
             name=EXTENSION_NAME,
@@ -109,4 +136,5 @@ def _load() -> str | None:
         )
     except Exception as e:  # noqa: BLE001 - any build failure becomes the backend's unavailable_reason
         return f"{aot_error}building the CUDA extension failed: {type(e).__name__}: {str(e).strip()[-2000:]}"
+    log("grpo_kernels: CUDA extension ready in %.1f s", time.perf_counter() - start)
     return None
