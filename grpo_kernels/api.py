@@ -200,7 +200,7 @@ def grpo_loss(
 ) -> GRPOLossOutput:
     """The GRPO policy loss from logits, fused: log-probs, ratio, clipping, KL and aggregation in one op.
 
-    Per token (spec sections 3-5), with ``rho = exp(lp - lp_old)`` (sequence level: the masked mean log-ratio of
+    Per token (docs/math.md sections 3-5), with ``rho = exp(lp - lp_old)`` (sequence level: the masked mean log-ratio of
     the sequence, GSPO) and ``A`` the advantage::
 
         L = -min(rho1 A, clip(rho, 1 - eps_low, 1 + eps_high) A)   rho1 = min(rho, delta) if delta else rho

@@ -1,10 +1,10 @@
 """The per-token half of the GRPO loss in closed form: everything after the log-probs.
 
 Once ``lp_t`` is known, every other input of the loss is a per-token scalar, so the loss and its gradient
-``g_t = d loss / d lp_t`` (spec section 8) are cheap ``[N]`` vector math. This module writes that math with explicit
-derivatives (no autograd), in the form the Triton and CUDA kernels implement in their epilogues; the torch backend
-uses it directly, and the GPU backends use it for the sequence-level ratio, whose ``g_t`` needs a per-sequence
-reduction between the two passes over the logits.
+``g_t = d loss / d lp_t`` (docs/math.md section 8) are cheap ``[N]`` vector math. This module writes that math
+with explicit derivatives (no autograd), in the form the Triton and CUDA kernels implement in their epilogues; the
+torch backend uses it directly, and the GPU backends use it for the sequence-level ratio, whose ``g_t`` needs a
+per-sequence reduction between the two passes over the logits.
 
 Notation (all ``[N]`` over the flattened tokens): ``c_t`` the aggregation coefficient (so that ``loss =
 sum_t c_t L_t``), ``r`` the log-ratio, ``rho = exp(r)``, ``P`` the policy term, ``K`` the KL estimate.
@@ -109,7 +109,7 @@ def aggregation_coef(
 def kl_and_grad(
     lp: torch.Tensor, ref: torch.Tensor, estimator: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(K, dK/dlp, K + dK/dlp)`` for ``k = lp_ref - lp`` (spec section 5).
+    """``(K, dK/dlp, K + dK/dlp)`` for ``k = lp_ref - lp`` (docs/math.md section 5).
 
     ``K + dK/dlp`` is the token-level derivative of the bias-corrected ``rho K`` over ``rho``; it is returned in a
     closed form because summing the first two cancels catastrophically for k3: ``(e^k - k - 1) + (1 - e^k) = -k``.
@@ -140,7 +140,7 @@ def _min_grad(a: torch.Tensor, b: torch.Tensor, da: torch.Tensor, db: torch.Tens
 def policy_and_grads(
     rho: torch.Tensor, adv: torch.Tensor, lp: torch.Tensor, config: LossConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(P, dP/dr, dP/dlp|direct)`` of spec section 4 for ratio ``rho = exp(r)``."""
+    """``(P, dP/dr, dP/dlp|direct)`` of docs/math.md section 4 for ratio ``rho = exp(r)``."""
     zero = torch.zeros_like(rho)
     if config.loss_type == "cispo":
         capped = torch.clamp(rho, max=config.epsilon_high)  # stop-gradient: no dP/dr

@@ -1,7 +1,7 @@
 """The executable spec: every number the package computes, in plain PyTorch.
 
 This module is the ground truth every backend (chunked torch, Triton, CUDA) is tested against. It follows
-``shared/spec/grpo-math.md`` line by line and favours clarity over speed: it materialises the full softmax, uses
+``docs/math.md`` line by line and favours clarity over speed: it materialises the full softmax, uses
 autograd for every gradient and loops over sequences in Python where that is the plainest way to say it.
 
 Give it float64 tensors to get a float64 answer (that is how the tests use it); any other floating dtype is
@@ -130,7 +130,7 @@ def group_advantages(
     reward_weights: torch.Tensor | None = None,
     multi_reward: str = "sum_then_normalize",
 ) -> GroupAdvantages:
-    """Group-relative advantages (spec section 2), with TRL's NaN handling.
+    """Group-relative advantages (docs/math.md section 2), with TRL's NaN handling.
 
     ``rewards`` is ``[B]`` or ``[B, R]`` (R reward functions, weighted by ``reward_weights`` ``[R]``, default 1).
     A NaN reward is excluded from the group statistics and gets advantage 0; a row whose rewards are all NaN is
@@ -185,7 +185,7 @@ def group_advantages(
 # 3-6. Ratio, per-token loss, KL, aggregation
 # ----------------------------------------------------------------------------------------------------------------
 def kl_divergence(lp: torch.Tensor, lp_ref: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token KL estimate of the policy to the reference, from ``k = lp_ref - lp`` (spec section 5)."""
+    """Per-token KL estimate of the policy to the reference, from ``k = lp_ref - lp`` (docs/math.md section 5)."""
     k = lp_ref - lp
     if estimator == "k3":
         return torch.exp(k) - k - 1
@@ -212,7 +212,7 @@ def policy_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
 ) -> torch.Tensor:
-    """Per-token policy loss ``L`` (spec section 4), before IS weights and KL."""
+    """Per-token policy loss ``L`` (docs/math.md section 4), before IS weights and KL."""
     if loss_type == "cispo":
         return -torch.clamp(ratio, max=epsilon_high).detach() * advantages * lp
     if loss_type == "sapo":
@@ -293,7 +293,7 @@ def grpo_loss(
     ignore_index: int = -100,
     compute_in: torch.dtype | None = None,
 ) -> GRPOLossResult:
-    """The GRPO loss of spec sections 1 and 3-7, written the obvious way (full softmax + autograd).
+    """The GRPO loss of docs/math.md sections 1 and 3-7, written the obvious way (full softmax + autograd).
 
     Padded input: ``logits [B, T, V]``, per-token tensors ``[B, T]``, ``advantages``/``is_weights`` ``[B]``,
     ``[B, 1]`` or ``[B, T]``. Packed input: ``logits [N, V]`` with ``cu_seqlens [S+1]`` (absent: one sequence),
@@ -399,7 +399,7 @@ def grpo_loss(
 
 
 def gradient_of_loss_wrt_logprobs(loss: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
-    """``g_t = d loss / d lp_t`` (spec section 8): what a fused kernel computes per token."""
+    """``g_t = d loss / d lp_t`` (docs/math.md section 8): what a fused kernel computes per token."""
     (g,) = torch.autograd.grad(loss, lp, retain_graph=True)
     return g
 

@@ -1,4 +1,4 @@
-// Grouped advantages (spec section 2): NaN-aware group statistics, deterministic (no atomics).
+// Grouped advantages (docs/math.md section 2): NaN-aware group statistics, deterministic (no atomics).
 //
 // Groups arrive as runs of a sorted order (rows order[cu[g]:cu[g+1]] form group g), which covers both TRL's fixed
 // groups (order = identity, cu = 0, G, 2G, ...) and arbitrary group ids. One warp owns a group: each lane walks a

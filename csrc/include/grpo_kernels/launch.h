@@ -84,7 +84,8 @@ cudaError_t scale_gradient(const LogitsArg& grad, const float* grad_loss, float 
 // The 2-pass kernel on this device for these shapes: the cluster size it would use, or 0 when it does not apply.
 int two_pass_cluster_size(const LogitsArg& logits, const LogitsArg& grad, int device);
 
-// Grouped advantages (spec section 2). Groups are runs of a sorted order: rows order[cu[g]:cu[g+1]] form group g.
+// Grouped advantages (docs/math.md section 2). Groups are runs of a sorted order: rows order[cu[g]:cu[g+1]] form
+// group g.
 enum class AdvantageScale : int { kGroup = 0, kBatch = 1, kNone = 2 };
 struct AdvantageArgs {
   const float* rewards;      // [B, R] row-major

@@ -1,7 +1,7 @@
 // The per-row and per-token math of every kernel, as __host__ __device__ inline functions.
 //
 // Framework-free and compilable as plain C++ (tests/test_cuda_host_math.py builds it with g++ and compares it with
-// grpo_kernels.reference / grpo_kernels.loss_math). The formulas are shared/spec/grpo-math.md:
+// grpo_kernels.reference / grpo_kernels.loss_math). The formulas are docs/math.md:
 //
 //   u_v = z_v / tau,   lse = log sum_v exp(u_v),   lp = u_y - lse,   H = lse - sum_v p_v u_v
 //   d(g lp + gH H)/dz_v = (g 1[v = y] - p_v (g + gH (log p_v + H))) / tau
@@ -146,7 +146,7 @@ struct PolicyTerms {
   float d_logprob;  // dP / d lp, direct (cispo only)
 };
 
-// Spec section 4, before IS weights and KL, for ratio rho = exp(r).
+// docs/math.md section 4, before IS weights and KL, for ratio rho = exp(r).
 GK_HOST_DEVICE PolicyTerms policy_terms(float rho, float adv, float lp, const LossParams& p) {
   if (p.policy == kPolicyCispo) {
     const float capped = clamp_max(rho, p.epsilon_high);  // stop-gradient: no dP/dr
@@ -186,7 +186,7 @@ struct KlTerms {
   float value_plus_d;   // K + dK / d lp in closed form (for k3 the sum cancels: (e^k - k - 1) + (1 - e^k) = -k)
 };
 
-// Spec section 5, from k = lp_ref - lp.
+// docs/math.md section 5, from k = lp_ref - lp.
 GK_HOST_DEVICE KlTerms kl_terms(float lp, float ref, int estimator) {
   const float k = ref - lp;
   if (estimator == kKlK1) return {-k, 1.f, 1.f - k};

@@ -1,4 +1,4 @@
-"""Group-relative advantages (spec section 2) in Triton: one program per group, plus one program for batch stats.
+"""Group-relative advantages in Triton (docs/math.md section 2): one program per group, plus one for batch stats.
 
 Groups arrive as a :class:`grpo_kernels.advantages.GroupLayout`: rows ``order[cu_groups[g]:cu_groups[g+1]]`` form
 group ``g`` (for a fixed group size, ``order`` is the identity). Program ``g`` walks its rows in blocks:

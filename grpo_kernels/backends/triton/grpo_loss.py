@@ -1,8 +1,8 @@
 """The fused GRPO loss forward: log-probs and the per-token loss + its gradient ``g_t`` in one Triton program.
 
 Once a row's ``lp`` is known, every other input of the loss is a per-token scalar, so the program that made one pass
-over the row (``logprobs.row_logprobs``) goes on to compute, for token-level importance sampling (spec sections 3-5,
-8; the closed form of :func:`grpo_kernels.loss_math.loss_forward_from_logprobs`)::
+over the row (``logprobs.row_logprobs``) goes on to compute, for token-level importance sampling (docs/math.md
+sections 3-5, 8; the closed form of :func:`grpo_kernels.loss_math.loss_forward_from_logprobs`)::
 
     r = lp - lp_old,  rho = exp(r)
     L = w_is P(rho, A, lp) + beta K (rho if bias-corrected),    g = c (dL/dr + dL/dlp|direct)
@@ -60,7 +60,7 @@ def _min_grad(a, b, da, db):
 @triton.jit
 def _policy(rho, adv, lp, clip_low, clip_high, eps_high, delta, dual_clip, sapo_pos, sapo_neg,
             FAMILY: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr):  # fmt: skip
-    """``(P, dP/dr, dP/dlp|direct)`` of spec section 4 for the ratio ``rho = exp(r)``."""
+    """``(P, dP/dr, dP/dlp|direct)`` of docs/math.md section 4 for the ratio ``rho = exp(r)``."""
     if FAMILY == CISPO:
         capped = minimum(rho, eps_high)  # stop-gradient: no dP/dr
         p, dp_dr, dp_dlp = -capped * adv * lp, 0.0, -capped * adv
@@ -95,7 +95,7 @@ def _policy(rho, adv, lp, clip_low, clip_high, eps_high, delta, dual_clip, sapo_
 
 @triton.jit
 def _kl(lp, ref, ESTIMATOR: tl.constexpr):
-    """``(K, dK/dlp, K + dK/dlp)`` for ``k = lp_ref - lp`` (spec section 5).
+    """``(K, dK/dlp, K + dK/dlp)`` for ``k = lp_ref - lp`` (docs/math.md section 5).
 
     ``K + dK/dlp`` is the derivative of the bias-corrected ``rho K`` over ``rho``; it is returned in a closed form
     because summing the first two cancels catastrophically for k3 (``(e^k - k - 1) + (1 - e^k) = -k``).

@@ -1,6 +1,6 @@
 """Per-token log-probabilities and entropy from logits, and their gradient: two Triton kernels.
 
-Spec section 1, with ``u = z / tau``::
+docs/math.md section 1, with ``u = z / tau``::
 
     lse = log sum_v exp(u_v)      lp = u_y - lse      H = lse - sum_v p_v u_v      p_v = exp(u_v - lse)
     d/dz_v = (g 1[v = y] - p_v (g + g_H (log p_v + H))) / tau        (g = dL/dlp, g_H = dL/dH)
