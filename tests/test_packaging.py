@@ -1,6 +1,7 @@
 """The wheel ships what the package needs outside a checkout: the CUDA sources (found by the JIT build through
 importlib.resources), the verified-backends table, py.typed, the license; the version is written once."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,9 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    """The wheel, built from a copy of the sources (a build leaves build/ and *.egg-info where it runs)."""
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
+    for name in ("grpo_kernels", "csrc"):
+        shutil.copytree(ROOT / name, source / name, ignore=ignore)
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
