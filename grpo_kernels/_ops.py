@@ -211,14 +211,17 @@ def group_advantages(
     scale: str,
     eps: float,
     multi_reward: str,
+    estimator: str,
+    lengths: Tensor | None,  # [B] completion lengths, rewards' dtype (opo, reinforce_plus_plus_baseline)
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     layout = GroupLayout(order, cu_groups, group_index, group_size or None)
-    config = AdvantageConfig(scale, eps, multi_reward)
-    return tuple(get_backend(backend).group_advantages(rewards, weights, layout, config))
+    config = AdvantageConfig(scale, eps, multi_reward, estimator)
+    return tuple(get_backend(backend).group_advantages(rewards, weights, layout, config, lengths))
 
 
 @group_advantages.register_fake
-def _(rewards, weights, order, cu_groups, group_index, group_size, scale, eps, multi_reward, backend):
+def _(rewards, weights, order, cu_groups, group_index, group_size, scale, eps, multi_reward, estimator, lengths,
+      backend):  # fmt: skip
     g = cu_groups.shape[0] - 1
     return rewards.new_empty(rewards.shape[0]), rewards.new_empty(g), rewards.new_empty(g)

@@ -25,17 +25,19 @@ class GroupLayout(NamedTuple):
 
 
 class AdvantageConfig(NamedTuple):
-    scale: str = "group"  # "group" | "batch" | "none"
+    scale: str = "group"  # "group" | "batch" | "none" (resolved: reference.ADVANTAGE_ESTIMATORS lists each one's)
     eps: float = 1e-4
-    multi_reward: str = "sum_then_normalize"  # | "normalize_then_sum"
+    multi_reward: str = "sum_then_normalize"  # | "normalize_then_sum" (grpo only)
+    estimator: str = "grpo"  # a key of reference.ADVANTAGE_ESTIMATORS; opo / reinforce_plus_plus_baseline read lengths
 
 
 class GroupAdvantages(NamedTuple):
     """Output of :func:`grpo_kernels.group_advantages` with ``return_stats=True``.
 
     ``group_mean``/``group_std`` are indexed by group (group ``i`` is rows ``i*G .. i*G+G-1`` for a fixed group
-    size, or the ``i``-th smallest distinct value of ``group_ids``). ``group_std`` is NaN for a group with fewer
-    than 2 valid rewards. ``frac_zero_std`` is the fraction of groups whose std is (close to) 0, TRL's
+    size, or the ``i``-th smallest distinct value of ``group_ids``): the NaN-aware mean and Bessel-corrected std of
+    the row totals (the weighted sum of the rewards; with normalize_then_sum, of their per-group z-scores), whatever
+    the estimator: not the leave-one-out or length-weighted baseline an estimator subtracts. ``group_std`` is NaN for a group with fewer than 2 valid rewards. ``frac_zero_std`` is the fraction of groups whose std is (close to) 0, TRL's
     ``frac_reward_zero_std``.
     """
 

@@ -17,7 +17,8 @@ from . import _grad_in_forward, _ops
 from .advantages import GroupAdvantages, make_layout
 from .backends import resolve_backend
 from .loss_math import CLIP_HIGH, CLIP_LOW, LossConfig, TokenBatch, segment_sum
-from .reference import ADVANTAGE_SCALES, IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES, MULTI_REWARD_MODES
+from .reference import ADVANTAGE_ESTIMATORS, ESTIMATORS_WITH_LENGTHS, IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES
+from .reference import MULTI_REWARD_MODES
 
 LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -193,12 +194,14 @@ def group_advantages(
     *,
     group_size: int | None = None,
     group_ids: Tensor | None = None,
-    scale: str = "group",
+    scale: str | None = None,
     eps: float = 1e-4,
     reward_weights: Tensor | list[float] | None = None,
     multi_reward: str = "sum_then_normalize",
     backend: str = "auto",
     return_stats: bool = False,
+    estimator: str = "grpo",
+    completion_lengths: Tensor | None = None,
 ) -> Tensor | GroupAdvantages:
     """Group-relative advantages: each reward minus its group's mean, over a std.
 
@@ -211,13 +214,23 @@ def group_advantages(
         rewards: ``[B]`` or ``[B, R]`` for R reward functions; finite, or NaN where a function gave no score.
         group_size: G; the G completions of prompt i are rows ``i*G .. i*G+G-1`` (TRL's layout). ``B % G == 0``.
         group_ids: ``[B]`` integer group of each row, any order (instead of ``group_size``).
-        scale: ``"group"``, ``"batch"`` or ``"none"`` (``"group"`` only with ``normalize_then_sum``).
+        scale: ``"group"``, ``"batch"`` or ``"none"`` (``"group"`` only with ``normalize_then_sum``); default
+            (None): the estimator's own (``"group"`` for grpo and grpo_passk, ``"none"`` for the others, which
+            accept no other).
         eps: added to the std; TRL's default 1e-4 (verl uses 1e-6).
         reward_weights: ``[R]`` weights of the reward columns (default all 1).
         multi_reward: ``"sum_then_normalize"`` (weighted NaN-sum of the columns, then the above) or
             ``"normalize_then_sum"`` (each column normalised within its group, weighted sum, then normalised over
             the batch), as TRL's ``multi_objective_aggregation``.
         return_stats: return a :class:`GroupAdvantages` with the per-group mean/std and ``frac_zero_std``.
+        estimator: ``"grpo"`` (the z-score above), ``"rloo"`` (leave-one-out baseline, ``n/(n-1) (r - mean_g)``),
+            ``"grpo_passk"`` (only a group's unique best gets ``r_max - r_second``, over ``std_g + eps`` with
+            ``scale="group"``), ``"reinforce_plus_plus_baseline"`` (``r - mean_g``, then whitened over the batch's
+            tokens), ``"opo"`` (``r`` minus the length-weighted group mean), ``"gpg"`` (``B / #nonzero · (r -
+            mean_g)``), as verl 0.9 defines them (formulas, edge cases, differences: docs/advantage_estimators.md).
+            All but grpo take ``multi_reward="sum_then_normalize"`` only.
+        completion_lengths: ``[B]`` tokens per completion (integer or float, >= 0), required by ``opo`` and
+            ``reinforce_plus_plus_baseline`` and refused by the others.
 
     Returns:
         ``advantages`` ``[B]`` float32 (float64 for float64 rewards on the torch backend), or
@@ -246,8 +259,16 @@ def group_advantages(
             raise ValueError(f"group_ids is on {group_ids.device} but rewards are on {device}")
         if tuple(group_ids.shape) != (batch,):
             raise ValueError(f"group_ids must have shape [B]=[{batch}], got {_shape(group_ids)}")
-    _check_choice("scale", scale, ADVANTAGE_SCALES)
+    _check_choice("estimator", estimator, ADVANTAGE_ESTIMATORS)
+    allowed = ADVANTAGE_ESTIMATORS[estimator]  # its scales, the default first
+    scale = allowed[0] if scale is None else scale
+    if scale not in allowed:
+        which = "" if estimator == "grpo" else f" with estimator={estimator!r}"
+        raise ValueError(f"scale must be one of {list(allowed)}{which}, got {scale!r}")
     _check_choice("multi_reward", multi_reward, MULTI_REWARD_MODES)
+    if multi_reward == "normalize_then_sum" and estimator != "grpo":
+        raise ValueError(f"multi_reward='normalize_then_sum' is defined for estimator='grpo' only, got {estimator!r}")
+    lengths = _completion_lengths(completion_lengths, estimator, batch, device)
     if multi_reward == "normalize_then_sum" and scale != "group":
         raise ValueError("multi_reward='normalize_then_sum' normalises per group then over the batch; scale must be 'group'")
     _check_number("eps", eps, low=0)
@@ -268,22 +289,51 @@ def group_advantages(
             )
         if not bool(torch.isfinite(weights).all()):
             raise ValueError(f"reward_weights must be finite, got {weights.tolist()}")
+    if lengths is not None:
+        lengths = lengths.to(acc).contiguous()
+        usable = torch.isfinite(lengths) & (lengths >= 0)
+        if not _compiling() and not bool(usable.all()):
+            row = int((~usable).nonzero()[0, 0])
+            raise ValueError(f"completion_lengths must be finite and >= 0, got {lengths[row].item()} at row {row}")
     name = resolve_backend(backend, device, float64=acc == torch.float64)
 
     layout = make_layout(batch, group_size, group_ids, device)
     r = rewards.to(acc).reshape(batch, num_rewards).contiguous()
     adv, mean, std = _ops.group_advantages(
         r, weights, layout.order, layout.cu_groups, layout.group_index, layout.group_size or 0,
-        scale, float(eps), multi_reward, name,
+        scale, float(eps), multi_reward, estimator, lengths, name,
     )  # fmt: skip
     if _compiling():  # no data-dependent error under torch.compile: make every advantage NaN instead
         unusable = infinite.any() | ~torch.isfinite(weights).all()
+        if lengths is not None:
+            unusable = unusable | ~usable.all()
         adv = torch.where(unusable, torch.full_like(adv, float("nan")), adv)
     if not return_stats:
         return adv
     zero_std = torch.isclose(std, torch.zeros_like(std))
     frac = zero_std.to(acc).mean() if std.numel() else torch.zeros((), dtype=acc, device=device)
     return GroupAdvantages(adv, mean, std, frac)
+
+
+def _completion_lengths(lengths, estimator: str, batch: int, device) -> Tensor | None:
+    """``completion_lengths`` checked against the estimator: ``[B]`` integer or float on the rewards' device."""
+    if estimator not in ESTIMATORS_WITH_LENGTHS:
+        if lengths is not None:
+            raise ValueError(
+                f"completion_lengths is read only by estimator {' / '.join(ESTIMATORS_WITH_LENGTHS)}, not {estimator!r}"
+            )
+        return None
+    if lengths is None:
+        hint = " (torch.ones(B) whitens over completions instead of tokens)" if estimator != "opo" else ""
+        raise ValueError(f"estimator={estimator!r} needs completion_lengths [B], the tokens of each completion{hint}")
+    if not isinstance(lengths, Tensor) or lengths.dtype == torch.bool or lengths.is_complex():
+        got = lengths.dtype if isinstance(lengths, Tensor) else type(lengths).__name__
+        raise TypeError(f"completion_lengths must be an integer or float torch.Tensor, got {got}")
+    if lengths.device != device:
+        raise ValueError(f"completion_lengths is on {lengths.device} but rewards are on {device}")
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"completion_lengths must have shape [B]=[{batch}], got {_shape(lengths)}")
+    return lengths
 
 
 # ----------------------------------------------------------------------------------------------------------------
