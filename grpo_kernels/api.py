@@ -17,8 +17,14 @@ from . import _grad_in_forward, _ops
 from .advantages import GroupAdvantages, make_layout
 from .backends import resolve_backend
 from .loss_math import CLIP_HIGH, CLIP_LOW, LossConfig, TokenBatch, segment_sum
-from .reference import ADVANTAGE_ESTIMATORS, ESTIMATORS_WITH_LENGTHS, IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES
-from .reference import MULTI_REWARD_MODES
+from .reference import (
+    ADVANTAGE_ESTIMATORS,
+    ESTIMATORS_WITH_LENGTHS,
+    IS_LEVELS,
+    KL_ESTIMATORS,
+    LOSS_TYPES,
+    MULTI_REWARD_MODES,
+)
 
 LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
