@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
+from helpers import assert_advantages_close
 from reliability_helpers import INTERPRETED
 
 from grpo_kernels import group_advantages
@@ -52,37 +53,6 @@ def _case(batch, seed, discrete=True):
     return r.float().double(), lengths  # rounded to float32 once: every backend and the reference see one input
 
 
-def _amplification(estimator, rewards, group, lengths, eps):
-    """What the estimator multiplies a float32 rounding error of the rewards by: B / #nonzero (gpg), 1 / (std_g +
-    eps) (grpo, grpo_passk), 1 / sqrt(var + 1e-8) of the whitened values (reinforce_plus_plus_baseline, large when
-    the centred rewards barely vary), about 1 for the others."""
-    valid = ~torch.isnan(rewards)
-    if estimator == "gpg":
-        return rewards.numel() / max(int((valid & (rewards != 0)).sum()), 1)
-    members = [rewards[(group == g) & valid] for g in group.unique()]
-    if estimator in ("grpo", "grpo_passk"):
-        return max([1.0] + [1.0 / (float(m.std()) + eps) for m in members if m.numel() > 1])
-    if estimator == "reinforce_plus_plus_baseline":
-        centred = torch.cat([m - m.mean() for m in members if m.numel() > 1] + [rewards[:0]])
-        weights = torch.cat([lengths[(group == g) & valid].double() for g in group.unique()
-                             if int(((group == g) & valid).sum()) > 1] + [rewards[:0]])  # fmt: skip
-        total = float(weights.sum())
-        if total <= 1:
-            return 1.0
-        mu = float((weights * centred).sum()) / total
-        var = float((weights * (centred - mu) ** 2).sum()) / (total - 1)
-        return 1.0 / math.sqrt(var + ref.WHITEN_EPS)
-    return 1.0
-
-
-def _check(out, expect, estimator, rewards, group, lengths, eps=1e-4):
-    """Float32 result against the float64 reference: 1e-5, plus a few ulps of the rewards times the amplification."""
-    assert out.dtype == torch.float32 and not torch.isnan(out).any()
-    reach = float(torch.nan_to_num(rewards, nan=0.0).abs().max()) if rewards.numel() else 0.0
-    atol = 1e-5 + 1e-6 * reach * _amplification(estimator, rewards, group, lengths, eps)
-    torch.testing.assert_close(out.cpu().double(), expect, rtol=1e-5, atol=atol)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # every backend against the float64 reference
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,7 +67,7 @@ def test_fixed_groups_match_reference(backend, estimator, group_size, discrete, 
     out = group_advantages(r.float().to(DEVICE), group_size=group_size, estimator=estimator, backend=backend,
                            return_stats=True, **{k: v.to(DEVICE) for k, v in kw.items()})  # fmt: skip
     expect = ref.group_advantages(r, group_size=group_size, estimator=estimator, **kw)
-    _check(out.advantages, expect.advantages, estimator, r, torch.arange(16) // group_size, lengths)
+    assert_advantages_close(out.advantages, expect.advantages, estimator, r, torch.arange(16) // group_size, lengths)
     # the statistics are those of the rewards whatever the estimator
     torch.testing.assert_close(out.group_mean.cpu().double(), expect.group_mean, rtol=1e-5, atol=1e-5, equal_nan=True)
     torch.testing.assert_close(out.group_std.cpu().double(), expect.group_std, rtol=1e-5, atol=1e-5, equal_nan=True)
@@ -116,12 +86,12 @@ def test_group_ids_in_any_order_match_reference(backend, estimator):
     out = group_advantages(r.float().to(DEVICE), group_ids=ids.to(DEVICE), estimator=estimator, backend=backend,
                            **{k: v.to(DEVICE) for k, v in kw.items()})  # fmt: skip
     expect = ref.group_advantages(r, group_ids=ids, estimator=estimator, **kw)
-    _check(out, expect.advantages, estimator, r, ids, lengths)
+    assert_advantages_close(out, expect.advantages, estimator, r, ids, lengths)
     assert out[ids == 4].item() == 0.0 and out[ids == 11].item() == 0.0 and bool((out[ids == 13] == 0).all())
     perm = torch.randperm(23, generator=torch.Generator().manual_seed(1))
     shuffled = group_advantages(r.float()[perm].to(DEVICE), group_ids=ids[perm].to(DEVICE), estimator=estimator,
                                 backend=backend, **{k: v[perm].to(DEVICE) for k, v in kw.items()})  # fmt: skip
-    _check(shuffled, expect.advantages[perm], estimator, r[perm], ids[perm], lengths[perm])
+    assert_advantages_close(shuffled, expect.advantages[perm], estimator, r[perm], ids[perm], lengths[perm])
 
 
 @pytest.mark.parametrize("estimator", NEW)
@@ -138,7 +108,7 @@ def test_groups_larger_than_one_block(backend, estimator):
     out = group_advantages(r.float().to(DEVICE), group_ids=ids.to(DEVICE), estimator=estimator, backend=backend,
                            **{k: v.to(DEVICE) for k, v in kw.items()})  # fmt: skip
     expect = ref.group_advantages(r, group_ids=ids, estimator=estimator, **kw).advantages
-    _check(out, expect, estimator, r, ids, lengths)
+    assert_advantages_close(out, expect, estimator, r, ids, lengths)
 
 
 @pytest.mark.parametrize("estimator", NEW)
@@ -194,7 +164,7 @@ def test_multi_reward_columns_are_summed_first(backend, estimator):
     out = group_advantages(r.float().to(DEVICE), group_size=3, reward_weights=w, estimator=estimator, backend=backend,
                            **{k: v.to(DEVICE) for k, v in kw.items()})  # fmt: skip
     expect = ref.group_advantages(total, group_size=3, estimator=estimator, **kw).advantages
-    _check(out, expect, estimator, total, torch.arange(12) // 3, lengths)
+    assert_advantages_close(out, expect, estimator, total, torch.arange(12) // 3, lengths)
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -217,7 +187,7 @@ def test_compiles_without_graph_breaks(backend):
     )  # fmt: skip
     out = fn(r.float().to(DEVICE), lengths.to(DEVICE))
     expect = ref.group_advantages(r, group_size=4, estimator="opo", completion_lengths=lengths).advantages
-    _check(out, expect, "opo", r, torch.arange(16) // 4, lengths)
+    assert_advantages_close(out, expect, "opo", r, torch.arange(16) // 4, lengths)
 
 
 # ----------------------------------------------------------------------------------------------------------------
