@@ -71,11 +71,15 @@ def _variants():
     }
     for tag, change in loss_variants.items():
         out.append((f"grpo_loss_fwd[bf16,{tag}]", grpo_loss._grpo_loss_fwd_kernel, "bf16", {**base, **change}, warps))
-    for tag, multi, scale in (("sum,group", 0, 0), ("sum,batch", 0, 1), ("normalize", 1, 0)):
+    group_variants = [("sum,group", 0, 0, "grpo"), ("sum,batch", 0, 1, "grpo"), ("normalize", 1, 0, "grpo")]
+    group_variants += [(name, 0, 0 if name == "grpo_passk" else 2, name) for name in advantages._ESTIMATOR if name != "grpo"]
+    for tag, multi, scale, estimator in group_variants:
         out.append((f"group_advantages[{tag}]", advantages._group_advantages_kernel, "fp32",
-                    dict(MULTI_REWARD=multi, SCALE=scale, WRITE_TOTALS=scale == 1 or multi == 1, BLOCK_B=16,
-                         BLOCK_R=4), 4))  # fmt: skip
+                    dict(MULTI_REWARD=multi, SCALE=scale, ESTIMATOR=advantages._ESTIMATOR[estimator],
+                         WRITE_TOTALS=scale == 1 or multi == 1 or estimator == "gpg", BLOCK_B=16, BLOCK_R=4), 4))  # fmt: skip
     out.append(("batch_scale", advantages._batch_scale_kernel, "fp32", dict(CENTRE_ON_BATCH_MEAN=True, BLOCK=1024), 4))
+    out.append(("gpg_scale", advantages._gpg_scale_kernel, "fp32", dict(BLOCK=1024), 4))
+    out.append(("whiten", advantages._whiten_kernel, "fp32", dict(BLOCK=1024), 4))
     return out
 
 

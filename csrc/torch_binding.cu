@@ -3,6 +3,10 @@
 //
 // Ops mirror the Backend methods of grpo_kernels/backends/__init__.py; outputs are allocated by the Python side
 // (grpo_kernels/_alloc.py, so tests can poison them) and passed in. grpo_kernels/backends/cuda.py is the caller.
+#include <algorithm>
+#include <iterator>
+#include <utility>
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -199,7 +203,8 @@ int64_t two_pass_cluster_size(const at::Tensor& logits, const at::Tensor& grad) 
 
 void group_advantages(const at::Tensor& rewards, const at::Tensor& weights, const at::Tensor& order,
                       const at::Tensor& cu_groups, const at::Tensor& group_index, const std::string& scale, double eps,
-                      const std::string& multi_reward, at::Tensor& advantages, at::Tensor& group_mean,
+                      const std::string& multi_reward, const std::string& estimator,
+                      const c10::optional<at::Tensor>& lengths, at::Tensor& advantages, at::Tensor& group_mean,
                       at::Tensor& group_std) {
   TORCH_CHECK(rewards.is_cuda(), "rewards must be a CUDA tensor, got ", rewards.device());
   TORCH_CHECK(rewards.dim() == 2 && rewards.is_contiguous() && rewards.scalar_type() == at::kFloat,
@@ -222,10 +227,34 @@ void group_advantages(const at::Tensor& rewards, const at::Tensor& weights, cons
   }
   TORCH_CHECK(multi_reward == "sum_then_normalize" || multi_reward == "normalize_then_sum", "unknown multi_reward '",
               multi_reward, "'");
-  const gk::AdvantageArgs args{rewards.data_ptr<float>(),   weights.data_ptr<float>(),   order.data_ptr<int64_t>(),
-                               cu_groups.data_ptr<int64_t>(), group_index.data_ptr<int64_t>(), batch,
-                               num_rewards,                  num_groups,                  mode,
-                               static_cast<float>(eps),      multi_reward == "normalize_then_sum"};
+  static const std::pair<const char*, gk::AdvantageEstimator> kEstimators[] = {
+      {"grpo", gk::AdvantageEstimator::kGrpo},
+      {"rloo", gk::AdvantageEstimator::kRloo},
+      {"grpo_passk", gk::AdvantageEstimator::kGrpoPassk},
+      {"reinforce_plus_plus_baseline", gk::AdvantageEstimator::kReinforcePlusPlusBaseline},
+      {"opo", gk::AdvantageEstimator::kOpo},
+      {"gpg", gk::AdvantageEstimator::kGpg},
+  };
+  const auto found = std::find_if(std::begin(kEstimators), std::end(kEstimators),
+                                  [&](const auto& e) { return estimator == e.first; });
+  TORCH_CHECK(found != std::end(kEstimators), "unknown estimator '", estimator, "'");
+  const bool needs_lengths = found->second == gk::AdvantageEstimator::kOpo ||
+                             found->second == gk::AdvantageEstimator::kReinforcePlusPlusBaseline;
+  TORCH_CHECK(!needs_lengths || lengths.has_value(), "estimator '", estimator, "' needs lengths");
+  const float* lengths_data = optional_vector(lengths, rewards, "lengths", batch);
+  const gk::AdvantageArgs args{rewards.data_ptr<float>(),
+                               weights.data_ptr<float>(),
+                               order.data_ptr<int64_t>(),
+                               cu_groups.data_ptr<int64_t>(),
+                               group_index.data_ptr<int64_t>(),
+                               batch,
+                               num_rewards,
+                               num_groups,
+                               mode,
+                               static_cast<float>(eps),
+                               multi_reward == "normalize_then_sum",
+                               found->second,
+                               lengths_data};
   at::Tensor workspace =
       at::empty({gk::advantage_workspace_floats(batch, num_rewards, num_groups)}, rewards.options());
   const gk::AdvantageOutputs out{advantages.data_ptr<float>(), group_mean.data_ptr<float>(),
@@ -254,8 +283,8 @@ TORCH_LIBRARY(grpo_kernels_cuda, m) {
   m.def("two_pass_cluster_size(Tensor logits, Tensor grad) -> int");
   m.def(
       "group_advantages(Tensor rewards, Tensor weights, Tensor order, Tensor cu_groups, Tensor group_index, "
-      "str scale, float eps, str multi_reward, Tensor(a!) advantages, Tensor(b!) group_mean, "
-      "Tensor(c!) group_std) -> ()");
+      "str scale, float eps, str multi_reward, str estimator, Tensor? lengths, Tensor(a!) advantages, "
+      "Tensor(b!) group_mean, Tensor(c!) group_std) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(grpo_kernels_cuda, CUDA, m) {

@@ -3,7 +3,7 @@
 Public API (see :mod:`grpo_kernels.api` for the math and every argument)::
 
     token_logprobs(logits, token_ids, *, temperature=1.0, return_entropy=False, mask=None, backend="auto")
-    group_advantages(rewards, *, group_size=None, group_ids=None, scale="group", eps=1e-4, ...)
+    group_advantages(rewards, *, group_size=None, group_ids=None, scale=None, eps=1e-4, estimator="grpo", ...)
     grpo_loss(logits, token_ids, advantages, *, mask=None, old_logprobs=None, ref_logprobs=None, beta=0.0, ...)
     GRPOLoss(**config)(logits, token_ids, advantages, ...)
     fused_linear_grpo_loss(hidden, weight, token_ids, advantages, ...)     # the same from hidden states + LM head

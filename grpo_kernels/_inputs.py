@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .backends import resolve_backend
-from .config import LossConfig, check_option
+from .config import ESTIMATORS_WITH_LENGTHS, AdvantageConfig, LossConfig, check_option
 from .loss_math import CLIP_HIGH, CLIP_LOW, TokenBatch, aggregation_coef, segment_sum
 
 LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -84,6 +84,30 @@ def check_mask(mask, token_ids: Tensor, device, source: str) -> None:
     if mask is not None:
         check_tensor("mask", mask, device, source)
         check_same_shape("mask", mask, token_ids.shape, "token_ids")
+
+
+def check_completion_lengths(lengths, config: AdvantageConfig, batch: int, device) -> Tensor | None:
+    """``completion_lengths`` checked against the estimator: ``[B]`` integer or float on the rewards' device."""
+    if not config.reads_lengths:
+        if lengths is not None:
+            raise ValueError(
+                f"completion_lengths is read only by estimator {' / '.join(ESTIMATORS_WITH_LENGTHS)}, "
+                f"not {config.estimator!r}"
+            )
+        return None
+    if lengths is None:
+        hint = " (torch.ones(B) whitens over completions instead of tokens)" if config.estimator != "opo" else ""
+        raise ValueError(
+            f"estimator={config.estimator!r} needs completion_lengths [B], the tokens of each completion{hint}"
+        )
+    if not isinstance(lengths, Tensor) or lengths.dtype == torch.bool or lengths.is_complex():
+        got = lengths.dtype if isinstance(lengths, Tensor) else type(lengths).__name__
+        raise TypeError(f"completion_lengths must be an integer or float torch.Tensor, got {got}")
+    if lengths.device != device:
+        raise ValueError(f"completion_lengths is on {lengths.device} but rewards are on {device}")
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"completion_lengths must have shape [B]=[{batch}], got {_shape(lengths)}")
+    return lengths
 
 
 def check_same_shape(name: str, x: Tensor, shape, what: str) -> None:

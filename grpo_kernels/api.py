@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ._inputs import (
     GRPOLossOutput,
     as_3d,
+    check_completion_lengths,
     check_logits,
     check_mask,
     check_number,
@@ -94,6 +95,7 @@ def group_advantages(
     reward_weights: Tensor | list[float] | None = None,
     backend: str = "auto",
     return_stats: bool = False,
+    completion_lengths: Tensor | None = None,
     **settings,
 ) -> Tensor | GroupAdvantages:
     """Group-relative advantages: each reward minus its group's mean, over a std.
@@ -107,13 +109,23 @@ def group_advantages(
         rewards: ``[B]`` or ``[B, R]`` for R reward functions; finite, or NaN where a function gave no score.
         group_size: G; the G completions of prompt i are rows ``i*G .. i*G+G-1`` (TRL's layout). ``B % G == 0``.
         group_ids: ``[B]`` integer group of each row, any order (instead of ``group_size``).
-        scale: ``"group"``, ``"batch"`` or ``"none"`` (``"group"`` only with ``normalize_then_sum``).
+        scale: ``"group"``, ``"batch"`` or ``"none"`` (``"group"`` only with ``normalize_then_sum``); default
+            (None): the estimator's own (``"group"`` for grpo and grpo_passk, ``"none"`` for the others, which
+            accept no other).
         eps: added to the std; TRL's default 1e-4 (verl uses 1e-6).
         reward_weights: ``[R]`` weights of the reward columns (default all 1).
         multi_reward: ``"sum_then_normalize"`` (weighted NaN-sum of the columns, then the above) or
             ``"normalize_then_sum"`` (each column normalised within its group, weighted sum, then normalised over
             the batch), as TRL's ``multi_objective_aggregation``.
         return_stats: return a :class:`GroupAdvantages` with the per-group mean/std and ``frac_zero_std``.
+        estimator: ``"grpo"`` (the z-score above), ``"rloo"`` (leave-one-out baseline, ``n/(n-1) (r - mean_g)``),
+            ``"grpo_passk"`` (only a group's unique best gets ``r_max - r_second``, over ``std_g + eps`` with
+            ``scale="group"``), ``"reinforce_plus_plus_baseline"`` (``r - mean_g``, then whitened over the batch's
+            tokens), ``"opo"`` (``r`` minus the length-weighted group mean), ``"gpg"`` (``B / #nonzero · (r -
+            mean_g)``), as verl 0.9 defines them (formulas, edge cases, differences: docs/math.md section 10).
+            All but grpo take ``multi_reward="sum_then_normalize"`` only.
+        completion_lengths: ``[B]`` tokens per completion (integer or float, >= 0), required by ``opo`` and
+            ``reinforce_plus_plus_baseline`` and refused by the others.
 
     Returns:
         ``advantages`` ``[B]`` float32 (float64 for float64 rewards on the torch backend), or
@@ -143,6 +155,7 @@ def group_advantages(
         if tuple(group_ids.shape) != (batch,):
             raise ValueError(f"group_ids must have shape [B]=[{batch}], got {list(group_ids.shape)}")
     config = config_from(AdvantageConfig, "group_advantages", settings)
+    lengths = check_completion_lengths(completion_lengths, config, batch, device)
     acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     if reward_weights is None:
         weights = torch.ones(num_rewards, dtype=acc, device=device)
@@ -158,13 +171,21 @@ def group_advantages(
             raise ValueError(f"rewards must be finite, or NaN for 'no score'; got {rewards[row].tolist()} at row {row}")
         if not bool(torch.isfinite(weights).all()):
             raise ValueError(f"reward_weights must be finite, got {weights.tolist()}")
+    if lengths is not None:
+        lengths = lengths.to(acc).contiguous()
+        usable = torch.isfinite(lengths) & (lengths >= 0)
+        if not compiling() and not bool(usable.all()):
+            row = int((~usable).nonzero()[0, 0])
+            raise ValueError(f"completion_lengths must be finite and >= 0, got {lengths[row].item()} at row {row}")
     name = resolve_backend(backend, device, float64=acc == torch.float64)
 
     layout = make_layout(batch, group_size, group_ids, device)
     r = rewards.to(acc).reshape(batch, num_rewards).contiguous()
-    adv, mean, std = advantages_op.group_advantages(r, weights, layout=layout, config=config, backend=name)
+    adv, mean, std = advantages_op.group_advantages(r, weights, lengths, layout=layout, config=config, backend=name)
     if compiling():  # no data-dependent error under torch.compile: make every advantage NaN instead
         unusable = infinite.any() | ~torch.isfinite(weights).all()
+        if lengths is not None:
+            unusable = unusable | ~usable.all()
         adv = torch.where(unusable, torch.full_like(adv, float("nan")), adv)
     if not return_stats:
         return adv

@@ -26,6 +26,16 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 IS_LEVELS = ("token", "sequence")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 MULTI_REWARD_MODES = ("sum_then_normalize", "normalize_then_sum")
+# Group-relative advantage estimators (verl 0.9's names) -> the scales each accepts; the first is its default.
+ADVANTAGE_ESTIMATORS = {
+    "grpo": ("group", "batch", "none"),
+    "rloo": ("none",),
+    "grpo_passk": ("group", "none"),
+    "reinforce_plus_plus_baseline": ("none",),
+    "opo": ("none",),
+    "gpg": ("none",),
+}
+ESTIMATORS_WITH_LENGTHS = ("opo", "reinforce_plus_plus_baseline")  # need completion_lengths
 
 
 def knob(default, help: str, *, choices=None, low=None, low_inclusive: bool = True, checked: bool = True):
@@ -88,19 +98,36 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class AdvantageConfig:
-    """The settings of the group-relative advantages (docs/math.md section 2). Defaults are TRL 1.16's."""
+    """The settings of the group-relative advantages (docs/math.md section 2, section 10 for the estimators).
+    Defaults are TRL 1.16's. ``scale=None`` resolves to the estimator's own (``ADVANTAGE_ESTIMATORS``)."""
 
-    scale: str = knob("group", "denominator: the group's std, the batch's std, or none (Dr. GRPO)",
-                      choices=ADVANTAGE_SCALES)  # fmt: skip
+    scale: str | None = knob(None, "denominator: the group's std, the batch's std, or none (Dr. GRPO); default: the "
+                                   "estimator's own (group for grpo)", choices=ADVANTAGE_SCALES)  # fmt: skip
     eps: float = knob(1e-4, "added to the std (TRL 1e-4; verl 1e-6)", low=0)
     multi_reward: str = knob("sum_then_normalize", "how several reward columns combine", choices=MULTI_REWARD_MODES)
+    estimator: str = knob("grpo", "advantage estimator (verl's names; opo and reinforce_plus_plus_baseline read the "
+                                  "completion lengths)", choices=tuple(ADVANTAGE_ESTIMATORS))  # fmt: skip
 
     def __post_init__(self):
         check_fields(self)
+        allowed = ADVANTAGE_ESTIMATORS[self.estimator]  # its scales, the default first
+        if self.scale is None:
+            object.__setattr__(self, "scale", allowed[0])
+        if self.scale not in allowed:
+            which = "" if self.estimator == "grpo" else f" with estimator={self.estimator!r}"
+            raise ValueError(f"scale must be one of {list(allowed)}{which}, got {self.scale!r}")
+        if self.multi_reward == "normalize_then_sum" and self.estimator != "grpo":
+            raise ValueError(
+                f"multi_reward='normalize_then_sum' is defined for estimator='grpo' only, got {self.estimator!r}"
+            )
         if self.multi_reward == "normalize_then_sum" and self.scale != "group":
             raise ValueError(
                 "multi_reward='normalize_then_sum' normalises per group then over the batch; scale must be 'group'"
             )
+
+    @property
+    def reads_lengths(self) -> bool:
+        return self.estimator in ESTIMATORS_WITH_LENGTHS
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,5 +238,5 @@ def knob_table(cls=LossConfig) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["ADVANTAGE_SCALES", "IS_LEVELS", "KL_ESTIMATORS", "KNOBS", "LOSS_TYPES", "MULTI_REWARD_MODES", "AdvantageConfig",
+__all__ = ["ADVANTAGE_ESTIMATORS", "ADVANTAGE_SCALES", "ESTIMATORS_WITH_LENGTHS", "IS_LEVELS", "KL_ESTIMATORS", "KNOBS", "LOSS_TYPES", "MULTI_REWARD_MODES", "AdvantageConfig",
            "LossConfig", "check_option", "config_from", "knob", "knob_table", "with_knob_parameters"]

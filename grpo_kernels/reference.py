@@ -22,7 +22,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ADVANTAGE_SCALES, IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES, MULTI_REWARD_MODES  # noqa: F401
+from .config import (  # noqa: F401 - the choices, re-exported for the tests
+    ADVANTAGE_ESTIMATORS,
+    ADVANTAGE_SCALES,
+    ESTIMATORS_WITH_LENGTHS,
+    IS_LEVELS,
+    KL_ESTIMATORS,
+    LOSS_TYPES,
+    MULTI_REWARD_MODES,
+)
+
+WHITEN_EPS = 1e-8  # reinforce_plus_plus_baseline: (x - mean) / sqrt(var + WHITEN_EPS), verl's masked_whiten
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -125,17 +135,25 @@ def group_advantages(
     *,
     group_size: int | None = None,
     group_ids: torch.Tensor | None = None,
-    scale: str = "group",
+    scale: str | None = None,
     eps: float = 1e-4,
     reward_weights: torch.Tensor | None = None,
     multi_reward: str = "sum_then_normalize",
+    estimator: str = "grpo",
+    completion_lengths: torch.Tensor | None = None,
 ) -> GroupAdvantages:
-    """Group-relative advantages (docs/math.md section 2), with TRL's NaN handling.
+    """Group-relative advantages (docs/math.md section 2; the estimators of docs/math.md section 10), with TRL's NaN
+    handling.
 
     ``rewards`` is ``[B]`` or ``[B, R]`` (R reward functions, weighted by ``reward_weights`` ``[R]``, default 1).
     A NaN reward is excluded from the group statistics and gets advantage 0; a row whose rewards are all NaN is
     unscorable. A group with fewer than 2 valid rewards has no baseline: its members get advantage 0.
+    ``estimator`` is one of :data:`ADVANTAGE_ESTIMATORS` (``scale=None``: the estimator's default scale);
+    ``completion_lengths`` ``[B]`` (tokens per completion) is read by ``opo`` and ``reinforce_plus_plus_baseline``.
+    ``group_mean``/``group_std`` are the plain statistics of the (summed) rewards whatever the estimator.
     """
+    if scale is None:
+        scale = ADVANTAGE_ESTIMATORS[estimator][0]
     dtype = compute_dtype(rewards)
     r = rewards.to(dtype)
     if r.dim() == 1:
@@ -156,7 +174,10 @@ def group_advantages(
         mean = per_group(total, _nanmean)
         std = per_group(total, _nanstd)
         centred = total - mean[group]
-        if scale == "group":
+        if estimator != "grpo":
+            lengths = None if completion_lengths is None else completion_lengths.to(dtype).reshape(-1).to(r.device)
+            adv = _estimator_advantages(estimator, total, group, num_groups, scale, eps, lengths)
+        elif scale == "group":
             adv = centred / (std[group] + eps)
         elif scale == "batch":
             adv = centred / (_nanstd(total) + eps)
@@ -179,6 +200,53 @@ def group_advantages(
     zero_std = torch.isclose(std, torch.zeros_like(std))
     frac_zero_std = zero_std.to(dtype).mean() if num_groups else torch.zeros((), dtype=dtype)
     return GroupAdvantages(adv, mean, std, frac_zero_std)
+
+
+def _estimator_advantages(estimator, total, group, num_groups, scale, eps, lengths) -> torch.Tensor:
+    """The estimators other than grpo on the row totals ``total [B]`` (NaN: unscorable), one group at a time.
+
+    Rows without a baseline (a NaN total, or a group with fewer than 2 valid totals; opo: also a group whose valid
+    completions have no tokens) get 0, and reinforce_plus_plus_baseline leaves them out of its whitening.
+    """
+    batch = total.shape[0]
+    adv = torch.zeros_like(total)
+    has_baseline = torch.zeros(batch, dtype=torch.bool, device=total.device)
+    for g in range(num_groups):
+        rows = (group == g).nonzero().squeeze(1)
+        rows = rows[~torch.isnan(total[rows])]
+        r = total[rows]
+        n = r.numel()
+        if n < 2:
+            continue
+        if estimator == "rloo":  # r_i minus the mean of the other n - 1 rewards
+            a = r - (r.sum() - r) / (n - 1)
+        elif estimator == "grpo_passk":  # only a unique best gets r_max - r_second; a tie at the top gives 0
+            top = torch.sort(r, descending=True).values
+            a = torch.zeros_like(r)
+            if top[0] > top[1]:
+                best = top[0] - top[1]
+                a[torch.argmax(r)] = best / (_nanstd(r) + eps) if scale == "group" else best
+        elif estimator == "opo":  # baseline: the length-weighted mean reward of the group
+            w = lengths[rows]
+            if w.sum() <= 0:
+                continue
+            a = r - (w * r).sum() / w.sum()
+        else:  # gpg, reinforce_plus_plus_baseline: the group mean, scaled or whitened below
+            a = r - r.mean()
+        adv[rows] = a
+        has_baseline[rows] = True
+    if estimator == "gpg":  # alpha = B / (number of valid nonzero rewards in the batch), at least 1 in the count
+        nonzero = int(((total != 0) & ~torch.isnan(total)).sum())
+        adv = adv * (batch / max(nonzero, 1))
+    if estimator == "reinforce_plus_plus_baseline":  # whitened over the batch's tokens: weight = completion length
+        x, w = adv[has_baseline], lengths[has_baseline]
+        tokens = w.sum()
+        if tokens <= 1:
+            return torch.zeros_like(adv)
+        mu = (w * x).sum() / tokens
+        var = (w * (x - mu) ** 2).sum() / (tokens - 1)
+        adv[has_baseline] = (x - mu) / torch.sqrt(var + WHITEN_EPS)
+    return adv
 
 
 # ----------------------------------------------------------------------------------------------------------------

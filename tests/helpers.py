@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from conftest import DEVICE
+from grpo_kernels import reference as ref
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -50,3 +53,35 @@ def make_batch(
     ref = (lp + 0.3 * torch.randn(batch, seq, generator=g, dtype=torch.float64)).float()
     to = lambda x: x.to(device)  # noqa: E731
     return dict(logits=to(logits), ids=to(ids), mask=to(mask), adv=to(adv), old=to(old), ref=to(ref))
+
+
+def advantage_amplification(estimator, rewards, group, lengths, eps):
+    """What the estimator multiplies a float32 rounding error of the rewards by: B / #nonzero (gpg), 1 / (std_g +
+    eps) (grpo, grpo_passk), 1 / sqrt(var + 1e-8) of the whitened values (reinforce_plus_plus_baseline, large when
+    the centred rewards barely vary), about 1 for the others."""
+    valid = ~torch.isnan(rewards)
+    if estimator == "gpg":
+        return rewards.numel() / max(int((valid & (rewards != 0)).sum()), 1)
+    members = [rewards[(group == g) & valid] for g in group.unique()]
+    if estimator in ("grpo", "grpo_passk"):
+        return max([1.0] + [1.0 / (float(m.std()) + eps) for m in members if m.numel() > 1])
+    if estimator == "reinforce_plus_plus_baseline":
+        centred = torch.cat([m - m.mean() for m in members if m.numel() > 1] + [rewards[:0]])
+        weights = torch.cat([lengths[(group == g) & valid].double() for g in group.unique()
+                             if int(((group == g) & valid).sum()) > 1] + [rewards[:0]])  # fmt: skip
+        total = float(weights.sum())
+        if total <= 1:
+            return 1.0
+        mu = float((weights * centred).sum()) / total
+        var = float((weights * (centred - mu) ** 2).sum()) / (total - 1)
+        return 1.0 / math.sqrt(var + ref.WHITEN_EPS)
+    return 1.0
+
+
+def assert_advantages_close(out, expect, estimator, rewards, group, lengths, eps=1e-4):
+    """A float32 ``group_advantages`` result against the float64 reference: rtol 1e-5, atol 1e-5 plus a few ulps of
+    the rewards (row totals ``rewards [B]``, groups ``group [B]``) times the estimator's amplification."""
+    assert out.dtype == torch.float32 and not torch.isnan(out).any()
+    reach = float(torch.nan_to_num(rewards, nan=0.0).abs().max()) if rewards.numel() else 0.0
+    atol = 1e-5 + 1e-6 * reach * advantage_amplification(estimator, rewards, group, lengths, eps)
+    torch.testing.assert_close(out.cpu().double(), expect, rtol=1e-5, atol=atol)

@@ -174,6 +174,24 @@ ADV_REJECTS = [
     ("eps-nan", dict(rewards=torch.zeros(4), group_size=2, eps=math.nan), ValueError, "eps must be finite"),
     ("reward-minus-inf", dict(rewards=torch.tensor([0.0, 1.0, -math.inf, 2.0]), group_size=2), ValueError, "rewards must be finite, or NaN for 'no score'; got -inf at row 2"),
     ("reward-inf-in-a-column", dict(rewards=torch.tensor([[0.0, 1.0], [math.inf, 2.0]]), group_size=2), ValueError, r"got \[inf, 2.0\] at row 1"),
+    # estimators (docs/math.md section 10)
+    ("estimator-unknown", dict(rewards=torch.zeros(4), group_size=2, estimator="ppo"), ValueError, r"estimator must be one of \['grpo', 'rloo', 'grpo_passk', 'reinforce_plus_plus_baseline', 'opo', 'gpg'\], got 'ppo'"),
+    ("scale-unknown", dict(rewards=torch.zeros(4), group_size=2, scale="std"), ValueError, r"scale must be one of \['group', 'batch', 'none'\], got 'std'"),
+    ("rloo-scale-group", dict(rewards=torch.zeros(4), group_size=2, estimator="rloo", scale="group"), ValueError, r"scale must be one of \['none'\] with estimator='rloo', got 'group'"),
+    ("passk-scale-batch", dict(rewards=torch.zeros(4), group_size=2, estimator="grpo_passk", scale="batch"), ValueError, r"scale must be one of \['group', 'none'\] with estimator='grpo_passk', got 'batch'"),
+    ("gpg-normalize-then-sum", dict(rewards=torch.zeros(4, 2), group_size=2, estimator="gpg", multi_reward="normalize_then_sum"), ValueError, "multi_reward='normalize_then_sum' is defined for estimator='grpo' only, got 'gpg'"),
+    ("opo-without-lengths", dict(rewards=torch.zeros(4), group_size=2, estimator="opo"), ValueError, r"estimator='opo' needs completion_lengths \[B\], the tokens of each completion$"),
+    ("rf++-without-lengths", dict(rewards=torch.zeros(4), group_size=2, estimator="reinforce_plus_plus_baseline"), ValueError, r"needs completion_lengths \[B\], the tokens of each completion \(torch.ones\(B\) whitens over completions"),
+    ("lengths-for-grpo", dict(rewards=torch.zeros(4), group_size=2, completion_lengths=torch.ones(4)), ValueError, "completion_lengths is read only by estimator opo / reinforce_plus_plus_baseline, not 'grpo'"),
+    ("lengths-for-rloo", dict(rewards=torch.zeros(4), group_size=2, estimator="rloo", completion_lengths=torch.ones(4)), ValueError, "not 'rloo'"),
+    ("lengths-2d", dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.ones(4, 1)), ValueError, r"completion_lengths must have shape \[B\]=\[4\], got \[4, 1\]"),
+    ("lengths-too-short", dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.ones(3)), ValueError, r"got \[3\]"),
+    ("lengths-bool", dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.ones(4, dtype=torch.bool)), TypeError, "completion_lengths must be an integer or float torch.Tensor, got torch.bool"),
+    ("lengths-list", dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=[1, 2, 3, 4]), TypeError, "completion_lengths must be an integer or float torch.Tensor, got list"),
+    ("lengths-negative", dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.tensor([3, 1, -1, 2])), ValueError, r"completion_lengths must be finite and >= 0, got -1.0 at row 2"),
+    ("lengths-nan", dict(rewards=torch.zeros(4), group_size=2, estimator="reinforce_plus_plus_baseline", completion_lengths=torch.tensor([3.0, math.nan, 1.0, 2.0])), ValueError, "got nan at row 1"),
+    ("lengths-inf", dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.tensor([3.0, 1.0, 1.0, math.inf])), ValueError, "got inf at row 3"),
+    ("lengths-on-meta", dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.ones(4, device=META)), ValueError, "completion_lengths is on meta but rewards are on"),
 ]  # fmt: skip
 
 
@@ -530,3 +548,19 @@ def test_infinite_reward_is_an_error(backend, bad):
         lambda r: group_advantages(r, group_size=4, backend=backend), fullgraph=True, backend="aot_eager"
     )
     assert torch.isnan(compiled(rewards)).all()
+
+
+def test_negative_completion_length_is_an_error(backend):
+    """A negative (or NaN) completion length has no meaning as a weight: eager mode raises, torch.compile (no
+    data-dependent errors) makes every advantage NaN, as for an infinite reward."""
+    rewards = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0, 2.0, 3.0, 4.5], device=DEVICE)
+    lengths = torch.tensor([3, 1, 4, -2, 5, 9, 2, 6], device=DEVICE)
+    with pytest.raises(ValueError, match=r"completion_lengths must be finite and >= 0, got -2.0 at row 3"):
+        group_advantages(rewards, group_size=4, estimator="opo", completion_lengths=lengths, backend=backend)
+    compiled = torch.compile(
+        lambda r, n: group_advantages(r, group_size=4, estimator="opo", completion_lengths=n, backend=backend),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    assert torch.isnan(compiled(rewards, lengths)).all()
+    assert not torch.isnan(compiled(rewards, lengths.abs())).any()

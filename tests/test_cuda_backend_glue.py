@@ -59,10 +59,12 @@ def _scale_gradient_(grad, grad_loss, loss_scale):
         grad.mul_(grad_loss / loss_scale)
 
 
-def _group_advantages(rewards, weights, order, cu, index, scale, eps, multi_reward, adv, mean, std):
+def _group_advantages(rewards, weights, order, cu, index, scale, eps, multi_reward, estimator, lengths, adv, mean, std):
     from grpo_kernels.advantages import AdvantageConfig, GroupLayout
 
-    outs = TORCH.group_advantages(rewards, weights, GroupLayout(order, cu, index, None), AdvantageConfig(scale, eps, multi_reward))
+    assert lengths is None or lengths.dtype == torch.float32  # what the binding checks
+    config = AdvantageConfig(scale, eps, multi_reward, estimator)
+    outs = TORCH.group_advantages(rewards, weights, GroupLayout(order, cu, index, None), config, lengths)
     for dst, src in zip((adv, mean, std), outs):
         dst.copy_(src)
 
@@ -133,5 +135,16 @@ def test_group_advantages(cuda_on_cpu, mode):
     r[3, 1] = float("nan")
     ours = group_advantages(r, group_size=4, multi_reward=mode, backend="cuda", return_stats=True)
     theirs = group_advantages(r, group_size=4, multi_reward=mode, backend="torch", return_stats=True)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo_passk", "reinforce_plus_plus_baseline", "opo", "gpg"])
+def test_group_advantages_estimators(cuda_on_cpu, estimator):
+    r = torch.randn(12)
+    r[3] = float("nan")
+    kw = {"completion_lengths": torch.arange(12)} if estimator in ("opo", "reinforce_plus_plus_baseline") else {}
+    ours = group_advantages(r, group_size=4, estimator=estimator, backend="cuda", return_stats=True, **kw)
+    theirs = group_advantages(r, group_size=4, estimator=estimator, backend="torch", return_stats=True, **kw)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, equal_nan=True)

@@ -225,3 +225,50 @@ def test_token_epilogue_matches_loss_forward(host_math, policy, beta, estimator,
         torch.testing.assert_close(kl.float(), expect.kl, rtol=2e-6, atol=2.5e-7)
         torch.testing.assert_close(grad.float(), expect.grad_logprobs, rtol=1e-5, atol=1e-9)
         assert torch.equal(flags.to(torch.uint8), expect.clip_flags)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# grouped advantages (csrc/include/grpo_kernels/advantage_math.cuh, driven by tests/cuda/advantage_math.cpp)
+# ----------------------------------------------------------------------------------------------------------------
+ESTIMATOR_CODES = {"grpo": 0, "rloo": 1, "grpo_passk": 2, "reinforce_plus_plus_baseline": 3, "opo": 4, "gpg": 5}
+SCALE_CODES = {"group": 0, "batch": 1, "none": 2}
+
+
+@pytest.fixture(scope="session")
+def advantage_math(tmp_path_factory) -> Path:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++/c++) on PATH")
+    exe = tmp_path_factory.mktemp("cuda_advantage_math") / "advantage_math"
+    cmd = [cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc' / 'include'}",
+           str(ROOT / "tests" / "cuda" / "advantage_math.cpp"), "-o", str(exe)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return exe
+
+
+ADVANTAGE_CASES = [(e, s) for e, scales in ref.ADVANTAGE_ESTIMATORS.items() for s in scales if s != "batch"]
+
+
+@pytest.mark.parametrize("estimator,scale", ADVANTAGE_CASES)
+def test_advantage_math_matches_reference(advantage_math, estimator, scale):
+    """Groups of 1 to 70 rows (more than one per lane), NaN totals, ties at the top and at second place, integer and
+    fractional lengths with zeros, a group without tokens; the helpers run in the warp's order."""
+    from helpers import assert_advantages_close
+
+    g = torch.Generator().manual_seed(ESTIMATOR_CODES[estimator] * 3 + SCALE_CODES[scale])
+    sizes = [1, 2, 3, 5, 8, 33, 70, 4, 4, 2]
+    batch = sum(sizes)
+    t = (torch.randint(-8, 9, (batch,), generator=g).double() / 4 + 0.3 * torch.randn(batch, generator=g)).float()
+    t[torch.rand(batch, generator=g) < 0.15] = math.nan
+    t[-10:-6] = torch.tensor([2.0, 2.0, 1.0, 0.5])  # a tie at the top
+    t[-6:-2] = torch.tensor([3.0, 1.0, 1.0, 0.5])  # a unique best, tie for second
+    lengths = torch.where(torch.rand(batch, generator=g) < 0.2, 0.0, torch.rand(batch, generator=g) * 50).float()
+    lengths[-2:] = 0.0  # the last group has no tokens
+    cu = torch.cumsum(torch.tensor(sizes), 0).tolist()
+    fields = ["ADV", str(ESTIMATOR_CODES[estimator]), str(SCALE_CODES[scale]), _hex(_f32(1e-4)), str(batch),
+              str(len(sizes)), *map(str, cu), *map(_hex, t.tolist()), *map(_hex, lengths.tolist())]  # fmt: skip
+    (ours,) = _run(advantage_math, [" ".join(fields)])
+    group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    kw = {"completion_lengths": lengths.double()} if estimator in ref.ESTIMATORS_WITH_LENGTHS else {}
+    expect = ref.group_advantages(t.double(), group_ids=group, estimator=estimator, scale=scale, **kw).advantages
+    assert_advantages_close(torch.tensor(ours, dtype=torch.float32), expect, estimator, t.double(), group, lengths)

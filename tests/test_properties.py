@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from conftest import DEVICE
 from grpo_kernels import group_advantages, grpo_loss, token_logprobs
 from grpo_kernels import reference as ref
-from helpers import low_precision_ok, rel_err
+from helpers import assert_advantages_close, low_precision_ok, rel_err
 from reliability_helpers import grad_of
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
@@ -229,5 +229,69 @@ def test_group_advantages_property(backend):
         )
         torch.testing.assert_close(out.group_std.cpu().double(), expect.group_std, rtol=1e-5, atol=1e-5, equal_nan=True)
         assert out.frac_zero_std.item() == pytest.approx(expect.frac_zero_std.item())
+
+    check()
+
+
+@st.composite
+def estimator_cases(draw):
+    estimator = draw(st.sampled_from([e for e in ref.ADVANTAGE_ESTIMATORS if e != "grpo"]))
+    return dict(
+        estimator=estimator,
+        scale=draw(st.sampled_from(ref.ADVANTAGE_ESTIMATORS[estimator])),
+        num_groups=draw(st.integers(1, 6)),
+        group_size=draw(st.integers(1, 8)),
+        by_ids=draw(st.booleans()),
+        columns=draw(st.integers(1, 3)),
+        nan_p=draw(st.sampled_from([0.0, 0.2, 0.6])),
+        discrete=draw(st.booleans()),
+        float_lengths=draw(st.booleans()),
+        zero_length_p=draw(st.sampled_from([0.0, 0.3])),
+        eps=draw(st.sampled_from([1e-4, 1e-6])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def test_group_advantage_estimators_property(backend):
+    """The estimators other than grpo, with multi-reward columns (summed first), NaN rewards, groups of one, any
+    group order and completion lengths (integer or float, some 0), against the reference in float64. Rewards are
+    rounded to float32 once so both sides see the same values; the tolerance is the one of
+    tests/test_advantage_estimators.py (a few ulps of the rewards times what the estimator multiplies them by)."""
+
+    @_settings(backend, torch_examples=100)
+    @given(case=estimator_cases())
+    def check(case):
+        g = _generator(case["seed"])
+        batch = case["num_groups"] * case["group_size"]
+        rewards = torch.randint(-16, 17, (batch, case["columns"]), generator=g).double() / 8
+        if not case["discrete"]:
+            rewards = rewards + torch.randn(rewards.shape, generator=g, dtype=torch.float64)
+        rewards[torch.rand(rewards.shape, generator=g) < case["nan_p"]] = math.nan
+        rewards = rewards.float().double()
+        weights = torch.tensor([1.0, 0.5, 0.25])[: case["columns"]].double()  # exact: the totals are exact too
+        if case["float_lengths"]:
+            lengths = torch.rand(batch, generator=g, dtype=torch.float64).float().double() * 30
+        else:
+            lengths = torch.randint(1, 64, (batch,), generator=g)
+        lengths = torch.where(torch.rand(batch, generator=g) < case["zero_length_p"], 0, lengths)
+        group = torch.arange(batch) // case["group_size"]
+        if case["by_ids"]:
+            group = (group * 3 - 5)[torch.randperm(batch, generator=g)]  # sparse, negative, shuffled
+            groups = dict(group_ids=group)
+        else:
+            groups = dict(group_size=case["group_size"])
+        kw = dict(scale=case["scale"], eps=case["eps"], estimator=case["estimator"])
+        if case["estimator"] in ref.ESTIMATORS_WITH_LENGTHS:
+            kw["completion_lengths"] = lengths
+        expect = ref.group_advantages(rewards, reward_weights=weights, **groups, **kw)
+        out = group_advantages(rewards.float().to(DEVICE), reward_weights=weights.tolist(), return_stats=True,
+                               backend=backend, **{k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in groups.items()},
+                               **{k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in kw.items()})  # fmt: skip
+        total = torch.where(torch.isnan(rewards), 0.0, rewards * weights).sum(dim=1)
+        total[torch.isnan(rewards).all(dim=1)] = math.nan
+        assert_advantages_close(
+            out.advantages, expect.advantages, case["estimator"], total, group, lengths, case["eps"]
+        )
+        torch.testing.assert_close(out.group_std.cpu().double(), expect.group_std, rtol=1e-5, atol=1e-5, equal_nan=True)
 
     check()

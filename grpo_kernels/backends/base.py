@@ -57,8 +57,10 @@ class Backend:
         raise NotImplementedError
 
     def group_advantages(self, rewards: torch.Tensor, weights: torch.Tensor, layout: GroupLayout,
-                         config: AdvantageConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """``rewards [B, R]``, ``weights [R]`` -> ``(advantages [B], group_mean [G], group_std [G])``."""
+                         config: AdvantageConfig, lengths: torch.Tensor | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``rewards [B, R]``, ``weights [R]``, ``lengths [B]`` (the estimators that read it) ->
+        ``(advantages [B], group_mean [G], group_std [G])``."""
         raise NotImplementedError
 
     def grpo_loss_forward_with_grad(

@@ -11,7 +11,7 @@ What runs where:
                                            a per-sequence sum between the passes
     grpo_loss_forward_with_grad            sm_90: the 2-pass cluster kernel (read z once, write dz once);
                                            elsewhere, or at sequence level: forward + backward kernels (3 passes)
-    group_advantages                       warp-per-group statistics, float64 accumulation, no atomics
+    group_advantages                       warp-per-group statistics (every estimator), float64 accumulation, no atomics
 
 Nothing in this file has run on a GPU yet: see docs/cuda.md.
 """
@@ -113,7 +113,7 @@ class CudaBackend(Backend):
     # ------------------------------------------------------------------------------------------------------------
     # grouped advantages
     # ------------------------------------------------------------------------------------------------------------
-    def group_advantages(self, rewards, weights, layout: GroupLayout, config: AdvantageConfig):
+    def group_advantages(self, rewards, weights, layout: GroupLayout, config: AdvantageConfig, lengths=None):
         batch, device = rewards.shape[0], rewards.device
         adv = _alloc.empty(batch, dtype=torch.float32, device=device)
         mean = _alloc.empty(layout.num_groups, dtype=torch.float32, device=device)
@@ -121,7 +121,7 @@ class CudaBackend(Backend):
         _ops().group_advantages(
             rewards.float().contiguous(), weights.float().contiguous(), layout.order.contiguous(),
             layout.cu_groups.contiguous(), layout.group_index.contiguous(), config.scale, float(config.eps),
-            config.multi_reward, adv, mean, std,
+            config.multi_reward, config.estimator, _optional(lengths), adv, mean, std,
         )  # fmt: skip
         return adv, mean, std
 

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "advantage_math.cuh"
 #include "row_math.cuh"
 
 namespace grpo_kernels {
@@ -84,9 +85,8 @@ cudaError_t scale_gradient(const LogitsArg& grad, const float* grad_loss, float 
 // The 2-pass kernel on this device for these shapes: the cluster size it would use, or 0 when it does not apply.
 int two_pass_cluster_size(const LogitsArg& logits, const LogitsArg& grad, int device);
 
-// Grouped advantages (docs/math.md section 2). Groups are runs of a sorted order: rows order[cu[g]:cu[g+1]] form
-// group g.
-enum class AdvantageScale : int { kGroup = 0, kBatch = 1, kNone = 2 };
+// Grouped advantages (docs/math.md section 2, docs/math.md section 10). Groups are runs of a sorted order: rows
+// order[cu[g]:cu[g+1]] form group g. AdvantageScale / AdvantageEstimator: advantage_math.cuh.
 struct AdvantageArgs {
   const float* rewards;      // [B, R] row-major
   const float* weights;      // [R]
@@ -99,6 +99,8 @@ struct AdvantageArgs {
   AdvantageScale scale;
   float eps;
   bool normalize_then_sum;   // else sum_then_normalize
+  AdvantageEstimator estimator;
+  const float* lengths;      // [B] completion lengths (opo, reinforce_plus_plus_baseline); else nullptr
 };
 struct AdvantageOutputs {
   float* advantages;  // [B]

@@ -36,8 +36,8 @@ class TorchBackend(Backend):
         lp, lse, entropy = token_logprobs_forward(logits, batch.token_ids, config.temperature, with_entropy)
         return loss_forward_from_logprobs(lp, lse, entropy, batch, config)
 
-    def group_advantages(self, rewards, weights, layout, config):
-        return group_advantages(rewards, weights, layout, config)
+    def group_advantages(self, rewards, weights, layout, config, lengths=None):
+        return group_advantages(rewards, weights, layout, config, lengths)
 
 
 BACKEND = TorchBackend()

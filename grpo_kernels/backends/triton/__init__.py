@@ -49,8 +49,8 @@ class TritonBackend(Backend):
     def grpo_loss_forward(self, logits, batch, config, with_entropy):
         return grpo_loss_forward(logits, batch, config, with_entropy)
 
-    def group_advantages(self, rewards, weights, layout, config):
-        return group_advantages(rewards, weights, layout, config)
+    def group_advantages(self, rewards, weights, layout, config, lengths=None):
+        return group_advantages(rewards, weights, layout, config, lengths)
 
 
 BACKEND = TritonBackend()
