@@ -316,7 +316,32 @@ def _grpo_loss(logits, token_ids, advantages, config: LossConfig, *, mask, old_l
                        per_token_loss, kl, flags)  # fmt: skip
 
 
-class GRPOLoss(nn.Module):
+class ConfiguredLoss(nn.Module):
+    """What the loss modules share: a :class:`LossConfig` checked once, at construction (``loss_config``), the
+    call options (``options``), and ``config``, both as one dict."""
+
+    def __init__(self, where: str, config: LossConfig | None, knobs: dict, *, backend: str, **options):
+        super().__init__()
+        if config is None:
+            config = config_from(LossConfig, where, knobs)
+        elif knobs:
+            raise TypeError(f"{where}() takes either config= or the knobs as keywords, not both (got {sorted(knobs)})")
+        elif not isinstance(config, LossConfig):
+            raise TypeError(f"config must be a grpo_kernels.LossConfig, got {type(config).__name__}")
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+        self.loss_config = config
+        self.options = dict(options, backend=backend)
+
+    @property
+    def config(self) -> dict:
+        return {**dataclasses.asdict(self.loss_config), **self.options}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items() if v is not None)
+
+
+class GRPOLoss(ConfiguredLoss):
     """:func:`grpo_loss` as a module holding the configuration (same arguments, same defaults, same output), which
     is checked once, here.
 
@@ -337,18 +362,11 @@ class GRPOLoss(nn.Module):
         ignore_index: int = -100,
         **knobs,
     ):
-        super().__init__()
-        self.loss_config = _module_config("GRPOLoss", config, knobs)
-        if backend not in ("auto", *BACKENDS):
-            raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
-        self.options = dict(
-            return_entropy=return_entropy, inplace_backward=inplace_backward, grad_in_forward=grad_in_forward,
-            loss_scale=check_number("loss_scale", loss_scale), backend=backend, ignore_index=ignore_index,
+        super().__init__(
+            "GRPOLoss", config, knobs, return_entropy=return_entropy, inplace_backward=inplace_backward,
+            grad_in_forward=grad_in_forward, loss_scale=check_number("loss_scale", loss_scale), backend=backend,
+            ignore_index=ignore_index,
         )  # fmt: skip
-
-    @property
-    def config(self) -> dict:
-        return {**dataclasses.asdict(self.loss_config), **self.options}
 
     def forward(
         self,
@@ -369,21 +387,8 @@ class GRPOLoss(nn.Module):
             cu_seqlens=cu_seqlens, **self.options,
         )  # fmt: skip
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.config.items() if v is not None)
-
 
 with_knob_parameters(GRPOLoss.__init__, LossConfig, after="ignore_index")
-
-
-def _module_config(where: str, config: LossConfig | None, knobs: dict) -> LossConfig:
-    if config is None:
-        return config_from(LossConfig, where, knobs)
-    if knobs:
-        raise TypeError(f"{where}() takes either config= or the knobs as keywords, not both (got {sorted(knobs)})")
-    if not isinstance(config, LossConfig):
-        raise TypeError(f"config must be a grpo_kernels.LossConfig, got {type(config).__name__}")
-    return config
 
 
 __all__ = ["GRPOLoss", "GRPOLossOutput", "GroupAdvantages", "grpo_loss", "group_advantages", "token_logprobs"]

@@ -25,10 +25,8 @@ this file (the public functions and module); the Hugging Face helpers are in :mo
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._inputs import (
     LOGITS_DTYPES,
@@ -44,7 +42,8 @@ from .._inputs import (
     poison,
     prepare_loss_inputs,
 )
-from ..backends import BACKENDS, resolve_backend
+from ..api import ConfiguredLoss
+from ..backends import resolve_backend
 from ..config import LossConfig, config_from, with_knob_parameters
 from . import op
 from .tiles import acc_dtype, compute_dtype, default_chunk_tokens
@@ -233,7 +232,7 @@ def fused_linear_token_logprobs(
     return lp
 
 
-class FusedLinearGRPOLoss(nn.Module):
+class FusedLinearGRPOLoss(ConfiguredLoss):
     """:func:`fused_linear_grpo_loss` as a module holding the configuration (the arguments of
     :class:`grpo_kernels.GRPOLoss` except ``inplace_backward``, ``grad_in_forward`` and ``loss_scale``, which do not
     apply: the logits tiles are always overwritten and the gradients are always finished in the forward; plus the
@@ -255,27 +254,18 @@ class FusedLinearGRPOLoss(nn.Module):
         ignore_index: int = -100,
         **knobs,
     ):
-        super().__init__()
         for key in ("inplace_backward", "grad_in_forward", "loss_scale"):
             if key in knobs:
                 raise TypeError(
                     f"FusedLinearGRPOLoss has no {key}: its logits tiles are always overwritten and its gradients "
                     "always finished in the forward"
                 )
-        from ..api import _module_config
-
-        self.loss_config = _module_config("FusedLinearGRPOLoss", config, knobs)
-        if backend not in ("auto", *BACKENDS):
-            raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
         _check_head_options(logit_softcap, logit_scale, chunk_tokens)
-        self.options = dict(
-            logit_softcap=logit_softcap, logit_scale=logit_scale, entropy_coef=check_number("entropy_coef", entropy_coef),
-            chunk_tokens=chunk_tokens, return_entropy=return_entropy, backend=backend, ignore_index=ignore_index,
+        super().__init__(
+            "FusedLinearGRPOLoss", config, knobs, logit_softcap=logit_softcap, logit_scale=logit_scale,
+            entropy_coef=check_number("entropy_coef", entropy_coef), chunk_tokens=chunk_tokens,
+            return_entropy=return_entropy, backend=backend, ignore_index=ignore_index,
         )  # fmt: skip
-
-    @property
-    def config(self) -> dict:
-        return {**dataclasses.asdict(self.loss_config), **self.options}
 
     def forward(
         self,
@@ -299,8 +289,6 @@ class FusedLinearGRPOLoss(nn.Module):
             cu_seqlens=cu_seqlens, entropy_weights=entropy_weights, **self.options,
         )  # fmt: skip
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.config.items() if v is not None)
 
 
 with_knob_parameters(FusedLinearGRPOLoss.__init__, LossConfig, after="ignore_index")
