@@ -1,0 +1,207 @@
+"""The GPU run's tooling without a GPU: benchmarks/gpu_run.sh in its dry mode (stages, caps, the deadline, the files
+it leaves in $OUT), the per-backend verdict that writes verified.json, and the wheel-set check of fetch_wheels.sh."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_run, wheelset
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = [ROOT / "benchmarks" / "gpu_run.sh", ROOT / "benchmarks" / "fetch_wheels.sh"]
+VERIFIED_KEYS = {"backend", "arch", "device", "date", "torch", "triton", "cuda", "tests"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_dry_run_stages_caps_deadline_and_files(tmp_path):
+    """Every stage in order; a stage past its cap is stopped and reported as such; a stage that would start too close
+    to the deadline is skipped; what $OUT holds fits the device tool's return limits."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(
+        os.environ,
+        OUT=str(out),
+        WORK=str(work),
+        GPU_RUN_DRY="1",
+        CAP_build="1",
+        TOTAL_S="6",
+        RESERVE_S="1",
+        MIN_STAGE_S="2",
+        GPU_RUN_DRY_SLEEP="build:4,racecheck:3",
+    )
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS[0])], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = (out / "summary.md").read_text()
+    rows = [line.split(" | ") for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    stages = [row[0].strip("| ") for row in rows]
+    assert stages == ["env", "build", "warm", "test", "headline", "memcheck", "racecheck", "grid"]
+    status = {row[0].strip("| "): row[1] for row in rows}
+    assert status["env"] == status["test"] == "ok"
+    assert status["build"] == "timeout (cap 1 s)"
+    assert status["grid"] == "skipped"
+    assert "verified: none" in summary and summary.rstrip().splitlines()[-1].startswith("done in")
+    assert json.loads((out / "verified.json").read_text()) == []
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert {str(f) for f in files} == {"junit.xml", "results.tar.gz", "run.log", "summary.md", "verified.json"}
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", str(f)) for f in files)
+    log = (out / "run.log").read_text()
+    assert log.count("=== build") == 2 and "would run: python3 -m pytest" in log
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "o"), WORK=str(tmp_path / "w"), GPU_RUN_DRY="1")
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS[0]), "tests"], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2 and "unknown stage tests" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the verdict behind verified.json
+# ----------------------------------------------------------------------------------------------------------------
+FACTS = {
+    "device": "NVIDIA H200",
+    "arch": "sm_90",
+    "driver": "580",
+    "torch": "2.11.0+cu130",
+    "triton": "3.6.0",
+    "cuda": "13.0",
+    "date": "2026-12-01",
+}
+
+
+def _junit(path: Path, cases: list[tuple[str, str, str]]) -> Path:
+    """A pytest-style junit XML file of (module, test name, outcome) with outcome passed/failed/error/skipped."""
+    body = []
+    for module, name, outcome in cases:
+        inner = {
+            "passed": "",
+            "failed": '<failure message="x"/>',
+            "error": '<error message="x"/>',
+            "skipped": '<skipped message="x"/>',
+        }[outcome]
+        body.append(f'<testcase classname="tests.{module}" name="{name}" time="0.1">{inner}</testcase>')
+    path.write_text(
+        f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{"".join(body)}</testsuite></testsuites>'
+    )
+    return path
+
+
+def test_classify():
+    assert (
+        gpu_run.classify("tests.test_grpo_loss", "test_float32_matches_reference[triton-grpo-token-plain]") == "triton"
+    )
+    assert gpu_run.classify("tests.test_token_logprobs", "test_strided_logits_are_not_copied_and_match[cuda]") == "cuda"
+    assert gpu_run.classify("tests.test_gpu", "test_dense_beyond_2_31_elements[gpu-torch-rows8200-V262144]") == "torch"
+    assert gpu_run.classify("tests.test_gpu", "test_dense_beyond_2_31_elements[cpu-torch-rows8200-V262144]") == "other"
+    assert gpu_run.classify("tests.test_triton_kernels", "test_vocab_tiling") == "triton"
+    assert gpu_run.classify("tests.test_grpo_loss", "test_gradcheck_float64_torch_backend") == "shared"
+    assert gpu_run.classify("tests.test_benchmarks_smoke", "test_report[cuda]") == "other"
+
+
+def test_verdict_per_backend(tmp_path):
+    junit = _junit(
+        tmp_path / "j.xml",
+        [
+            ("test_grpo_loss", "test_a[triton-x]", "passed"),
+            ("test_grpo_loss", "test_a[torch-x]", "passed"),
+            ("test_grpo_loss", "test_a[cuda-x]", "failed"),
+            ("test_grpo_loss", "test_b[cuda-y]", "passed"),
+            ("test_grpo_loss", "test_shared", "passed"),
+            ("test_benchmarks_smoke", "test_report[cuda]", "error"),
+            ("test_gpu", "test_c[gpu-torch]", "skipped"),
+        ],
+    )
+    counts = gpu_run.junit_counts(junit)
+    assert counts["cuda"] == {"passed": 1, "failed": 1, "skipped": 0} and counts["other"]["failed"] == 1
+    entries, lines = gpu_run.verdict(counts, 1, FACTS)
+    assert [e["backend"] for e in entries] == ["torch", "triton"]  # cuda failed; tooling errors count for no one
+    assert all(set(e) == VERIFIED_KEYS for e in entries)
+    assert entries[1] == {
+        "backend": "triton",
+        "arch": "sm_90",
+        "device": "NVIDIA H200",
+        "date": "2026-12-01",
+        "torch": "2.11.0+cu130",
+        "triton": "3.6.0",
+        "cuda": "13.0",
+        "tests": 2,
+    }
+    assert "cuda: 1 passed, 1 failed, 0 skipped -> not verified" in lines
+
+
+@pytest.mark.parametrize("why", ["shared failure", "interrupted", "cpu", "only skipped"])
+def test_verdict_verifies_nothing_when(tmp_path, why):
+    cases = [("test_grpo_loss", "test_a[triton-x]", "skipped" if why == "only skipped" else "passed")]
+    if why == "shared failure":
+        cases.append(("test_reference_like", "test_shared", "failed"))
+    counts = gpu_run.junit_counts(_junit(tmp_path / "j.xml", cases))
+    exit_code = 2 if why == "interrupted" else 0
+    facts = dict(FACTS, arch=None, device="cpu") if why == "cpu" else FACTS
+    entries, lines = gpu_run.verdict(counts, exit_code, facts)
+    assert entries == [] and any("not verified" in line for line in lines)
+
+
+def test_verdict_command_writes_the_file(tmp_path, capsys):
+    junit = _junit(tmp_path / "j.xml", [("test_gpu", "test_x[gpu-cuda-V151936]", "passed")])
+    out = tmp_path / "verified.json"
+    gpu_run.main(["verdict", str(junit), "--exit-code", "0", "--out", str(out), "--facts", json.dumps(FACTS)])
+    assert [e["backend"] for e in json.loads(out.read_text())] == ["cuda"]
+    assert "@@ verified: cuda" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the wheel-set check
+# ----------------------------------------------------------------------------------------------------------------
+KINDS = """## `nvidia-h200`
+| pip list, as a session saw it | 2026-11: accelerate 1.15.0, torch 2.11.0, transformers 5.17.0 |
+
+nvidia-h200: their image, 'cuda', holds these. Packages: accelerate, numpy, torch, transformers, triton.
+"""
+
+
+def _wheel(folder: Path, name: str, version: str, requires: list[str], tag: str = "py3-none-any") -> None:
+    meta = "Metadata-Version: 2.1\nName: {}\nVersion: {}\n{}\n\nlong description\nRequires-Dist: not-a-header\n".format(
+        name, version, "\n".join(f"Requires-Dist: {r}" for r in requires)
+    )
+    with zipfile.ZipFile(folder / f"{name}-{version}-{tag}.whl", "w") as z:
+        z.writestr(f"{name}-{version}.dist-info/METADATA", meta)
+
+
+def test_image_packages_parse():
+    names, versions = wheelset.image_packages(KINDS)
+    assert names == {"accelerate", "numpy", "torch", "transformers", "triton"}
+    assert str(versions["transformers"]) == "5.17.0" and "numpy" not in versions
+
+
+def test_wheel_set_ok_with_markers_and_extras(tmp_path):
+    _wheel(tmp_path, "liger_kernel", "0.8.5", ["torch>=2.1.2", "triton>=2.3.1", 'pytest; extra == "dev"'])
+    _wheel(tmp_path, "trl", "1.16.0", ["accelerate>=1.10.1", "datasets>=4.7.0", 'pywin32; sys_platform == "win32"'])
+    _wheel(tmp_path, "datasets", "5.2.0", ["numpy>=1.17"])
+    problems, notes = wheelset.check(tmp_path, KINDS)
+    assert problems == [] and any("numpy" in n for n in notes)
+
+
+def test_wheel_set_problems(tmp_path):
+    _wheel(tmp_path, "trl", "1.16.0", ["datasets>=4.7.0", "transformers>=6"])
+    _wheel(tmp_path, "dill", "0.4.1", [])
+    _wheel(tmp_path, "dill", "0.4.0", [])
+    _wheel(tmp_path, "multiprocess", "0.70.19", ["dill>=0.4.1"], tag="py311-none-any")
+    problems, _ = wheelset.check(tmp_path, KINDS)
+    assert any("datasets>=4.7.0: neither carried nor in the image" in p for p in problems)
+    assert any("transformers>=6, the image has transformers 5.17.0" in p for p in problems)
+    assert any("dill carried 2 times" in p for p in problems)
+    assert any("needs dill>=0.4.1, carried dill 0.4.0" in p for p in problems)
+    assert any("no tag for Python 3.12" in p for p in problems)
