@@ -5,6 +5,7 @@
 #     bash benchmarks/gpu_run.sh test headline     # only these stages (on a still-warm machine, say)
 #     GPU_RUN_DRY=1 bash benchmarks/gpu_run.sh     # simulated stages: the control flow, caps and files (seconds)
 #     GPU_RUN_CPU=1 bash benchmarks/gpu_run.sh     # the real stage commands at CPU stand-in sizes (minutes)
+#     GPU_RUN_COMMIT=abc1234 bash benchmarks/gpu_run.sh   # names the commit where the tree came without .git
 #
 # Stages, in priority order, each under `timeout` with its own cap (CAP_<stage>, seconds), never past the deadline
 # (TOTAL_S, default 480, less RESERVE_S for the last packing):
@@ -234,7 +235,7 @@ summary() {  # rewrite $OUT/summary.md from the rows so far; $1: the footer line
         echo "# GPU run, $(date -u -d "@$START" +%Y-%m-%dT%H:%MZ)"
         echo
         echo "- device: $GPU_LINE"
-        echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (working tree differs)')"
+        echo "- commit: $COMMIT_LINE"
         echo "- mode: ${GPU_RUN_DRY:+dry run (simulated stages)}${GPU_RUN_CPU:+real stages at CPU sizes}${MODE_REAL:-}"
         echo "- budget: TOTAL_S=$TOTAL_S, caps: $(for s in "${STAGES_ALL[@]}"; do v=CAP_$s; printf '%s %s, ' "$s" "${!v}"; done | sed 's/, $//')"
         echo
@@ -297,6 +298,12 @@ main() {
     echo "[]" >"$OUT/verified.json"  # until the test stage says otherwise
     GPU_LINE=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
     GPU_LINE=${GPU_LINE:-"none (nvidia-smi not available)"}
+    # the copy of the tree on the device machine may come without .git: GPU_RUN_COMMIT names the commit then
+    if git rev-parse --short HEAD >/dev/null 2>&1; then
+        COMMIT_LINE="$(git rev-parse --short HEAD)$(git diff --quiet HEAD 2>/dev/null || echo ' (working tree differs)')"
+    else
+        COMMIT_LINE="${GPU_RUN_COMMIT:-unknown} (no .git here${GPU_RUN_COMMIT:+: as given by GPU_RUN_COMMIT})"
+    fi
     local stages=("$@")
     [ ${#stages[@]} -eq 0 ] && stages=("${STAGES_ALL[@]}")
     for stage in "${stages[@]}"; do

@@ -205,3 +205,64 @@ def test_wheel_set_problems(tmp_path):
     assert any("dill carried 2 times" in p for p in problems)
     assert any("needs dill>=0.4.1, carried dill 0.4.0" in p for p in problems)
     assert any("no tag for Python 3.12" in p for p in problems)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what the headline stage asks of the report
+# ----------------------------------------------------------------------------------------------------------------
+def test_report_cases_selects_named_cases_and_refuses_unknown_ones():
+    import argparse
+
+    from benchmarks import report
+
+    wanted = "grpo_loss-N16384-V151936-is-token-beta0.04-bfloat16"
+    args = argparse.Namespace(ops=["grpo_loss"], cases=[wanted])
+    assert [c.id for c in report._selected_cases("gpu", args)] == [wanted]
+    fused = "fused_linear_grpo_loss-N16384-V151936-H4096-is-token-beta0.04-bfloat16"
+    args = argparse.Namespace(ops=["fused_linear_grpo_loss"], cases=[fused])
+    assert [c.id for c in report._selected_cases("gpu", args)] == [fused]
+    with pytest.raises(SystemExit, match="not in preset"):
+        report._selected_cases("gpu", argparse.Namespace(ops=["grpo_loss"], cases=["grpo_loss-N1-V1"]))
+
+
+def test_cuda_gif_provider_is_the_cuda_backend_with_grad_in_forward():
+    import torch
+
+    from benchmarks import providers
+    from benchmarks.cases import Case
+
+    loss = Case(op="grpo_loss", dtype="bfloat16", tokens=16384, seq_len=1024, vocab=151936, beta=0.04)
+    fn, args, wrt = providers.objective("cuda_gif", loss)
+    assert fn.keywords == {"beta": 0.04, "level": "token", "backend": "cuda", "grad_in_forward": True}
+    assert (args, wrt) == providers.objective("cuda", loss)[1:]
+    fused = Case(op="fused_linear_grpo_loss", dtype="bfloat16", tokens=32, seq_len=8, vocab=50, hidden=8)
+    assert "grpo_loss only" in providers.unavailable_reason("cuda_gif", fused, torch.device("cpu"))
+    assert providers.unavailable_reason("cuda_gif", loss, torch.device("cpu")) == providers.unavailable_reason(
+        "cuda", loss, torch.device("cpu")
+    )
+
+
+def test_goals_of_the_headline_case_with_beta_0_04():
+    from benchmarks import render
+    from benchmarks.cases import Case
+
+    case = Case(op="grpo_loss", dtype="bfloat16", tokens=16384, seq_len=1024, vocab=151936, beta=0.04)
+    rows = [
+        {
+            "op": "grpo_loss",
+            "status": "ok",
+            "case": case,
+            "case_id": case.id,
+            "provider": "cuda_gif",
+            "pct_copy_min": 90.0,
+            "x_liger": 1.4,
+            "x_eager": 12.0,
+        },
+    ]
+    case_id, lines = render._goal_rows(rows, render.LOSS_GOAL_CASE, render.LOSS_GOALS)
+    assert case_id == case.id
+    assert lines == [
+        "| cuda_gif | % of copy bandwidth, 2 passes | 90.00 | 85 | met |",
+        "| cuda_gif | x Liger triton_grpo_loss | 1.40 | 1.5 | missed |",
+        "| cuda_gif | x eager | 12.00 | 10 | met |",
+    ]
