@@ -36,7 +36,7 @@ from grpo_kernels import group_advantages, grpo_loss, token_logprobs
 
 OURS = registry.BACKENDS  # ("torch", "triton", "cuda")
 # Our backends with other options: name -> (backend, the ops it applies to, extra keywords of the objective)
-OUR_VARIANTS = {"cuda_gif": ("cuda", ("grpo_loss",), dict(grad_in_forward=True))}
+OUR_VARIANTS = {"cuda_gif": ("cuda", ("grpo_loss",), {"grad_in_forward": True})}
 BASELINES = ("eager", "compile", "liger", "trl")
 PROVIDERS = OURS + tuple(OUR_VARIANTS) + BASELINES
 

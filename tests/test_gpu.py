@@ -45,7 +45,7 @@ def _params(group: str | None = None):
     """(size, backend) params: ``gpu`` x every backend (skipped with the reason where it cannot run), ``cpu`` x torch."""
     params = []
     for name in BACKENDS:
-        marks = [pytest.mark.gpu] + ([pytest.mark.xdist_group(group)] if group else [])
+        marks = [pytest.mark.gpu] + ([pytest.mark.xdist_group(name=group)] if group else [])
         reason = "needs a CUDA device" if not CUDA else unavailable_reason(name, torch.device("cuda"))
         if reason:
             marks.append(pytest.mark.skip(reason=f"backend {name!r} on cuda: {reason}"))
