@@ -4,7 +4,7 @@ on lines that start with ``@@ `` (the shell script copies those into ``summary.m
     python -m benchmarks.gpu_run env                      # the machine, the versions, the carried packages
     python -m benchmarks.gpu_run build                    # build / load the CUDA extension, timed; the backends
     python -m benchmarks.gpu_run warm                     # first (JIT) and second call of every kernel, per dtype
-    python -m benchmarks.gpu_run verdict JUNIT --exit-code RC --out verified.json   # per-backend test results
+    python -m benchmarks.gpu_run verdict JUNIT --exit-code RC --out verified.json [--collected IDS]
     python -m benchmarks.gpu_run headline RESULTS_DIR     # the headline numbers of a report folder
 
 ``verdict`` writes the JSON list the package's backend table reads: one entry per backend ("triton", "cuda",
@@ -31,6 +31,8 @@ BACKENDS = ("torch", "triton", "cuda")
 # any backend (the benchmark tooling, and the CPU stand-ins of tests/test_gpu.py when they run on the GPU machine).
 NON_BLOCKING_MODULES = ("test_benchmarks_smoke",)
 CPU_TOKEN = "cpu"
+# the order the GPU run schedules the groups in (benchmarks/gpu_order.py): a run its cap stops completes the first
+PRIORITY = ("shared", "cuda", "triton", "torch", "other")
 
 
 def key(line: str) -> None:
@@ -84,6 +86,8 @@ def cmd_env(args: argparse.Namespace) -> int:
     import torch
 
     facts = device_facts()
+    if args.facts_out:
+        args.facts_out.write_text(json.dumps(facts))
     print(f"python {sys.version.split()[0]} at {sys.executable}")
     print(f"torch {torch.__version__} (CUDA runtime {torch.version.cuda}), triton {facts['triton']}")
     if torch.cuda.is_available():
@@ -328,11 +332,18 @@ def classify(classname: str, name: str) -> str:
     return "shared"
 
 
-def junit_counts(path: Path) -> dict[str, dict[str, int]]:
-    """``{group: {passed, failed, skipped}}`` of a pytest junit XML file (errors count as failures)."""
-    counts: dict[str, dict[str, int]] = {}
+def junit_id(nodeid: str) -> tuple[str, str]:
+    """pytest's node id -> the (classname, name) its junit XML gives the test."""
+    path, _, rest = nodeid.partition("::")
+    parts = rest.split("::")
+    module = path.removesuffix(".py").replace("/", ".")
+    return ".".join([module, *parts[:-1]]), parts[-1]
+
+
+def junit_results(path: Path) -> dict[tuple[str, str], str]:
+    """``{(classname, name): passed / failed / skipped}`` of a pytest junit XML file (errors count as failures)."""
+    results = {}
     for case in ET.parse(path).getroot().iter("testcase"):
-        group = classify(case.get("classname", ""), case.get("name", ""))
         outcome = "passed"
         for child in case:
             if child.tag in ("failure", "error"):
@@ -340,25 +351,44 @@ def junit_counts(path: Path) -> dict[str, dict[str, int]]:
                 break
             if child.tag == "skipped":
                 outcome = "skipped"
-        c = counts.setdefault(group, {"passed": 0, "failed": 0, "skipped": 0})
-        c[outcome] += 1
+        key = (case.get("classname", ""), case.get("name", ""))
+        if not key[1]:  # the nameless entry an interrupted xdist run adds: no test of ours
+            continue
+        if results.get(key) != "failed":  # a test that failed in its teardown has two entries: failed wins
+            results[key] = outcome
+    return results
+
+
+def count(results: dict[tuple[str, str], str], collected: list[tuple[str, str]] | None = None) -> dict:
+    """``{group: {passed, failed, skipped, missing}}``; ``missing``: collected but without a result (not run)."""
+    counts: dict[str, dict[str, int]] = {}
+    for key in set(results) | set(collected or ()):
+        c = counts.setdefault(classify(*key), {"passed": 0, "failed": 0, "skipped": 0, "missing": 0})
+        c[results.get(key, "missing")] += 1
     return counts
 
 
-def verdict(counts: dict[str, dict[str, int]], exit_code: int, facts: dict) -> tuple[list[dict], list[str]]:
-    """``(verified entries, summary lines)``. A backend is verified when the run finished (pytest exit code 0 or 1),
-    on a CUDA device, with >= 1 of its tests passed, none of its own nor of the shared tests failed."""
-    zero = {"passed": 0, "failed": 0, "skipped": 0}
+def verdict(counts: dict, exit_code: int, facts: dict, collected: bool = False) -> tuple[list[dict], list[str]]:
+    """``(verified entries, summary lines)``. A backend is verified, on a CUDA device, when >= 1 of its tests passed
+    and none of its own nor of the shared tests failed or is missing. Missing is known from the collected list
+    (``collected``): then a run stopped by its cap still verifies the backends whose tests all ran (the GPU run
+    orders them shared, cuda, triton, torch: benchmarks/gpu_order.py); without it, only a run that finished
+    (pytest exit code 0 or 1) verifies anything."""
+    zero = {"passed": 0, "failed": 0, "skipped": 0, "missing": 0}
     shared = counts.get("shared", zero)
-    finished = exit_code in (0, 1)
+    complete = (lambda c: c["missing"] == 0) if collected else (lambda c: exit_code in (0, 1))
     lines, entries = [], []
     for backend in BACKENDS:
         c = counts.get(backend, zero)
-        ok = finished and facts["arch"] is not None and c["passed"] > 0 and c["failed"] == 0 and shared["failed"] == 0
-        lines.append(
-            f"{backend}: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped"
-            + (" -> verified" if ok else " -> not verified")
+        ok = (
+            facts["arch"] is not None
+            and c["passed"] > 0
+            and c["failed"] == 0
+            and shared["failed"] == 0
+            and complete(c)
+            and complete(shared)
         )
+        lines.append(f"{backend}: {_counts_text(c, collected)}" + (" -> verified" if ok else " -> not verified"))
         if ok:
             entries.append(
                 {
@@ -373,21 +403,33 @@ def verdict(counts: dict[str, dict[str, int]], exit_code: int, facts: dict) -> t
                 }
             )
     for group in ("shared", "other"):
-        c = counts.get(group, zero)
-        lines.append(f"{group}: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped")
-    if not finished:
-        lines.append(f"the run did not finish (pytest exit code {exit_code}): no backend is verified")
+        lines.append(f"{group}: {_counts_text(counts.get(group, zero), collected)}")
+    if exit_code not in (0, 1):
+        lines.append(f"pytest exit code {exit_code}: the run did not finish")
     if facts["arch"] is None:
         lines.append("not on a CUDA device: no backend is verified")
     return entries, lines
 
 
+def _counts_text(c: dict, collected: bool) -> str:
+    text = f"{c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped"
+    return text + (f", {c['missing']} not run" if collected else "")
+
+
 def cmd_verdict(args: argparse.Namespace) -> int:
-    facts = json.loads(args.facts) if args.facts else device_facts()
-    counts = junit_counts(args.junit) if args.junit.exists() else {}
-    if not counts:
+    if args.facts:
+        facts = json.loads(args.facts)
+    elif args.facts_file and args.facts_file.exists():
+        facts = json.loads(args.facts_file.read_text())
+    else:
+        facts = device_facts()
+    results = junit_results(args.junit) if args.junit.exists() else {}
+    if not results:
         print(f"no test results in {args.junit}")
-    entries, lines = verdict(counts, args.exit_code, facts)
+    collected = None
+    if args.collected and args.collected.exists():
+        collected = [junit_id(line.strip()) for line in args.collected.read_text().splitlines() if line.strip()]
+    entries, lines = verdict(count(results, collected), args.exit_code, facts, collected=collected is not None)
     args.out.write_text(json.dumps(entries, indent=1) + "\n")
     for line in lines:
         key(line)
@@ -429,7 +471,8 @@ def cmd_headline(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("env")
+    env = sub.add_parser("env")
+    env.add_argument("--facts-out", type=Path, help="also write the device facts there (JSON) for the verdict")
     sub.add_parser("build")
     warm = sub.add_parser("warm")
     warm.add_argument("--vocab", type=int, default=151936)
@@ -437,7 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("junit", type=Path)
     v.add_argument("--exit-code", type=int, required=True, help="pytest's exit code (124: stopped by timeout)")
     v.add_argument("--out", type=Path, required=True)
-    v.add_argument("--facts", help="device facts as JSON (default: read from torch)")
+    v.add_argument("--facts", help="device facts as JSON (default: --facts-file, else read from torch)")
+    v.add_argument("--facts-file", type=Path, help="the facts `env --facts-out` wrote (spares importing torch)")
+    v.add_argument("--collected", type=Path, help="the collected node ids, one a line (benchmarks/gpu_order.py)")
     h = sub.add_parser("headline")
     h.add_argument("results", type=Path)
     args = parser.parse_args(argv)

@@ -46,9 +46,9 @@ defaults() {
     : "${OUT:=/tmp/grpo-out}"
     : "${WORK:=/tmp/grpo-gpu-run}"  # outside the synced tree: site-packages, results, per-stage logs
     : "${TOTAL_S:=480}" "${RESERVE_S:=20}" "${MIN_STAGE_S:=15}"
-    : "${CAP_env:=60}" "${CAP_build:=240}" "${CAP_warm:=60}" "${CAP_test:=180}" "${CAP_headline:=180}"
+    : "${CAP_env:=60}" "${CAP_build:=240}" "${CAP_warm:=60}" "${CAP_test:=200}" "${CAP_headline:=180}"
     : "${CAP_memcheck:=75}" "${CAP_racecheck:=75}" "${CAP_grid:=600}"
-    : "${GPU_TESTS:=$GPU_TESTS_DEFAULT}" "${XDIST_WORKERS:=8}"
+    : "${GPU_TESTS:=$GPU_TESTS_DEFAULT}" "${XDIST_WORKERS:=12}"  # Triton's JIT is the long part: 12 of the 16 cores
     : "${GRPO_KERNELS_CUDA_ARCHS:=90}"  # the lent machine's H200 only: half the build time of "80;90"
     : "${GPU_RUN_DRY:=}" "${GPU_RUN_CPU:=}" "${GPU_RUN_DRY_SLEEP:=}"
     export OUT WORK TOTAL_S RESERVE_S GPU_TESTS XDIST_WORKERS GRPO_KERNELS_CUDA_ARCHS GPU_RUN_DRY GPU_RUN_CPU
@@ -92,7 +92,7 @@ stage_env() {
     else
         echo "@@ no .whl/ carried: the liger and trl baselines will be skipped"
     fi
-    python3 -m benchmarks.gpu_run env
+    python3 -m benchmarks.gpu_run env --facts-out "$WORK/facts.json"
 }
 
 stage_build() {
@@ -114,7 +114,8 @@ stage_warm() {
 }
 
 stage_test() {
-    local junit="$OUT/junit.xml" rc=0 args=(-q -p no:cacheprovider -m "slow or not slow" -rfE --durations=25)
+    local junit="$OUT/junit.xml" collected="$WORK/collected.txt" rc=0
+    local args=(-q -p no:cacheprovider -p benchmarks.gpu_order -m "slow or not slow" -rfE --durations=25)
     if [ -n "$GPU_RUN_DRY" ]; then
         dry_sleep test
         cat >"$junit" <<'EOF'
@@ -125,7 +126,11 @@ stage_test() {
 </testsuite></testsuites>
 EOF
         echo "would run: python3 -m pytest ${args[*]} -n $XDIST_WORKERS --dist loadgroup $GPU_TESTS"
-        python3 -m benchmarks.gpu_run verdict "$junit" --exit-code 0 --out "$OUT/verified.json" \
+        printf '%s\n' "tests/test_gpu.py::test_real_vocab_logprobs_and_loss[gpu-triton-V151936-bfloat16]" \
+            "tests/test_gpu.py::test_real_vocab_logprobs_and_loss[gpu-cuda-V151936-bfloat16]" \
+            "tests/test_gpu.py::test_real_vocab_logprobs_and_loss[cpu-torch-V151936-bfloat16]" \
+            "tests/test_gpu.py::test_real_vocab_logprobs_and_loss[gpu-torch-V151936-bfloat16]" >"$collected"
+        python3 -m benchmarks.gpu_run verdict "$junit" --exit-code 0 --out "$OUT/verified.json" --collected "$collected" \
             --facts '{"device": "cpu", "arch": null, "driver": null, "torch": null, "triton": null, "cuda": null, "date": null}'
         return 0
     fi
@@ -135,11 +140,15 @@ EOF
     if python3 -c "import pytest_timeout" 2>/dev/null; then
         args+=(--timeout 120 --timeout-method thread)  # a hung kernel costs one test (its worker), not the stage
     fi
+    rm -f "$collected"
     # shellcheck disable=SC2086  # GPU_TESTS is a list of paths
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout -s INT -k 10 $((STAGE_CAP - 15)) \
-        python3 -m pytest "${args[@]}" --junitxml="$junit" $GPU_TESTS || rc=$?
-    echo "pytest exit code $rc"
-    python3 -m benchmarks.gpu_run verdict "$junit" --exit-code "$rc" --out "$OUT/verified.json"
+    # pytest gets the stage's cap less 40 s: on SIGINT it writes junit.xml (xdist needs some seconds to stop its
+    # workers; SIGKILL after 15 s), and the verdict needs a few more
+    GPU_RUN_COLLECTED="$collected" PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+        timeout -s INT -k 15 $((STAGE_CAP - 40)) python3 -m pytest "${args[@]}" --junitxml="$junit" $GPU_TESTS || rc=$?
+    echo "pytest exit code $rc; $(wc -l <"$collected" 2>/dev/null || echo 0) tests collected"
+    python3 -m benchmarks.gpu_run verdict "$junit" --exit-code "$rc" --out "$OUT/verified.json" --collected "$collected" \
+        --facts-file "$WORK/facts.json"
     [ "$rc" = 0 ]
 }
 

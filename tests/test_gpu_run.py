@@ -111,22 +111,25 @@ def test_classify():
     assert gpu_run.classify("tests.test_benchmarks_smoke", "test_report[cuda]") == "other"
 
 
+def _ids(cases):
+    return [(f"tests.{module}", name) for module, name, _ in cases]
+
+
 def test_verdict_per_backend(tmp_path):
-    junit = _junit(
-        tmp_path / "j.xml",
-        [
-            ("test_grpo_loss", "test_a[triton-x]", "passed"),
-            ("test_grpo_loss", "test_a[torch-x]", "passed"),
-            ("test_grpo_loss", "test_a[cuda-x]", "failed"),
-            ("test_grpo_loss", "test_b[cuda-y]", "passed"),
-            ("test_grpo_loss", "test_shared", "passed"),
-            ("test_benchmarks_smoke", "test_report[cuda]", "error"),
-            ("test_gpu", "test_c[gpu-torch]", "skipped"),
-        ],
-    )
-    counts = gpu_run.junit_counts(junit)
-    assert counts["cuda"] == {"passed": 1, "failed": 1, "skipped": 0} and counts["other"]["failed"] == 1
-    entries, lines = gpu_run.verdict(counts, 1, FACTS)
+    cases = [
+        ("test_grpo_loss", "test_a[triton-x]", "passed"),
+        ("test_grpo_loss", "test_a[torch-x]", "passed"),
+        ("test_grpo_loss", "test_a[cuda-x]", "failed"),
+        ("test_grpo_loss", "test_b[cuda-y]", "passed"),
+        ("test_grpo_loss", "test_shared", "passed"),
+        ("test_benchmarks_smoke", "test_report[cuda]", "error"),
+        ("test_gpu", "test_c[gpu-torch]", "skipped"),
+    ]
+    results = gpu_run.junit_results(_junit(tmp_path / "j.xml", cases))
+    counts = gpu_run.count(results, _ids(cases))
+    assert counts["cuda"] == {"passed": 1, "failed": 1, "skipped": 0, "missing": 0}
+    assert counts["other"]["failed"] == 1
+    entries, lines = gpu_run.verdict(counts, 1, FACTS, collected=True)
     assert [e["backend"] for e in entries] == ["torch", "triton"]  # cuda failed; tooling errors count for no one
     assert all(set(e) == VERIFIED_KEYS for e in entries)
     assert entries[1] == {
@@ -139,25 +142,66 @@ def test_verdict_per_backend(tmp_path):
         "cuda": "13.0",
         "tests": 2,
     }
-    assert "cuda: 1 passed, 1 failed, 0 skipped -> not verified" in lines
+    assert "cuda: 1 passed, 1 failed, 0 skipped, 0 not run -> not verified" in lines
 
 
-@pytest.mark.parametrize("why", ["shared failure", "interrupted", "cpu", "only skipped"])
+def test_a_run_stopped_by_its_cap_verifies_the_backends_it_completed(tmp_path):
+    done = [("test_grpo_loss", "test_shared", "passed"), ("test_grpo_loss", "test_a[cuda-x]", "passed")]
+    not_run = [("test_grpo_loss", "test_a[triton-x]", "passed")]
+    results = gpu_run.junit_results(_junit(tmp_path / "j.xml", done))
+    entries, lines = gpu_run.verdict(gpu_run.count(results, _ids(done + not_run)), 124, FACTS, collected=True)
+    assert [e["backend"] for e in entries] == ["cuda"]
+    assert "triton: 0 passed, 0 failed, 0 skipped, 1 not run -> not verified" in lines
+    # without the collected list, a stopped run verifies nothing
+    assert gpu_run.verdict(gpu_run.count(results), 124, FACTS)[0] == []
+
+
+@pytest.mark.parametrize("why", ["shared failure", "shared not run", "interrupted", "cpu", "only skipped"])
 def test_verdict_verifies_nothing_when(tmp_path, why):
     cases = [("test_grpo_loss", "test_a[triton-x]", "skipped" if why == "only skipped" else "passed")]
+    collected = _ids(cases)
     if why == "shared failure":
         cases.append(("test_reference_like", "test_shared", "failed"))
-    counts = gpu_run.junit_counts(_junit(tmp_path / "j.xml", cases))
+    if why == "shared not run":
+        collected.append(("tests.test_reference_like", "test_shared"))
+    results = gpu_run.junit_results(_junit(tmp_path / "j.xml", cases))
+    with_list = why != "interrupted"
+    counts = gpu_run.count(results, collected if with_list else None)
     exit_code = 2 if why == "interrupted" else 0
     facts = dict(FACTS, arch=None, device="cpu") if why == "cpu" else FACTS
-    entries, lines = gpu_run.verdict(counts, exit_code, facts)
+    entries, lines = gpu_run.verdict(counts, exit_code, facts, collected=with_list)
     assert entries == [] and any("not verified" in line for line in lines)
+
+
+def test_junit_id_and_priority_order():
+    assert gpu_run.junit_id("tests/test_gpu.py::test_x[gpu-cuda-V1]") == ("tests.test_gpu", "test_x[gpu-cuda-V1]")
+    assert gpu_run.junit_id("tests/test_a.py::TestB::test_c") == ("tests.test_a.TestB", "test_c")
+    from benchmarks import gpu_order
+
+    class Item:
+        def __init__(self, nodeid):
+            self.nodeid = nodeid
+
+    names = [
+        "tests/test_grpo_loss.py::test_a[torch]",
+        "tests/test_grpo_loss.py::test_a[triton]",
+        "tests/test_benchmarks_smoke.py::test_r",
+        "tests/test_grpo_loss.py::test_a[cuda]",
+        "tests/test_grpo_loss.py::test_shared",
+        "tests/test_grpo_loss.py::test_b[cuda]",
+    ]
+    items = [Item(n) for n in names]
+    gpu_order.pytest_collection_modifyitems(None, None, items)
+    assert [i.nodeid for i in items] == [names[4], names[3], names[5], names[1], names[0], names[2]]
 
 
 def test_verdict_command_writes_the_file(tmp_path, capsys):
     junit = _junit(tmp_path / "j.xml", [("test_gpu", "test_x[gpu-cuda-V151936]", "passed")])
+    ids = tmp_path / "collected.txt"
+    ids.write_text("tests/test_gpu.py::test_x[gpu-cuda-V151936]\n")
     out = tmp_path / "verified.json"
-    gpu_run.main(["verdict", str(junit), "--exit-code", "0", "--out", str(out), "--facts", json.dumps(FACTS)])
+    argv = ["verdict", str(junit), "--exit-code", "124", "--out", str(out), "--collected", str(ids)]
+    gpu_run.main([*argv, "--facts", json.dumps(FACTS)])
     assert [e["backend"] for e in json.loads(out.read_text())] == ["cuda"]
     assert "@@ verified: cuda" in capsys.readouterr().out
 
