@@ -46,7 +46,7 @@ defaults() {
     : "${OUT:=/tmp/grpo-out}"
     : "${WORK:=/tmp/grpo-gpu-run}"  # outside the synced tree: site-packages, results, per-stage logs
     : "${TOTAL_S:=480}" "${RESERVE_S:=20}" "${MIN_STAGE_S:=15}"
-    : "${CAP_env:=60}" "${CAP_build:=240}" "${CAP_warm:=60}" "${CAP_test:=200}" "${CAP_headline:=180}"
+    : "${CAP_env:=60}" "${CAP_build:=240}" "${CAP_warm:=45}" "${CAP_test:=200}" "${CAP_headline:=180}"
     : "${CAP_memcheck:=75}" "${CAP_racecheck:=75}" "${CAP_grid:=600}"
     : "${GPU_TESTS:=$GPU_TESTS_DEFAULT}" "${XDIST_WORKERS:=12}"  # Triton's JIT is the long part: 12 of the 16 cores
     : "${GRPO_KERNELS_CUDA_ARCHS:=90}"  # the lent machine's H200 only: half the build time of "80;90"

@@ -310,3 +310,14 @@ def test_goals_of_the_headline_case_with_beta_0_04():
         "| cuda_gif | x Liger triton_grpo_loss | 1.40 | 1.5 | missed |",
         "| cuda_gif | x eager | 12.00 | 10 | met |",
     ]
+
+
+def test_warm_calls_run_with_the_torch_backend():
+    """The warm stage's calls (signatures, shapes) on the CPU at a tiny vocabulary; on a GPU they run per backend."""
+    import torch
+
+    calls = gpu_run._warm_calls(torch.device("cpu"), torch.float32, vocab=64)
+    assert len(calls) == 7
+    for name, fn in calls:
+        value = gpu_run._first(fn("torch"))
+        assert torch.isfinite(torch.as_tensor(value)).all(), name
