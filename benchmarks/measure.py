@@ -219,7 +219,8 @@ def machine_info(device: torch.device) -> dict:
         liger_kernel=_package_version("liger-kernel"),
         trl=_package_version("trl"),
         transformers=_package_version("transformers"),
-        git_commit=_command(["git", "rev-parse", "HEAD"]),
+        # a tree copied without .git (the lent GPU machine): the commit benchmarks/gpu_run.sh was told
+        git_commit=_command(["git", "rev-parse", "HEAD"]) or os.environ.get("GPU_RUN_COMMIT"),
         git_dirty=bool(_command(["git", "status", "--porcelain", "--untracked-files=no"])),
     )
     if device.type == "cuda":

@@ -4,6 +4,8 @@ Providers:
 
 * ``torch``, ``triton``, ``cuda``: grpo_kernels with that backend (and ``grpo_kernels.fused_linear`` for the
   fused-linear loss), when the backend is available on the device (:func:`grpo_kernels.available_backends`).
+* ``cuda_gif``: ``grpo_loss(grad_in_forward=True, backend="cuda")``, the forward that also writes the gradient: on
+  sm_90 the 2-pass cluster kernel where the row fits (token level), else the same 3 passes as ``cuda`` in one call.
 * ``eager``: :mod:`benchmarks.eager` (log_softmax + gather + the loss through autograd; matmul first for the
   fused-linear loss).
 * ``compile``: ``torch.compile(dynamic=True)`` of the eager code (one compilation per op variant, reused across
@@ -33,8 +35,10 @@ from grpo_kernels import backends as registry
 from grpo_kernels import group_advantages, grpo_loss, token_logprobs
 
 OURS = registry.BACKENDS  # ("torch", "triton", "cuda")
+# Our backends with other options: name -> (backend, the ops it applies to, extra keywords of the objective)
+OUR_VARIANTS = {"cuda_gif": ("cuda", ("grpo_loss",), {"grad_in_forward": True})}
 BASELINES = ("eager", "compile", "liger", "trl")
-PROVIDERS = OURS + BASELINES
+PROVIDERS = OURS + tuple(OUR_VARIANTS) + BASELINES
 
 # TRL 1.16's vocabulary tile for its fused LM head (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE), not imported:
 # that module pulls in the whole trainer.
@@ -122,10 +126,11 @@ def _ours_token_logprobs_entropy(logits, token_ids, grad_lp, grad_entropy, *, ba
     return (lp * grad_lp).sum() + (entropy * grad_entropy).sum()
 
 
-def _ours_grpo_loss(logits, token_ids, advantages, mask, old_logprobs, ref_logprobs, *, beta, level, backend):
+def _ours_grpo_loss(logits, token_ids, advantages, mask, old_logprobs, ref_logprobs, *, beta, level, backend,
+                    **options):  # fmt: skip
     return grpo_loss(logits, token_ids, advantages, mask=mask, old_logprobs=old_logprobs,
                      ref_logprobs=ref_logprobs if beta else None, beta=beta, epsilon_low=EPSILON,
-                     importance_sampling_level=level, backend=backend).loss  # fmt: skip
+                     importance_sampling_level=level, backend=backend, **options).loss  # fmt: skip
 
 
 def _ours_group_advantages(rewards, *, group_size, backend):
@@ -242,6 +247,11 @@ def unavailable_reason(provider: str, case: Case, device: torch.device, *, inter
 @functools.cache
 def _reason(provider: str, op: str, device_type: str, interpreter: bool) -> str | None:
     device = torch.device(device_type)
+    if provider in OUR_VARIANTS:
+        backend, ops, _ = OUR_VARIANTS[provider]
+        if op not in ops:
+            return f"{provider} is {backend} with options of {', '.join(ops)} only"
+        return _reason(backend, op, device_type, interpreter)
     if provider in OURS:
         if provider == "triton" and device_type == "cpu" and not interpreter:
             return "Triton runs on the CPU only through its interpreter: not benchmarked"
@@ -294,6 +304,9 @@ def objective(provider: str, case: Case) -> tuple[Callable, tuple[str, ...], tup
     args, wrt = ARGS[case.op], WRT.get(case.op, ())
     if provider in OURS:
         fn = functools.partial(OURS_OBJECTIVES[case.op], **statics, backend=provider)
+    elif provider in OUR_VARIANTS:
+        backend, _, options = OUR_VARIANTS[provider]
+        fn = functools.partial(OURS_OBJECTIVES[case.op], **statics, backend=backend, **options)
     elif provider == "eager":
         fn = functools.partial(EAGER[case.op], **statics)
     elif provider == "compile":

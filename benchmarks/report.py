@@ -4,6 +4,7 @@
     python -m benchmarks.report --ops grpo_loss --providers triton,cuda,liger,eager --budget-s 540
     python -m benchmarks.report --render benchmarks/results/<device>-<date>   # markdown + plots from the JSON
     python -m benchmarks.report --predict            # byte counts and floors of the GPU cases, no run
+    python -m benchmarks.report --cases grpo_loss-N16384-V151936-is-token-beta0.04-bfloat16   # named cases only
 
 Writes ``results.json``, ``report.md`` and one PNG per op into ``<results-root>/<device>-<date>/`` (or ``--out``).
 A later run into the same folder (same device) adds to it and skips what is already measured, so a long report can
@@ -132,6 +133,7 @@ def save_results(path: Path, results: dict) -> None:
 def run_report(args: argparse.Namespace) -> Path:
     device = torch.device(args.device)
     preset = args.preset or default_preset(device)
+    cases = _selected_cases(preset, args)  # before anything is measured: a wrong --cases fails at once
     torch.set_num_threads(args.threads)
     info = machine_info(device)
     out = Path(args.out) if args.out else results_dir(Path(args.results_root), info)
@@ -153,7 +155,7 @@ def run_report(args: argparse.Namespace) -> Path:
     done = {(m["case_id"], m["provider"]) for m in results["measurements"] if m["status"] in ("ok", "oom")}
     timing = TIMING[preset]
     start, stopped = time.monotonic(), False
-    for case in build_cases(preset, tuple(args.ops)):
+    for case in cases:
         inputs = None
         for provider in args.providers:
             if (case.id, provider) in done:
@@ -196,6 +198,18 @@ def run_report(args: argparse.Namespace) -> Path:
     return out
 
 
+def _selected_cases(preset: str, args: argparse.Namespace) -> list[Case]:
+    """The preset's cases of ``--ops``, only those named by ``--cases`` when given (in ``--cases`` order)."""
+    cases = build_cases(preset, tuple(args.ops))
+    if not args.cases:
+        return cases
+    by_id = {case.id: case for case in cases}
+    unknown = [name for name in args.cases if name not in by_id]
+    if unknown:
+        raise SystemExit(f"--cases: {unknown} not in preset {preset!r} (ops {args.ops}); its cases: {sorted(by_id)}")
+    return [by_id[name] for name in args.cases]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -203,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ops", type=lambda s: s.split(","), default=list(OPS), help=f"comma-separated, of {OPS}")
     parser.add_argument("--providers", type=lambda s: s.split(","), default=list(PROVIDERS),
                         help=f"comma-separated, of {PROVIDERS}")  # fmt: skip
+    parser.add_argument("--cases", type=lambda s: s.split(","), default=None,
+                        help="comma-separated case ids (e.g. the GPU run's headline cases); default: every case")  # fmt: skip
     parser.add_argument("--results-root", default=str(DEFAULT_RESULTS_ROOT))
     parser.add_argument("--out", help="results folder (default: <results-root>/<device>-<date>)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
