@@ -427,7 +427,6 @@ __all__ = [
 ]
 
 
-
 # ================================================================================================================
 # 11. Exact divergences over the vocabulary (distillation; the exact KL to the reference policy)
 # ================================================================================================================
@@ -522,7 +521,7 @@ def distill_loss(
     beta: float = 0.5,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
-    num_items_in_batch: int | float | torch.Tensor | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
     ignore_index: int = -100,
     compute_in: torch.dtype | None = None,
 ) -> DistillResult:

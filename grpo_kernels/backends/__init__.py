@@ -65,6 +65,15 @@ class Backend(Protocol):
     def group_advantages(self, rewards: torch.Tensor, groups, config):
         """A :class:`grpo_kernels.advantages.AdvantageResult` (see there)."""
 
+    def divergence_forward(self, student, teacher, token_ids, kind, beta, temperature, with_logprobs):
+        """Exact per-row divergence of two ``[B, T, V]`` logits (see :mod:`grpo_kernels.divergence`):
+        ``(div, lp, lse, lse_ref, kl_student, kl_teacher)``, each ``[N]`` (``lp`` ``[0]`` unless asked for)."""
+
+    def divergence_backward(self, student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div,
+                            grad_lp, kind, beta, temperature, out_student, out_teacher) -> None:  # fmt: skip
+        """Write the gradients of ``sum_t grad_div_t D_t (+ grad_lp_t lp_t)`` into ``out_student`` / ``out_teacher``
+        (``[B, T, V]`` each, or None; ``out_student`` may be the student's logits: in place)."""
+
 
 _cache: dict[str, Backend] = {}
 _auto_logged: set[tuple[str, str]] = set()
