@@ -96,33 +96,35 @@ def divergence_forward(student, teacher, token_ids, kind, beta, temperature, wit
         u = _scaled(zs, temperature, acc, buf.get("u", r))
         u_r = _scaled(zt, temperature, acc, buf.get("u_r", r))
         m, m_r = u.amax(1, keepdim=True), u_r.amax(1, keepdim=True)
-        e = torch.sub(u, m, out=buf.get("p", r)).exp_()  # exp(u - max): p unnormalised
-        e_r = torch.sub(u_r, m_r, out=buf.get("q", r)).exp_()
+        # Differences are taken relative to the row maxima (never u - u_r of the raw logits): the errors then scale
+        # with the logits' spread, not with their offset.
+        t = torch.sub(u, m, out=buf.get("log_p", r))  # u - max, then log p
+        t_r = torch.sub(u_r, m_r, out=buf.get("log_q", r))
+        e, e_r = torch.exp(t, out=buf.get("p", r)), torch.exp(t_r, out=buf.get("q", r))
         s, s_r = e.sum(1), e_r.sum(1)
-        lse_s, lse_t = m.squeeze(1) + s.log(), m_r.squeeze(1) + s_r.log()
-        lse[sl], lse_ref[sl] = lse_s, lse_t
+        log_s, log_s_r = s.log(), s_r.log()
+        lse[sl], lse_ref[sl] = m.squeeze(1) + log_s, m_r.squeeze(1) + log_s_r
         if with_logprobs:
-            lp[sl] = u.gather(1, safe_ids[sl]).squeeze(1) - lse_s
-        d = buf.get("d", r)
+            lp[sl] = t.gather(1, safe_ids[sl]).squeeze(1) - log_s
         if kind in ("reverse_kl", "forward_kl"):
-            # E_p[u - u_r] (reverse) or E_q[u_r - u] (forward). Where the weighting distribution's logit is -inf the
-            # difference is -inf or NaN and its weight 0: zeroed. +inf (the other one's logit is -inf) is kept: the
-            # sum is then +inf, or NaN where that weight underflowed to 0, which is +inf too by the conventions.
+            # KL(p||q) = E_p[(u - M) - (u_r - M_r)] - log S + log S_r, and the mirror image. Where the weighting
+            # distribution's logit is -inf the difference is -inf or NaN and its weight 0: zeroed. +inf (the other
+            # one's logit is -inf) is kept: the mean is then +inf, or NaN where that weight underflowed to 0, which
+            # is +inf too by the conventions.
             if kind == "reverse_kl":
-                weight, total, sign = e, s, 1.0
-                torch.sub(u, u_r, out=d)
+                d, weight, total, log_ratio = torch.sub(t, t_r, out=t_r), e, s, log_s_r - log_s
             else:
-                weight, total, sign = e_r, s_r, -1.0
-                torch.sub(u_r, u, out=d)
+                d, weight, total, log_ratio = torch.sub(t_r, t, out=t), e_r, s_r, log_s - log_s_r
             mean = _vecdot(weight, d.nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)) / total
-            kl = torch.where(torch.isnan(mean), math.inf, mean) - sign * (lse_s - lse_t)
+            kl = torch.where(torch.isnan(mean), math.inf, mean) + log_ratio
             kl_student[sl], kl_teacher[sl] = (kl, 0.0) if kind == "reverse_kl" else (0.0, kl)
         else:  # jsd, 0 < beta < 1: m > 0 wherever p > 0 or q > 0, so both KLs are finite
+            log_p, log_q = t.sub_(log_s.unsqueeze(1)), t_r.sub_(log_s_r.unsqueeze(1))
             p, q = e.mul_((1.0 / s).unsqueeze(1)), e_r.mul_((1.0 / s_r).unsqueeze(1))
             log_m = _mixture_log(p, q, beta, buf.get("log_m", r))
-            # u - log m is -inf / NaN where p = 0 (u = -inf), +inf where m underflowed (then p = 0 too): zeroed
-            kl_student[sl] = _vecdot(p, torch.sub(u, log_m, out=d).nan_to_num_(0.0, 0.0, 0.0)) - lse_s
-            kl_teacher[sl] = _vecdot(q, torch.sub(u_r, log_m, out=d).nan_to_num_(0.0, 0.0, 0.0)) - lse_t
+            # log p - log m is -inf / NaN where p = 0 (u = -inf), +inf where m underflowed (then p ~ 0): zeroed
+            kl_student[sl] = _vecdot(p, log_p.sub_(log_m).nan_to_num_(0.0, 0.0, 0.0))
+            kl_teacher[sl] = _vecdot(q, log_q.sub_(log_m).nan_to_num_(0.0, 0.0, 0.0))
     if kind == "reverse_kl":
         div = kl_student
     elif kind == "forward_kl":
@@ -164,7 +166,7 @@ def divergence_backward(
     zero = torch.zeros((), dtype=acc, device=device)
     c = torch.where(valid, grad_div.to(acc), zero) / temperature  # 1/tau folded into the row scalars
     c_lp = None if grad_lp is None else torch.where(valid, grad_lp.to(acc), zero) / temperature
-    lse, lse_ref = lse.to(acc), lse_ref.to(acc)
+    lse, lse_ref = lse.to(acc).unsqueeze(1), lse_ref.to(acc).unsqueeze(1)
     k_s, k_t = kl_student.to(acc), kl_teacher.to(acc)
     # Row fixes, decided once per call (one host synchronisation each): rows that do not take part are zeroed;
     # an infinite KL in a gradient gives NaN where grad_div != 0 and no divergence term where grad_div = 0.
@@ -173,18 +175,7 @@ def divergence_backward(
     inf_t = torch.isinf(k_t) if kind == "forward_kl" else None
     inf_s = inf_s if inf_s is not None and bool(inf_s.any()) else None
     inf_t = inf_t if inf_t is not None and bool(inf_t.any()) else None
-    # the row constants of the gradients (see the module docstring)
-    if kind == "reverse_kl":
-        const_s = torch.where(valid, lse - lse_ref + k_s, zero)
-        const_t = None
-    elif kind == "forward_kl":
-        const_s, const_t = None, torch.where(valid, lse_ref - lse + k_t, zero)
-    else:
-        const_s, const_t = torch.where(valid, lse + k_s, zero), torch.where(valid, lse_ref + k_t, zero)
-    if inf_s is not None:
-        const_s = torch.where(inf_s, zero, const_s)
-    if inf_t is not None:
-        const_t = torch.where(inf_t, zero, const_t)
+    k_s, k_t = torch.where(valid, k_s, zero).unsqueeze(1), torch.where(valid, k_t, zero).unsqueeze(1)
     safe_ids = token_ids.clamp(min=0).unsqueeze(1)
     outs = [t for t in (out_student, out_teacher) if t is not None]
     for start, end, blocks in _row_blocks([student, teacher, *outs], rows):
@@ -193,32 +184,35 @@ def divergence_backward(
         o_t = blocks[-1] if out_teacher is not None else None
         u = _scaled(blocks[0], temperature, acc, buf.get("u", r))
         u_r = _scaled(blocks[1], temperature, acc, buf.get("u_r", r))
-        p = torch.sub(u, lse[sl].unsqueeze(1), out=buf.get("p", r)).exp_()
-        q = torch.sub(u_r, lse_ref[sl].unsqueeze(1), out=buf.get("q", r)).exp_()
+        log_p = torch.sub(u, lse[sl], out=buf.get("log_p", r))
+        log_q = torch.sub(u_r, lse_ref[sl], out=buf.get("log_q", r))
+        p, q = torch.exp(log_p, out=buf.get("p", r)), torch.exp(log_q, out=buf.get("q", r))
         cr = c[sl].unsqueeze(1)
         log_m = _mixture_log(p, q, beta, buf.get("log_m", r)) if kind == "jsd" else None
         # the teacher's first: the student's gradient may be written over the student's logits
         if o_t is not None:
             g_t = _work(o_t, acc, buf.get("g_t", r))
-            if kind == "reverse_kl":
+            if kind == "reverse_kl":  # c (q - p)
                 torch.sub(q, p, out=g_t).mul_(cr)
-            else:
-                scale = cr if kind == "forward_kl" else cr * beta
-                torch.sub(u_r, u if kind == "forward_kl" else log_m, out=g_t)
-                g_t.nan_to_num_(nan=0.0, neginf=0.0, posinf=math.inf if kind == "forward_kl" else 0.0)
-                g_t.sub_(const_t[sl].unsqueeze(1)).mul_(q).mul_(scale)
+            else:  # c q (log q - log p - K_r)  /  c b q (log q - log m - K_r)
+                forward = kind == "forward_kl"
+                torch.sub(log_q, log_p if forward else log_m, out=g_t)
+                g_t.nan_to_num_(nan=0.0, neginf=0.0, posinf=math.inf if forward else 0.0)
+                g_t.sub_(k_t[sl])  # an infinite K_r makes its row -inf / NaN here: fixed below
+                g_t.mul_(q).mul_(cr if forward else cr * beta)
             _fix_rows(g_t, c[sl], None if inf_t is None else inf_t[sl], valid[sl], all_valid)
             if g_t is not o_t:
                 o_t.copy_(g_t)
         if o_s is not None:
             g_s = _work(o_s, acc, buf.get("g_s", r))
-            if kind == "forward_kl":
+            if kind == "forward_kl":  # c (p - q)
                 torch.sub(p, q, out=g_s).mul_(cr)
-            else:
-                scale = cr if kind == "reverse_kl" else cr * (1.0 - beta)
-                torch.sub(u, u_r if kind == "reverse_kl" else log_m, out=g_s)
-                g_s.nan_to_num_(nan=0.0, neginf=0.0, posinf=math.inf if kind == "reverse_kl" else 0.0)
-                g_s.sub_(const_s[sl].unsqueeze(1)).mul_(p).mul_(scale)
+            else:  # c p (log p - log q - K)  /  c (1 - b) p (log p - log m - K)
+                reverse = kind == "reverse_kl"
+                torch.sub(log_p, log_q if reverse else log_m, out=g_s)
+                g_s.nan_to_num_(nan=0.0, neginf=0.0, posinf=math.inf if reverse else 0.0)
+                g_s.sub_(k_s[sl])  # an infinite K makes its row -inf / NaN here: fixed below
+                g_s.mul_(p).mul_(cr if reverse else cr * (1.0 - beta))
             if inf_s is not None:
                 _fix_rows(g_s, c[sl], inf_s[sl], valid[sl], True)
             if c_lp is not None:  # + g_lp (1[v = y] - p) / tau
