@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _alloc
 from .api import (
     LOGITS_DTYPES,
     _as_3d,
@@ -77,7 +78,8 @@ def vocab_divergence(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> divergence [N], lp [N] / [0], lse [N], lse_ref [N], kl_student [N], kl_teacher [N] (float32; float64 when
-    either input is). ``kl_student`` is the KL in the student's gradient (reverse_kl: D; jsd: KL(p||m); else 0),
+    either input is; ``lse`` and ``lse_ref`` always float64: a float32 log-sum-exp of ~40 is half an ulp, 2e-6, off,
+    which the gradients amplify where they nearly cancel). ``kl_student`` is the KL in the student's gradient (reverse_kl: D; jsd: KL(p||m); else 0),
     ``kl_teacher`` the one in the teacher's (forward_kl: D; jsd: KL(q||m); else 0)."""
     be = get_backend(backend)
     return tuple(be.divergence_forward(student, teacher, token_ids, kind, beta, temperature, with_logprobs))
@@ -86,8 +88,9 @@ def vocab_divergence(
 @vocab_divergence.register_fake
 def _(student, teacher, token_ids, kind, beta, temperature, with_logprobs, backend):
     n, acc = token_ids.shape[0], _acc(student, teacher)
-    lp = student.new_empty(n if with_logprobs else 0, dtype=acc)
-    return (student.new_empty(n, dtype=acc), lp, *(student.new_empty(n, dtype=acc) for _ in range(4)))
+    lse, lse_ref = (student.new_empty(n, dtype=torch.float64) for _ in range(2))
+    div, kl_student, kl_teacher = (student.new_empty(n, dtype=acc) for _ in range(3))
+    return div, student.new_empty(n if with_logprobs else 0, dtype=acc), lse, lse_ref, kl_student, kl_teacher
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,8 +115,8 @@ def vocab_divergence_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """-> dL/dstudent [B, T, V] (student's dtype) or [0], dL/dteacher [B, T, V] (teacher's dtype) or [0]."""
-    out_s = torch.empty(student.shape, dtype=student.dtype, device=student.device) if student_grad else None
-    out_t = torch.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if teacher_grad else None
+    out_s = _alloc.empty(student.shape, dtype=student.dtype, device=student.device) if student_grad else None
+    out_t = _alloc.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if teacher_grad else None
     get_backend(backend).divergence_backward(
         student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div, grad_lp, kind, beta,
         temperature, out_s, out_t,

@@ -84,11 +84,13 @@ def _mixture_log(p: torch.Tensor, q: torch.Tensor, beta: float, out: torch.Tenso
 # ----------------------------------------------------------------------------------------------------------------
 def divergence_forward(student, teacher, token_ids, kind, beta, temperature, with_logprobs):
     """``student``, ``teacher`` ``[B, T, V]`` -> ``(div, lp, lse, lse_ref, kl_student, kl_teacher)``, each ``[N]``
-    (``lp`` ``[0]`` unless ``with_logprobs``), float32 (float64 when either input is float64)."""
+    (``lp`` ``[0]`` unless ``with_logprobs``), float32 (float64 when either input is float64); the log-sum-exps
+    are always float64 (see :func:`_split`)."""
     n = token_ids.shape[0]
     acc, rows, buf = _plan(student, teacher, n)
     device = student.device
-    lse, lse_ref, kl_student, kl_teacher = (_alloc.empty(n, dtype=acc, device=device) for _ in range(4))
+    kl_student, kl_teacher = (_alloc.empty(n, dtype=acc, device=device) for _ in range(2))
+    lse, lse_ref = (_alloc.empty(n, dtype=torch.float64, device=device) for _ in range(2))  # see _split
     lp = _alloc.empty(n if with_logprobs else 0, dtype=acc, device=device)
     safe_ids = token_ids.clamp(min=0).unsqueeze(1)
     for start, end, (zs, zt) in _row_blocks([student, teacher], rows):
@@ -103,7 +105,7 @@ def divergence_forward(student, teacher, token_ids, kind, beta, temperature, wit
         e, e_r = torch.exp(t, out=buf.get("p", r)), torch.exp(t_r, out=buf.get("q", r))
         s, s_r = e.sum(1), e_r.sum(1)
         log_s, log_s_r = s.log(), s_r.log()
-        lse[sl], lse_ref[sl] = m.squeeze(1) + log_s, m_r.squeeze(1) + log_s_r
+        lse[sl], lse_ref[sl] = m.squeeze(1).double() + log_s.double(), m_r.squeeze(1).double() + log_s_r.double()
         if with_logprobs:
             lp[sl] = t.gather(1, safe_ids[sl]).squeeze(1) - log_s
         if kind in ("reverse_kl", "forward_kl"):
@@ -135,7 +137,7 @@ def divergence_forward(student, teacher, token_ids, kind, beta, temperature, wit
     zero = torch.zeros((), dtype=acc, device=device)
     div = torch.where(torch.isfinite(lse) & torch.isfinite(lse_ref), div, math.nan)
     div, lse, lse_ref, kl_student, kl_teacher = (
-        torch.where(valid, x, zero) for x in (div, lse, lse_ref, kl_student, kl_teacher)
+        torch.where(valid, x, zero.to(x.dtype)) for x in (div, lse, lse_ref, kl_student, kl_teacher)
     )
     if with_logprobs:
         lp = torch.where(valid, lp, zero)
@@ -166,7 +168,7 @@ def divergence_backward(
     zero = torch.zeros((), dtype=acc, device=device)
     c = torch.where(valid, grad_div.to(acc), zero) / temperature  # 1/tau folded into the row scalars
     c_lp = None if grad_lp is None else torch.where(valid, grad_lp.to(acc), zero) / temperature
-    lse, lse_ref = lse.to(acc).unsqueeze(1), lse_ref.to(acc).unsqueeze(1)
+    (lse_hi, lse_lo), (lse_r_hi, lse_r_lo) = _split(lse, acc), _split(lse_ref, acc)
     k_s, k_t = kl_student.to(acc), kl_teacher.to(acc)
     # Row fixes, decided once per call (one host synchronisation each): rows that do not take part are zeroed;
     # an infinite KL in a gradient gives NaN where grad_div != 0 and no divergence term where grad_div = 0.
@@ -184,8 +186,11 @@ def divergence_backward(
         o_t = blocks[-1] if out_teacher is not None else None
         u = _scaled(blocks[0], temperature, acc, buf.get("u", r))
         u_r = _scaled(blocks[1], temperature, acc, buf.get("u_r", r))
-        log_p = torch.sub(u, lse[sl], out=buf.get("log_p", r))
-        log_q = torch.sub(u_r, lse_ref[sl], out=buf.get("log_q", r))
+        log_p = torch.sub(u, lse_hi[sl], out=buf.get("log_p", r))
+        log_q = torch.sub(u_r, lse_r_hi[sl], out=buf.get("log_q", r))
+        if lse_lo is not None:
+            log_p.sub_(lse_lo[sl])
+            log_q.sub_(lse_r_lo[sl])
         p, q = torch.exp(log_p, out=buf.get("p", r)), torch.exp(log_q, out=buf.get("q", r))
         cr = c[sl].unsqueeze(1)
         log_m = _mixture_log(p, q, beta, buf.get("log_m", r)) if kind == "jsd" else None
@@ -222,6 +227,20 @@ def divergence_backward(
                 g_s.masked_fill_(~valid[sl].unsqueeze(1), 0.0)
             if g_s is not o_s:
                 o_s.copy_(g_s)
+
+
+def _split(lse: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A float64 log-sum-exp ``[N]`` as ``hi + lo`` in ``acc`` (``[N, 1]`` each; no ``lo`` in float64), so that
+    ``(u - hi) - lo`` is log p to ``acc`` precision: ``u - hi`` is exact near the maximum, where p is large.
+
+    A float32 log-sum-exp of ~40 is off by up to 2e-6 (half an ulp); the gradients ``p (log p - log r - K)`` of the
+    jsd and the reverse KL nearly cancel on rows where the student is confident and the teacher disagrees, and such
+    an offset of log p is a large relative error there (docs/divergences.md).
+    """
+    hi = lse.to(acc)
+    if acc == torch.float64:
+        return hi.unsqueeze(1), None
+    return hi.unsqueeze(1), (lse - hi.double()).to(acc).unsqueeze(1)
 
 
 def _work(out: torch.Tensor, acc: torch.dtype, buf: torch.Tensor) -> torch.Tensor:

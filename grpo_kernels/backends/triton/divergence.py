@@ -3,8 +3,8 @@
 Per row, ``u = z / tau`` (student), ``u_r = z_ref / tau`` (teacher), ``p = softmax(u)``, ``q = softmax(u_r)``
 (derivations in docs/divergences.md)::
 
-    reverse_kl  D = KL(p||q)                     dD/du = p ((u - u_r) - (lse - lse_r) - D)    dD/du_r = q - p
-    forward_kl  D = KL(q||p)                     dD/du = p - q      dD/du_r = q ((u_r - u) - (lse_r - lse) - D)
+    reverse_kl  D = KL(p||q)                     dD/du = p (log p - log q - D)        dD/du_r = q - p
+    forward_kl  D = KL(q||p)                     dD/du = p - q                        dD/du_r = q (log q - log p - D)
     jsd         D = b KL(q||m) + (1-b) KL(p||m)  dD/du = (1-b) p (log p - log m - K)   dD/du_r = b q (log q - log m - K_r)
                 m = b q + (1-b) p,  K = KL(p||m),  K_r = KL(q||m)
 
@@ -46,6 +46,18 @@ def _finite(x):
     return tl.abs(x) < INF
 
 
+@triton.jit
+def _split(lse):
+    """A float64 log-sum-exp as float32 ``hi + lo``: ``(u - hi) - lo`` is then log p to float32 precision.
+
+    A float32 log-sum-exp of ~40 is off by up to 2e-6 (half an ulp); the jsd's and the reverse KL's gradients
+    ``p (log p - log r - K)`` nearly cancel on rows where the student is confident and the teacher disagrees, and
+    such an offset of log p became a relative error of 1e-1 there (measured: docs/divergences.md).
+    """
+    hi = lse.to(tl.float32)
+    return hi, (lse - hi.to(tl.float64)).to(tl.float32)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,8 +68,8 @@ def _divergence_fwd_kernel(
     token_ids_ptr,  # [N] int64, -1 = not taking part
     div_ptr,  # [N] float32 out: the divergence
     lp_ptr,  # [N] float32 out (only WITH_LOGPROBS)
-    lse_ptr,  # [N] float32 out
-    lse_ref_ptr,  # [N] float32 out
+    lse_ptr,  # [N] float64 out (see _split below)
+    lse_ref_ptr,  # [N] float64 out
     kl_student_ptr,  # [N] float32 out: the KL in the student's gradient
     kl_teacher_ptr,  # [N] float32 out: the KL in the teacher's gradient
     seq_len,  # shapes
@@ -121,8 +133,6 @@ def _divergence_fwd_kernel(
         m_r = m_r_new
     log_s = tl.log(s)
     log_s_r = tl.log(s_r)
-    lse = m + log_s
-    lse_r = m_r + log_s_r
     kl_student = 0.0
     kl_teacher = 0.0
     if KIND == REVERSE_KL:
@@ -137,8 +147,8 @@ def _divergence_fwd_kernel(
             in_vocab = start + cols < vocab
             u = tl.load(s_row + start + cols, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
             u_r = tl.load(t_row + start + cols, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
-            log_p = u - lse
-            log_q = u_r - lse_r
+            log_p = (u - m) - log_s  # u - m is exact near the maximum, where p is large
+            log_q = (u_r - m_r) - log_s_r
             p = tl.exp(log_p)
             q = tl.exp(log_q)
             mix = beta * q + one_m_beta * p
@@ -148,14 +158,14 @@ def _divergence_fwd_kernel(
             kl_student += tl.sum(tl.where((p == 0.0) | dead, 0.0, p * (log_p - log_m)), axis=0)
             kl_teacher += tl.sum(tl.where((q == 0.0) | dead, 0.0, q * (log_q - log_m)), axis=0)
         div = beta * kl_teacher + one_m_beta * kl_student
-    div = tl.where(_finite(lse) & _finite(lse_r), div, float("nan"))
+    div = tl.where(_finite(m + log_s) & _finite(m_r + log_s_r), div, float("nan"))
     tl.store(div_ptr + row, div)
-    tl.store(lse_ptr + row, lse)
-    tl.store(lse_ref_ptr + row, lse_r)
+    tl.store(lse_ptr + row, m.to(tl.float64) + log_s.to(tl.float64))
+    tl.store(lse_ref_ptr + row, m_r.to(tl.float64) + log_s_r.to(tl.float64))
     tl.store(kl_student_ptr + row, kl_student)
     tl.store(kl_teacher_ptr + row, kl_teacher)
     if WITH_LOGPROBS:
-        tl.store(lp_ptr + row, tl.load(s_row + target).to(tl.float32) * inv_temperature - lse)
+        tl.store(lp_ptr + row, (tl.load(s_row + target).to(tl.float32) * inv_temperature - m) - log_s)
 
 
 def _tiling(vocab: int) -> tuple[int, int]:
@@ -165,12 +175,12 @@ def _tiling(vocab: int) -> tuple[int, int]:
 
 
 def divergence_forward(student, teacher, token_ids, kind, beta, temperature, with_logprobs):
-    """``student``, ``teacher`` ``[B, T, V]`` -> ``(div, lp, lse, lse_ref, kl_student, kl_teacher)``, ``[N]`` float32
-    each (``lp`` ``[0]`` unless ``with_logprobs``)."""
+    """``student``, ``teacher`` ``[B, T, V]`` -> ``(div, lp, lse, lse_ref, kl_student, kl_teacher)``, ``[N]`` each,
+    float32 except the two log-sum-exps, float64 (``lp`` ``[0]`` unless ``with_logprobs``)."""
     _, seq_len, vocab = student.shape
     n = token_ids.shape[0]
-    new = [_alloc.empty(n, dtype=torch.float32, device=student.device) for _ in range(5)]
-    div, lse, lse_ref, kl_student, kl_teacher = new
+    div, kl_student, kl_teacher = (_alloc.empty(n, dtype=torch.float32, device=student.device) for _ in range(3))
+    lse, lse_ref = (_alloc.empty(n, dtype=torch.float64, device=student.device) for _ in range(2))
     lp = _alloc.empty(n if with_logprobs else 0, dtype=torch.float32, device=student.device)
     if n == 0:
         return div, lp, lse, lse_ref, kl_student, kl_teacher
@@ -195,8 +205,8 @@ def _divergence_bwd_kernel(
     out_student_ptr,  # [B, T, V] student's dtype (may be student_ptr: in place); only STUDENT_GRAD
     out_teacher_ptr,  # [B, T, V] teacher's dtype; only TEACHER_GRAD
     token_ids_ptr,  # [N] int64, -1 = not taking part
-    lse_ptr,  # [N] float32, from the forward
-    lse_ref_ptr,  # [N] float32
+    lse_ptr,  # [N] float64, from the forward
+    lse_ref_ptr,  # [N] float64
     kl_student_ptr,  # [N] float32
     kl_teacher_ptr,  # [N] float32
     grad_div_ptr,  # [N] float32: dL/dD
@@ -235,13 +245,13 @@ def _divergence_bwd_kernel(
     t_row = teacher_ptr + row_offset(row, seq_len, t_stride_b, t_stride_t)
     u = tl.load(s_row + cols, mask=in_vocab, other=0.0).to(tl.float32) * inv_temperature
     u_r = tl.load(t_row + cols, mask=in_vocab, other=0.0).to(tl.float32) * inv_temperature
-    lse = tl.load(lse_ptr + row)
-    lse_r = tl.load(lse_ref_ptr + row)
+    lse_hi, lse_lo = _split(tl.load(lse_ptr + row))
+    lse_r_hi, lse_r_lo = _split(tl.load(lse_ref_ptr + row))
     k_s = tl.load(kl_student_ptr + row)
     k_t = tl.load(kl_teacher_ptr + row)
     c = tl.load(grad_div_ptr + row) * inv_temperature  # 1/tau folded into the row scalars
-    log_p = u - lse
-    log_q = u_r - lse_r
+    log_p = (u - lse_hi) - lse_lo
+    log_q = (u_r - lse_r_hi) - lse_r_lo
     p = tl.exp(log_p)
     q = tl.exp(log_q)
     if KIND == JSD:
@@ -250,7 +260,7 @@ def _divergence_bwd_kernel(
         dead = mix == 0.0
     if STUDENT_GRAD:
         if KIND == REVERSE_KL:
-            g = tl.where(u == -INF, 0.0, p * ((u - u_r) - (lse - lse_r) - k_s))
+            g = tl.where(u == -INF, 0.0, p * (log_p - log_q - k_s))
             g = tl.where(k_s == INF, float("nan"), g)  # the infinite term p log(1/q) moves with u
         elif KIND == FORWARD_KL:
             g = p - q
@@ -265,7 +275,7 @@ def _divergence_bwd_kernel(
         if KIND == REVERSE_KL:
             g_r = q - p
         elif KIND == FORWARD_KL:
-            g_r = tl.where(u_r == -INF, 0.0, q * ((u_r - u) - (lse_r - lse) - k_t))
+            g_r = tl.where(u_r == -INF, 0.0, q * (log_q - log_p - k_t))
             g_r = tl.where(k_t == INF, float("nan"), g_r)
         else:
             g_r = beta * tl.where((q == 0.0) | dead, 0.0, q * (log_q - log_m - k_t))
