@@ -75,6 +75,7 @@ def vocab_divergence(
     beta: float,  # jsd only, 0 < beta < 1
     temperature: float,
     with_logprobs: bool,
+    inplace_backward: bool,  # the backward writes the student's gradient over the student's logits
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> divergence [N], lp [N] / [0], lse [N], lse_ref [N], kl_student [N], kl_teacher [N] (float32; float64 when
@@ -86,7 +87,7 @@ def vocab_divergence(
 
 
 @vocab_divergence.register_fake
-def _(student, teacher, token_ids, kind, beta, temperature, with_logprobs, backend):
+def _(student, teacher, token_ids, kind, beta, temperature, with_logprobs, inplace_backward, backend):
     n, acc = token_ids.shape[0], _acc(student, teacher)
     lse, lse_ref = (student.new_empty(n, dtype=torch.float64) for _ in range(2))
     div, kl_student, kl_teacher = (student.new_empty(n, dtype=acc) for _ in range(3))
@@ -134,12 +135,45 @@ def _(student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_di
     )
 
 
+@torch.library.custom_op("grpo_kernels::vocab_divergence_backward_", mutates_args=("student",))
+def vocab_divergence_backward_(
+    student: Tensor,  # [B, T, V]: overwritten by dL/dstudent
+    teacher: Tensor,
+    token_ids: Tensor,
+    lse: Tensor,
+    lse_ref: Tensor,
+    kl_student: Tensor,
+    kl_teacher: Tensor,
+    grad_div: Tensor,
+    grad_lp: Tensor | None,
+    kind: str,
+    beta: float,
+    temperature: float,
+    teacher_grad: bool,
+    backend: str,
+) -> Tensor:
+    """The student's gradient written over the student's logits (each block is read before it is written; the
+    teacher's gradient, when asked for, is computed from the same read) -> dL/dteacher [B, T, V] or [0]."""
+    out_t = _alloc.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if teacher_grad else None
+    get_backend(backend).divergence_backward(
+        student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div, grad_lp, kind, beta,
+        temperature, student, out_t,
+    )  # fmt: skip
+    return out_t if out_t is not None else student.new_empty(0)
+
+
+@vocab_divergence_backward_.register_fake
+def _(student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div, grad_lp, kind, beta,
+      temperature, teacher_grad, backend):  # fmt: skip
+    return torch.empty_like(teacher) if teacher_grad else student.new_empty(0)
+
+
 def _setup(ctx, inputs, output):
-    student, teacher, token_ids, kind, beta, temperature, _, backend = inputs
+    student, teacher, token_ids, kind, beta, temperature, _, inplace_backward, backend = inputs
     _, _, lse, lse_ref, kl_student, kl_teacher = output
     ctx.save_for_backward(student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher)
     ctx.config = (kind, beta, temperature)
-    ctx.backend = backend
+    ctx.backend, ctx.inplace = backend, inplace_backward
     ctx.set_materialize_grads(False)
 
 
@@ -148,11 +182,14 @@ def _backward(ctx, grad_div, grad_lp, *unused):
     wants_student, wants_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_div is None:
         grad_div = torch.zeros_like(lse)
-    grad_s, grad_t = vocab_divergence_backward(
-        student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div.contiguous(),
-        None if grad_lp is None else grad_lp.contiguous(), *ctx.config, wants_student, wants_teacher, ctx.backend,
-    )  # fmt: skip
-    return (grad_s if wants_student else None, grad_t if wants_teacher else None) + (None,) * 6
+    rows = (token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div.contiguous(),
+            None if grad_lp is None else grad_lp.contiguous(), *ctx.config)  # fmt: skip
+    if ctx.inplace and wants_student:
+        grad_t = vocab_divergence_backward_(student, teacher, *rows, wants_teacher, ctx.backend)
+        grad_s = student
+    else:
+        grad_s, grad_t = vocab_divergence_backward(student, teacher, *rows, wants_student, wants_teacher, ctx.backend)
+    return (grad_s if wants_student else None, grad_t if wants_teacher else None) + (None,) * 7
 
 
 vocab_divergence.register_autograd(_backward, setup_context=_setup)
@@ -265,6 +302,7 @@ def distill_loss(
     mask: Tensor | None = None,
     num_items_in_batch: float | Tensor | None = None,
     ignore_index: int = -100,
+    inplace_backward: bool = False,
     backend: str = "auto",
 ) -> DistillOutput:
     """Knowledge-distillation loss: an exact divergence between the student's and the teacher's next-token
@@ -297,6 +335,10 @@ def distill_loss(
         mask: optional ``[B, T]`` / ``[N]``; 0 = not taking part, other values weight the position.
         num_items_in_batch: normaliser instead of the weight sum (number > 0 or 1-element tensor).
         ignore_index: the id that marks a position as not taking part (default -100).
+        inplace_backward: write the student's gradient over ``student_logits`` in the backward (no second
+            ``[N, V]`` buffer: the peak extra memory is a few row blocks). The logits' values are gone after the
+            backward; autograd raises if anything else saved them for its own backward. Not allowed on a leaf
+            tensor that requires grad (its ``.grad`` would alias its data).
         backend: ``"auto"`` (triton on a GPU, torch on the CPU and for float64), ``"torch"`` or ``"triton"``;
             ``"cuda"`` has no divergence kernels and raises.
 
@@ -313,6 +355,17 @@ def distill_loss(
         teacher's, when they require grad).
     """
     check_logits("student_logits", student_logits)
+    base = student_logits._base if student_logits._base is not None else student_logits
+    if (
+        inplace_backward
+        and student_logits.requires_grad
+        and (student_logits.is_leaf or base.is_leaf and base.requires_grad)
+    ):
+        raise ValueError(
+            "inplace_backward=True would write the gradient over a leaf tensor that requires grad (or a view of one), "
+            "whose .grad would then alias its data; use it on logits produced by the model (a non-leaf), or pass "
+            "inplace_backward=False"
+        )
     device = student_logits.device
     check_logits("teacher_logits", teacher_logits, device)
     _check_same_shape("teacher_logits", teacher_logits, student_logits.shape, "student_logits")
@@ -326,7 +379,7 @@ def distill_loss(
 
     div, lp, *_ = vocab_divergence(
         _as_3d(student_logits), _as_3d(teacher_logits), ids, kernel_kind(divergence, beta), float(beta),
-        float(temperature), token_ids is not None, name,
+        float(temperature), token_ids is not None, bool(inplace_backward and student_logits.requires_grad), name,
     )  # fmt: skip
     loss = reduce_positions((div * weights).sum(), weights, num_items_in_batch)
     logprobs = None

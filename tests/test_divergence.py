@@ -438,6 +438,23 @@ def test_deterministic(backend):
         assert torch.equal(a, b)
 
 
+def test_inplace_backward_gives_the_same_gradients(backend):
+    d = make_batch(2, 5, 50, seed=67)
+    zt = _teacher(d["logits"], seed=68)
+    grads = []
+    for inplace in (False, True):
+        leaf, teacher = d["logits"].clone().requires_grad_(True), zt.clone().requires_grad_(True)
+        z = leaf * 1.0  # a non-leaf, as a model's output (its backward needs nothing saved)
+        out = distill_loss(z, teacher, d["ids"], mask=d["mask"], beta=0.3, inplace_backward=inplace, backend=backend)
+        (out.loss + 0.1 * out.logprobs.sum()).backward()
+        grads.append((leaf.grad, teacher.grad, z.detach().clone()))
+    (g, g_t, z_after), (g_in, g_t_in, z_in_after) = grads
+    assert torch.equal(g, g_in) and torch.equal(g_t, g_t_in)
+    assert torch.equal(z_in_after, g_in) and torch.equal(z_after, d["logits"])  # overwritten only in place
+    with pytest.raises(ValueError, match="inplace_backward"):
+        distill_loss(d["logits"].clone().requires_grad_(True), zt, inplace_backward=True, backend=backend)
+
+
 def test_torch_compile_fullgraph(backend):
     d = make_batch(2, 5, 40, seed=65)
     zt = _teacher(d["logits"], seed=66)

@@ -191,7 +191,9 @@ def divergence_backward(
         if lse_lo is not None:
             log_p.sub_(lse_lo[sl])
             log_q.sub_(lse_r_lo[sl])
-        p, q = torch.exp(log_p, out=buf.get("p", r)), torch.exp(log_q, out=buf.get("q", r))
+        p = torch.exp(log_p, out=buf.get("p", r))
+        # q is needed by every gradient but the student's of the reverse KL (which takes log q)
+        q = torch.exp(log_q, out=buf.get("q", r)) if kind != "reverse_kl" or o_t is not None else None
         cr = c[sl].unsqueeze(1)
         log_m = _mixture_log(p, q, beta, buf.get("log_m", r)) if kind == "jsd" else None
         # the teacher's first: the student's gradient may be written over the student's logits
