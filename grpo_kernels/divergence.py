@@ -19,8 +19,8 @@ the upstream gradient in advance; recomputing keeps the memory at the inputs' an
 Traffic for ``N`` rows of ``V`` entries, student ``s`` and teacher ``t`` bytes per entry: forward ``N V (s + t)``
 (jsd ``2 N V (s + t)``), backward ``N V (s + t)`` read + ``N V s`` written (+ ``N V t`` with the teacher's gradient).
 
-This file reads top to bottom: the kernel kinds, the two custom ops (forward, backward) with their fake
-implementations and autograd, then the public :func:`distill_loss`. The kernels are the backends'
+This file reads top to bottom: the kernel kinds, the custom ops (forward; backward into a new buffer or over the
+student's logits) with their fake implementations and autograd, then the public :func:`distill_loss`. The kernels are the backends'
 ``divergence_forward`` / ``divergence_backward`` (``backends/torch/divergence.py``, ``backends/triton/divergence.py``);
 the CUDA backend has none and says so. The fused-linear form is in :mod:`grpo_kernels.fused_linear_divergence`.
 """

@@ -68,8 +68,8 @@ def _divergence_fwd_kernel(
     token_ids_ptr,  # [N] int64, -1 = not taking part
     div_ptr,  # [N] float32 out: the divergence
     lp_ptr,  # [N] float32 out (only WITH_LOGPROBS)
-    lse_ptr,  # [N] float64 out (see _split below)
-    lse_ref_ptr,  # [N] float64 out
+    lse64_ptr,  # [N] float64 out (see _split below)
+    lse_ref64_ptr,  # [N] float64 out
     kl_student_ptr,  # [N] float32 out: the KL in the student's gradient
     kl_teacher_ptr,  # [N] float32 out: the KL in the teacher's gradient
     seq_len,  # shapes
@@ -88,8 +88,8 @@ def _divergence_fwd_kernel(
     target = tl.load(token_ids_ptr + row)
     if target < 0:
         tl.store(div_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
-        tl.store(lse_ref_ptr + row, 0.0)
+        tl.store(lse64_ptr + row, 0.0)
+        tl.store(lse_ref64_ptr + row, 0.0)
         tl.store(kl_student_ptr + row, 0.0)
         tl.store(kl_teacher_ptr + row, 0.0)
         if WITH_LOGPROBS:
@@ -97,6 +97,8 @@ def _divergence_fwd_kernel(
         return
     s_row = student_ptr + row_offset(row, seq_len, s_stride_b, s_stride_t)
     t_row = teacher_ptr + row_offset(row, seq_len, t_stride_b, t_stride_t)
+    if WITH_LOGPROBS:  # loaded first: one float live across the loops instead of the 64-bit id (ptxas spilled it)
+        u_target = tl.load(s_row + target).to(tl.float32) * inv_temperature
     cols = tl.arange(0, BLOCK_V)
     # Maxima start at the lowest finite float, not -inf: a block that is all -inf then rescales by exp(0) = 1.
     m = -FLOAT32_MAX
@@ -160,18 +162,20 @@ def _divergence_fwd_kernel(
         div = beta * kl_teacher + one_m_beta * kl_student
     div = tl.where(_finite(m + log_s) & _finite(m_r + log_s_r), div, float("nan"))
     tl.store(div_ptr + row, div)
-    tl.store(lse_ptr + row, m.to(tl.float64) + log_s.to(tl.float64))
-    tl.store(lse_ref_ptr + row, m_r.to(tl.float64) + log_s_r.to(tl.float64))
+    tl.store(lse64_ptr + row, m.to(tl.float64) + log_s.to(tl.float64))
+    tl.store(lse_ref64_ptr + row, m_r.to(tl.float64) + log_s_r.to(tl.float64))
     tl.store(kl_student_ptr + row, kl_student)
     tl.store(kl_teacher_ptr + row, kl_teacher)
     if WITH_LOGPROBS:
-        tl.store(lp_ptr + row, (tl.load(s_row + target).to(tl.float32) * inv_temperature - m) - log_s)
+        tl.store(lp_ptr + row, (u_target - m) - log_s)
 
 
-def _tiling(vocab: int) -> tuple[int, int]:
+def _tiling(vocab: int, forward_jsd: bool = False) -> tuple[int, int]:
     """Steps of 4096 entries (16 per thread at 8 warps) whatever the dtype: two rows and a few float32
-    temporaries per entry must stay in registers."""
-    return vocab_tiling(vocab, 4)
+    temporaries per entry must stay in registers. The jsd's two-loop forward takes 2048 (8 per thread, still
+    16-byte bf16 loads): at 4096 ptxas (triton 3.9) holds it to 80 registers and spills, at 2048 it needs 54
+    (``python -m benchmarks.static_report_triton``)."""
+    return vocab_tiling(vocab, 8 if forward_jsd else 4)
 
 
 def divergence_forward(student, teacher, token_ids, kind, beta, temperature, with_logprobs):
@@ -184,7 +188,7 @@ def divergence_forward(student, teacher, token_ids, kind, beta, temperature, wit
     lp = _alloc.empty(n if with_logprobs else 0, dtype=torch.float32, device=student.device)
     if n == 0:
         return div, lp, lse, lse_ref, kl_student, kl_teacher
-    block, num_warps = _tiling(vocab)
+    block, num_warps = _tiling(vocab, forward_jsd=kind == "jsd")
     with device_guard(student):
         _divergence_fwd_kernel[row_grid(n)](
             student, teacher, token_ids, div, lp if with_logprobs else div, lse, lse_ref, kl_student, kl_teacher,
@@ -205,8 +209,8 @@ def _divergence_bwd_kernel(
     out_student_ptr,  # [B, T, V] student's dtype (may be student_ptr: in place); only STUDENT_GRAD
     out_teacher_ptr,  # [B, T, V] teacher's dtype; only TEACHER_GRAD
     token_ids_ptr,  # [N] int64, -1 = not taking part
-    lse_ptr,  # [N] float64, from the forward
-    lse_ref_ptr,  # [N] float64
+    lse64_ptr,  # [N] float64, from the forward
+    lse_ref64_ptr,  # [N] float64
     kl_student_ptr,  # [N] float32
     kl_teacher_ptr,  # [N] float32
     grad_div_ptr,  # [N] float32: dL/dD
@@ -245,8 +249,8 @@ def _divergence_bwd_kernel(
     t_row = teacher_ptr + row_offset(row, seq_len, t_stride_b, t_stride_t)
     u = tl.load(s_row + cols, mask=in_vocab, other=0.0).to(tl.float32) * inv_temperature
     u_r = tl.load(t_row + cols, mask=in_vocab, other=0.0).to(tl.float32) * inv_temperature
-    lse_hi, lse_lo = _split(tl.load(lse_ptr + row))
-    lse_r_hi, lse_r_lo = _split(tl.load(lse_ref_ptr + row))
+    lse_hi, lse_lo = _split(tl.load(lse64_ptr + row))
+    lse_r_hi, lse_r_lo = _split(tl.load(lse_ref64_ptr + row))
     k_s = tl.load(kl_student_ptr + row)
     k_t = tl.load(kl_teacher_ptr + row)
     c = tl.load(grad_div_ptr + row) * inv_temperature  # 1/tau folded into the row scalars
