@@ -9,6 +9,9 @@ Ops (``Case.op``):
 * ``group_advantages``: grouped z-score of ``B`` rewards in groups of ``G``.
 * ``fused_linear_grpo_loss``: the GRPO loss from hidden states and the LM head (logits never materialised),
   forward + backward w.r.t. hidden and weight.
+* ``distill_loss``: an exact divergence (jsd / reverse_kl / forward_kl) between the student's logits and a teacher's
+  over the whole vocabulary at every position, labels given (log-probs from the same pass), forward + backward
+  w.r.t. the student's logits.
 
 Every case states its traffic next to it (:func:`traffic`): the bytes it must move through memory, term by term,
 ``bytes`` as the 3-pass kernels move them (forward read, backward read, gradient write) and ``bytes_min`` as the
@@ -22,9 +25,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-OPS = ("token_logprobs", "token_logprobs_entropy", "grpo_loss", "group_advantages", "fused_linear_grpo_loss")
+OPS = ("token_logprobs", "token_logprobs_entropy", "grpo_loss", "group_advantages", "fused_linear_grpo_loss",
+       "distill_loss")  # fmt: skip
 LOGITS_OPS = ("token_logprobs", "token_logprobs_entropy", "grpo_loss")
-BACKWARD_OPS = ("token_logprobs_entropy", "grpo_loss", "fused_linear_grpo_loss")
+BACKWARD_OPS = ("token_logprobs_entropy", "grpo_loss", "fused_linear_grpo_loss", "distill_loss")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class Case:
     beta: float = 0.0
     rewards: int = 0  # B (group_advantages)
     group_size: int = 0  # G (group_advantages)
+    divergence: str = ""  # distill_loss: jsd / reverse_kl / forward_kl (beta: the jsd's)
 
     @property
     def id(self) -> str:
@@ -47,6 +52,8 @@ class Case:
         parts = [self.op, f"N{self.tokens}", f"V{self.vocab}"] + ([f"H{self.hidden}"] if self.hidden else [])
         if self.op in ("grpo_loss", "fused_linear_grpo_loss"):
             parts += [f"is-{self.importance_sampling_level}", f"beta{self.beta:g}"]
+        if self.op == "distill_loss":
+            parts += [self.divergence] + ([f"beta{self.beta:g}"] if self.divergence == "jsd" else [])
         return "-".join(parts + [self.dtype])
 
     @property
@@ -67,12 +74,15 @@ class Case:
 PRESETS = {
     "gpu": dict(dtype="bfloat16", tokens=(4096, 16384), vocab=(32000, 128256, 151936), seq_len=1024,
                 rewards=(4096, 1 << 20), group_size=16,
-                fused_linear=((4096, 4096, 151936), (16384, 4096, 151936))),  # (N, H, V)
+                fused_linear=((4096, 4096, 151936), (16384, 4096, 151936)),  # (N, H, V)
+                distill=((4096, 151936), (16384, 151936)),  # (N, V)
+                divergences=(("jsd", 0.5), ("reverse_kl", 0.0), ("forward_kl", 0.0))),
     "cpu": dict(dtype="float32", tokens=(256, 1024), vocab=(32000, 128256), seq_len=128,
                 rewards=(4096, 1 << 20), group_size=16,
-                fused_linear=((256, 256, 32000), (1024, 256, 32000))),
+                fused_linear=((256, 256, 32000), (1024, 256, 32000)),
+                distill=((1024, 32000), (256, 128256)), divergences=(("jsd", 0.5), ("reverse_kl", 0.0))),
     "smoke": dict(dtype="float32", tokens=(32,), vocab=(500,), seq_len=8, rewards=(64,), group_size=8,
-                  fused_linear=((32, 16, 500),)),
+                  fused_linear=((32, 16, 500),), distill=((32, 500),), divergences=(("jsd", 0.5),)),
 }  # fmt: skip
 VARIANTS = (("token", 0.0), ("token", 0.04), ("sequence", 0.0), ("sequence", 0.04))  # (IS level, beta)
 
@@ -102,6 +112,10 @@ def build_cases(preset: str, ops: tuple[str, ...] = OPS) -> list[Case]:
                 for lvl, b in variants[:2]:  # token level: the sequence-level cost is the fused-linear helper's choice
                     cases.append(Case(op=op, dtype=p["dtype"], tokens=n, seq_len=min(p["seq_len"], n), vocab=v,
                                       hidden=h, importance_sampling_level=lvl, beta=b))  # fmt: skip
+        elif op == "distill_loss":
+            for n, v in p["distill"]:
+                cases += [Case(op=op, dtype=p["dtype"], tokens=n, seq_len=min(p["seq_len"], n), vocab=v, divergence=d,
+                               beta=b) for d, b in p["divergences"]]  # fmt: skip
         else:
             raise ValueError(f"unknown op {op!r}; ops are {OPS}")
     return cases
@@ -140,6 +154,17 @@ def traffic(case: Case) -> dict:
                  ("write grad hidden N·H·s", n * h * s), ("write grad weight V·H·s", v * h * s),
                  ("per-token vectors N·24 (+ N·4 ref lp when β ≠ 0)", n * (24 + ref))]  # fmt: skip
         return dict(terms=terms, bytes=sum(b for _, b in terms), bytes_min=sum(b for _, b in terms))
+    if case.op == "distill_loss":
+        # Our design: the forward reads both rows once (the KLs, online) or twice (jsd: log m needs both final
+        # log-sum-exps); the backward reads both once and writes the student's gradient. Per-row vectors: ids 8 in;
+        # divergence 4, lp 4, lse 8 + 8, two KLs 4 + 4 out and back in; upstream gradients 4 + 4.
+        rows = n * v * s  # student; the teacher has the student's dtype in these cases
+        reads = 2 if case.divergence == "jsd" else 1
+        terms = [(f"read student + teacher (forward) {reads}·2·N·V·s", reads * 2 * rows),
+                 ("read student + teacher (backward) 2·N·V·s", 2 * rows), ("write grad student N·V·s", rows),
+                 ("per-row vectors N·76", n * 76)]  # fmt: skip
+        # fewest: each row of both read once, the gradient written once (a design keeping rows on chip)
+        return dict(terms=terms, bytes=sum(b for _, b in terms), bytes_min=3 * rows + n * 76)
     raise ValueError(f"unknown op {case.op!r}")
 
 
@@ -179,6 +204,11 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict:
         out["logits"] = full.detach()[:, :-1].requires_grad_()
         with torch.no_grad():
             lp = _logprobs_by_row(lambda i: full[i, :-1], out["token_ids"])
+            if case.op == "distill_loss":  # a teacher near the student (moderate divergences), one sequence at a time
+                teacher = torch.empty(b, t, v, dtype=dtype, device=device)
+                for i in range(b):
+                    teacher[i] = full[i, :-1] * 0.8 + randn(t, v, dtype=dtype)
+                out["teacher_logits"] = teacher
     # old / reference policies near the current one, so that ratios straddle the clip range
     out["old_logprobs"] = lp + 0.3 * randn(b, t)
     out["ref_logprobs"] = lp + 0.3 * randn(b, t)

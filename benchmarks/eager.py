@@ -92,3 +92,35 @@ def eager_group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 
     mean = grouped.mean(dim=1).repeat_interleave(group_size, dim=0)
     std = grouped.std(dim=1).repeat_interleave(group_size, dim=0)
     return (rewards - mean) / (std + eps)
+
+
+def eager_distill_loss(
+    student_logits: torch.Tensor,  # [B, T, V]
+    teacher_logits: torch.Tensor,  # [B, T, V]
+    labels: torch.Tensor,  # [B, T], -100 where masked
+    *,
+    divergence: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """TRL 1.16's ``GKDTrainer.generalized_jsd_loss`` (``reduction="batchmean"``) as written there: two
+    ``log_softmax`` over the whole vocabulary in the logits' dtype, ``F.kl_div`` element-wise, a masked sum over the
+    count. ``reverse_kl`` / ``forward_kl`` are its beta = 1 / beta = 0 branches."""
+    import torch.nn.functional as F
+
+    if divergence != "jsd":
+        beta = 1.0 if divergence == "reverse_kl" else 0.0
+    logp = F.log_softmax(student_logits / temperature, dim=-1)
+    logq = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if beta == 0:
+        jsd = F.kl_div(logp, logq, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(logq, logp, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=logp.dtype, device=logp.device)
+        log_m = torch.logsumexp(torch.stack([logp + torch.log1p(-b), logq + torch.log(b)]), dim=0)
+        jsd = b * F.kl_div(log_m, logq, reduction="none", log_target=True) + (1 - b) * F.kl_div(
+            log_m, logp, reduction="none", log_target=True
+        )
+    mask = labels != -100
+    return jsd[mask].sum() / mask.sum().clamp_min(1)

@@ -7,7 +7,7 @@ Providers:
 * ``cuda_gif``: ``grpo_loss(grad_in_forward=True, backend="cuda")``, the forward that also writes the gradient: on
   sm_90 the 2-pass cluster kernel where the row fits (token level), else the same 3 passes as ``cuda`` in one call.
 * ``eager``: :mod:`benchmarks.eager` (log_softmax + gather + the loss through autograd; matmul first for the
-  fused-linear loss).
+  fused-linear loss; for ``distill_loss`` TRL's ``generalized_jsd_loss`` as written: two log_softmax + kl_div).
 * ``compile``: ``torch.compile(dynamic=True)`` of the eager code (one compilation per op variant, reused across
   shapes).
 * ``liger``: liger-kernel's ``fused_selective_log_softmax`` (log-probs), ``triton_grpo_loss`` (``inplace=False``,
@@ -32,7 +32,7 @@ import torch
 from benchmarks import eager
 from benchmarks.cases import BACKWARD_OPS, Case
 from grpo_kernels import backends as registry
-from grpo_kernels import group_advantages, grpo_loss, token_logprobs
+from grpo_kernels import distill_loss, group_advantages, grpo_loss, token_logprobs
 
 OURS = registry.BACKENDS  # ("torch", "triton", "cuda")
 # Our backends with other options: name -> (backend, the ops it applies to, extra keywords of the objective)
@@ -52,8 +52,10 @@ ARGS = {
     "grpo_loss": ("logits", "token_ids", "advantages", "mask", "old_logprobs", "ref_logprobs"),
     "group_advantages": ("rewards",),
     "fused_linear_grpo_loss": ("hidden", "weight", "token_ids", "advantages", "mask", "old_logprobs", "ref_logprobs"),
+    "distill_loss": ("logits", "teacher_logits", "token_ids"),
 }
-WRT = {"token_logprobs_entropy": ("logits",), "grpo_loss": ("logits",), "fused_linear_grpo_loss": ("hidden", "weight")}
+WRT = {"token_logprobs_entropy": ("logits",), "grpo_loss": ("logits",), "fused_linear_grpo_loss": ("hidden", "weight"),
+       "distill_loss": ("logits",)}  # fmt: skip
 
 
 def _statics(case: Case) -> dict:
@@ -62,6 +64,8 @@ def _statics(case: Case) -> dict:
         return dict(beta=case.beta, level=case.importance_sampling_level)
     if case.op == "group_advantages":
         return dict(group_size=case.group_size)
+    if case.op == "distill_loss":
+        return dict(divergence=case.divergence, beta=case.beta)
     return {}
 
 
@@ -92,7 +96,12 @@ def _eager_fused_linear(hidden, weight, token_ids, advantages, mask, old_logprob
     return _eager_grpo_loss(logits, token_ids, advantages, mask, old_logprobs, ref_logprobs, beta=beta, level=level)
 
 
+def _eager_distill_loss(logits, teacher_logits, token_ids, *, divergence, beta):
+    return eager.eager_distill_loss(logits, teacher_logits, token_ids, divergence=divergence, beta=beta)
+
+
 EAGER = {
+    "distill_loss": _eager_distill_loss,
     "token_logprobs": _eager_token_logprobs,
     "token_logprobs_entropy": _eager_token_logprobs_entropy,
     "grpo_loss": _eager_grpo_loss,
@@ -146,7 +155,12 @@ def _ours_fused_linear(hidden, weight, token_ids, advantages, mask, old_logprobs
                                   importance_sampling_level=level, backend=backend).loss  # fmt: skip
 
 
+def _ours_distill_loss(logits, teacher_logits, token_ids, *, divergence, beta, backend):
+    return distill_loss(logits, teacher_logits, token_ids, divergence=divergence, beta=beta, backend=backend).loss
+
+
 OURS_OBJECTIVES = {
+    "distill_loss": _ours_distill_loss,
     "token_logprobs": _ours_token_logprobs,
     "token_logprobs_entropy": _ours_token_logprobs_entropy,
     "grpo_loss": _ours_grpo_loss,
@@ -255,6 +269,8 @@ def _reason(provider: str, op: str, device_type: str, interpreter: bool) -> str 
     if provider in OURS:
         if provider == "triton" and device_type == "cpu" and not interpreter:
             return "Triton runs on the CPU only through its interpreter: not benchmarked"
+        if provider == "cuda" and op == "distill_loss":
+            return "the CUDA backend has no divergence kernels (distill_loss runs on triton or torch)"
         reason = registry.unavailable_reason(provider, device)
         if reason is None and op == "fused_linear_grpo_loss":
             reason = _fused_linear_reason(provider, device)

@@ -37,16 +37,18 @@ _POINTER_TYPES = {
     "order_ptr": "*i64",
     "cu_groups_ptr": "*i64",
     "flags_ptr": "*u8",
+    "lse64_ptr": "*fp64",  # the divergence kernels' float64 log-sum-exps
+    "lse_ref64_ptr": "*fp64",
 }
 _FLOAT_ARGS = {
     "inv_temperature", "beta", "clip_low", "clip_high", "eps_high", "delta", "dual_clip", "sapo_pos", "sapo_neg", "eps",
 }  # fmt: skip
-_LOGITS_ARGS = {"logits_ptr", "out_ptr"}
+_LOGITS_ARGS = {"logits_ptr", "out_ptr", "student_ptr", "teacher_ptr", "out_student_ptr", "out_teacher_ptr"}
 
 
 def _variants():
     """``(name, kernel, logits dtype, constexprs, num_warps)`` for every variant worth compiling."""
-    from grpo_kernels.backends.triton import advantages, grpo_loss, logprobs
+    from grpo_kernels.backends.triton import advantages, divergence, grpo_loss, logprobs
     from grpo_kernels.backends.triton.common import vocab_tiling
 
     out = []
@@ -80,6 +82,15 @@ def _variants():
     out.append(("batch_scale", advantages._batch_scale_kernel, "fp32", dict(CENTRE_ON_BATCH_MEAN=True, BLOCK=1024), 4))
     out.append(("gpg_scale", advantages._gpg_scale_kernel, "fp32", dict(BLOCK=1024), 4))
     out.append(("whiten", advantages._whiten_kernel, "fp32", dict(BLOCK=1024), 4))
+    block, warps = divergence._tiling(VOCAB)  # student and teacher both bf16
+    for kind, code in (("reverse_kl", 0), ("jsd", 2)):
+        fwd_block, fwd_warps = divergence._tiling(VOCAB, forward_jsd=kind == "jsd")
+        out.append((f"divergence_fwd[bf16,{kind},lp]", divergence._divergence_fwd_kernel, "bf16",
+                    dict(KIND=code, WITH_LOGPROBS=True, BLOCK_V=fwd_block), fwd_warps))  # fmt: skip
+    for tag, code, teacher in (("reverse_kl,student+lp", 0, False), ("jsd,student+teacher+lp", 2, True)):
+        out.append((f"divergence_bwd[bf16,{tag}]", divergence._divergence_bwd_kernel, "bf16",
+                    dict(KIND=code, STUDENT_GRAD=True, TEACHER_GRAD=teacher, HAS_GRAD_LP=True, BLOCK_V=block),
+                    warps))  # fmt: skip
     return out
 
 

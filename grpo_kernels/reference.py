@@ -18,6 +18,7 @@ Conventions shared with the public API (:mod:`grpo_kernels.api`):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -489,3 +490,138 @@ __all__ = [
     "token_logprobs",
 ]
 
+
+# ================================================================================================================
+# 11. Exact divergences over the vocabulary (distillation; the exact KL to the reference policy)
+# ================================================================================================================
+# Appended as its own section: nothing above depends on it. p = softmax(student / tau) (the policy), q =
+# softmax(teacher / tau) (the reference / teacher), at every position. Conventions at -inf logits (masked
+# vocabulary): a_v = 0 exactly where its logit is -inf, the term a_v log(a_v / b_v) is 0 there, and +inf where
+# a_v > 0 and b_v = 0. So KL(a||b) = +inf when b has a -inf logit where a has a finite one.
+DIVERGENCES = ("jsd", "reverse_kl", "forward_kl")
+
+
+def _kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``a_v (log a_v - log b_v)`` with the conventions above, differentiable wherever it is finite.
+
+    Both branches of each ``where`` are kept finite (the double-where idiom), so that no NaN reaches a gradient
+    through the branch that is not taken.
+    """
+    a_pos = log_a > -math.inf
+    b_zero = log_b == -math.inf
+    zero = torch.zeros_like(log_a)
+    safe_a = torch.where(a_pos, log_a, zero)
+    safe_b = torch.where(b_zero, zero, log_b)
+    terms = torch.where(a_pos, safe_a.exp() * (safe_a - safe_b), zero)
+    return torch.where(a_pos & b_zero, torch.full_like(terms, math.inf), terms)
+
+
+def _mixture_log(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
+    """``log m = log(beta q + (1 - beta) p)`` for 0 < beta < 1; -inf where both p and q are 0."""
+    both_zero = (logp == -math.inf) & (logq == -math.inf)
+    zero = torch.zeros_like(logp)
+    mixed = torch.logaddexp(
+        torch.where(both_zero, zero, logp) + math.log1p(-beta), torch.where(both_zero, zero, logq) + math.log(beta)
+    )
+    return torch.where(both_zero, torch.full_like(mixed, -math.inf), mixed)
+
+
+def vocab_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    compute_in: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The exact per-position divergence between ``p = softmax(student / tau)`` and ``q = softmax(teacher / tau)``.
+
+    ``reverse_kl``: KL(p||q) = sum_v p_v (log p_v - log q_v). ``forward_kl``: KL(q||p). ``jsd``: TRL's
+    ``generalized_jsd_loss`` (GKD), beta weighting the teacher: m = beta q + (1 - beta) p,
+    JSD = beta KL(q||m) + (1 - beta) KL(p||m); at beta = 0 exactly it is KL(q||p) and at beta = 1 exactly KL(p||q)
+    (TRL's special cases; the limits of the formula there are 0).
+
+    Args:
+        student_logits, teacher_logits: ``[..., V]``, the same shape, any floating dtypes.
+        compute_in: compute in this dtype (only for measuring eager PyTorch's low-precision error in the tests).
+
+    Returns:
+        ``[...]`` float64 when either input is float64, else float32; differentiable w.r.t. both inputs.
+    """
+    dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    work = compute_in or dtype
+    logp = torch.log_softmax(student_logits.to(work) / temperature, dim=-1)
+    logq = torch.log_softmax(teacher_logits.to(work) / temperature, dim=-1)
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "forward_kl"
+    elif divergence == "jsd" and beta == 1.0:
+        divergence = "reverse_kl"
+    if divergence == "reverse_kl":
+        terms = _kl_terms(logp, logq)
+    elif divergence == "forward_kl":
+        terms = _kl_terms(logq, logp)
+    elif divergence == "jsd":
+        logm = _mixture_log(logp, logq, beta)
+        terms = beta * _kl_terms(logq, logm) + (1.0 - beta) * _kl_terms(logp, logm)
+    else:
+        raise ValueError(f"divergence must be one of {list(DIVERGENCES)}, got {divergence!r}")
+    return terms.sum(-1).to(dtype)
+
+
+@dataclass
+class DistillResult:
+    loss: torch.Tensor  # []
+    divergence: torch.Tensor  # [B, T] (packed: [N]), 0 where not taking part
+    logprobs: torch.Tensor | None  # [B, T] student log-probs of token_ids, 0 where not taking part
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    token_ids: torch.Tensor | None = None,
+    *,
+    divergence: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    compute_in: torch.dtype | None = None,
+) -> DistillResult:
+    """The distillation loss: the per-position divergence, masked, reduced as TRL's ``generalized_jsd_loss``.
+
+    A position takes part when ``mask != 0`` and ``token_id != ignore_index`` (TRL's ``labels != -100``). With
+    weights ``m_t`` (the mask value where the position takes part, else 0):
+    ``loss = sum_t m_t D_t / max(1, sum_t m_t)`` (TRL's ``reduction="batchmean"`` with labels), or
+    ``sum_t m_t D_t / num_items_in_batch`` when that is given (TRL's gradient-accumulation form, no clamp).
+    ``logprobs`` are the student's ``log p(token_id)`` at temperature ``tau`` (None without ``token_ids``).
+    """
+    shape = student_logits.shape[:-1]
+    valid = torch.ones(shape, dtype=torch.bool, device=student_logits.device)
+    if token_ids is not None:
+        valid = valid & (token_ids != ignore_index)
+    if mask is not None:
+        valid = valid & (mask != 0)
+    dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    # Only the rows that take part are computed: NaN in an ignored row cannot reach the loss or a gradient.
+    div_valid = vocab_divergence(
+        student_logits[valid], teacher_logits[valid], divergence=divergence, beta=beta, temperature=temperature,
+        compute_in=compute_in,
+    )  # fmt: skip
+    div = torch.zeros(shape, dtype=dtype, device=student_logits.device).masked_scatter(valid, div_valid)
+    weights = torch.where(valid, mask.to(dtype) if mask is not None else torch.ones((), dtype=dtype), 0.0)
+    total = (div * weights).sum()
+    if num_items_in_batch is not None:
+        loss = total / torch.as_tensor(num_items_in_batch, dtype=dtype)
+    else:
+        loss = total / weights.sum().clamp(min=1.0)
+    lp = None
+    if token_ids is not None:
+        logp = torch.log_softmax(student_logits[valid].to(compute_in or dtype) / temperature, dim=-1)
+        lp_valid = logp.gather(-1, token_ids[valid].long().unsqueeze(-1)).squeeze(-1).to(dtype)
+        lp = torch.zeros(shape, dtype=dtype, device=student_logits.device).masked_scatter(valid, lp_valid)
+    return DistillResult(loss=loss, divergence=div, logprobs=lp)
+
+
+__all__ += ["DIVERGENCES", "DistillResult", "distill_loss", "vocab_divergence"]

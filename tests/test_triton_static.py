@@ -8,7 +8,7 @@ pytest.importorskip("triton")
 
 from benchmarks import static_report_triton as report  # noqa: E402
 
-LOGITS_KERNELS = ("token_logprobs", "grpo_loss")
+LOGITS_KERNELS = ("token_logprobs", "grpo_loss", "divergence")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ class Backend:
     Required: :meth:`unavailable_reason`, :meth:`token_logprobs_forward`, :meth:`token_logprobs_backward`,
     :meth:`grpo_loss_forward`, :meth:`group_advantages`. Optional (a default here that is correct on every backend,
     which a backend overrides where it has a faster kernel): :meth:`grpo_loss_forward_with_grad`,
-    :meth:`scale_gradient_`.
+    :meth:`scale_gradient_`. Optional without a default (the default raises, naming the op):
+    :meth:`divergence_forward`, :meth:`divergence_backward`.
     """
 
     name: str
@@ -80,3 +81,14 @@ class Backend:
         host (one synchronisation); the CUDA backend decides on the device."""
         if bool(grad_loss != loss_scale):
             grad.mul_(grad_loss.detach().to(torch.float64 if grad.dtype == torch.float64 else torch.float32) / loss_scale)
+
+    def divergence_forward(self, student, teacher, token_ids, kind, beta, temperature, with_logprobs):
+        """Exact per-row divergence of two ``[B, T, V]`` logits (see :mod:`grpo_kernels.divergence`):
+        ``(div, lp, lse, lse_ref, kl_student, kl_teacher)``, each ``[N]`` (``lp`` ``[0]`` unless asked for)."""
+        raise RuntimeError(f"backend {self.name!r} has no kernel for the exact divergences (vocab_divergence)")
+
+    def divergence_backward(self, student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div,
+                            grad_lp, kind, beta, temperature, out_student, out_teacher) -> None:  # fmt: skip
+        """Write the gradients of ``sum_t grad_div_t D_t (+ grad_lp_t lp_t)`` into ``out_student`` / ``out_teacher``
+        (``[B, T, V]`` each, or None; ``out_student`` may be the student's logits: in place)."""
+        raise RuntimeError(f"backend {self.name!r} has no kernel for the exact divergences (vocab_divergence)")

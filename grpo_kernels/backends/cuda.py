@@ -12,6 +12,7 @@ What runs where:
     grpo_loss_forward_with_grad            sm_90: the 2-pass cluster kernel (read z once, write dz once);
                                            elsewhere, or at sequence level: forward + backward kernels (3 passes)
     group_advantages                       warp-per-group statistics (every estimator), float64 accumulation, no atomics
+    divergence_forward / _backward         none yet: raise (distill_loss's backend="auto" takes triton on a GPU)
 
 Nothing in this file has run on a GPU yet: see docs/cuda.md.
 """
@@ -125,5 +126,18 @@ class CudaBackend(Backend):
         )  # fmt: skip
         return adv, mean, std
 
+    # ------------------------------------------------------------------------------------------------------------
+    # exact divergences (grpo_kernels.divergence): no CUDA kernels yet
+    # ------------------------------------------------------------------------------------------------------------
+    def divergence_forward(self, *args, **kwargs):
+        raise RuntimeError(_NO_DIVERGENCE.format(op="vocab_divergence (distill_loss / exact KL), forward"))
+
+    def divergence_backward(self, *args, **kwargs):
+        raise RuntimeError(_NO_DIVERGENCE.format(op="vocab_divergence (distill_loss / exact KL), backward"))
+
+
+_NO_DIVERGENCE = (
+    "the CUDA backend has no kernel for {op}: use backend='triton' (or 'torch'); backend='auto' picks triton"
+)
 
 BACKEND = CudaBackend()

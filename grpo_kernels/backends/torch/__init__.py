@@ -5,6 +5,7 @@ One file per op, as in the Triton backend:
     logprobs.py    token log-probs + entropy in row blocks (one read of the logits) and their gradient (one read +
                    one write), never a full [N, V] float32 softmax
     advantages.py  group-relative advantages: NaN-aware group statistics, float64 sums, no atomics
+    divergence.py  exact divergences between two logits rows (distillation, exact KL) and their gradients
 
 The fused loss is the log-prob pass followed by the closed-form per-token math of :mod:`grpo_kernels.loss_math`.
 This is the fallback everyone gets (CPU, or a GPU without Triton) and the only backend that computes float64.
@@ -16,6 +17,7 @@ import torch
 
 from ...loss_math import LossConfig, LossForward, TokenBatch, loss_forward_from_logprobs
 from .advantages import group_advantages
+from .divergence import divergence_backward, divergence_forward
 from .logprobs import token_logprobs_backward, token_logprobs_forward
 from ..base import Backend
 
@@ -38,6 +40,14 @@ class TorchBackend(Backend):
 
     def group_advantages(self, rewards, weights, layout, config, lengths=None):
         return group_advantages(rewards, weights, layout, config, lengths)
+
+    def divergence_forward(self, student, teacher, token_ids, kind, beta, temperature, with_logprobs):
+        return divergence_forward(student, teacher, token_ids, kind, beta, temperature, with_logprobs)
+
+    def divergence_backward(self, student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div,
+                            grad_lp, kind, beta, temperature, out_student, out_teacher):  # fmt: skip
+        divergence_backward(student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div, grad_lp,
+                            kind, beta, temperature, out_student, out_teacher)  # fmt: skip
 
 
 BACKEND = TorchBackend()

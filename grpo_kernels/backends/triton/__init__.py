@@ -5,6 +5,7 @@ One file per op, each read top to bottom (kernel, then launcher):
     logprobs.py    token log-probs + entropy (one pass per row) and their gradient (one read + one write pass)
     grpo_loss.py   the fused loss forward: the log-prob row pass + the per-token loss and g_t in the same program
     advantages.py  group-relative advantages, one program per group (+ one for batch statistics)
+    divergence.py  exact divergences between two logits rows (online one-pass KLs, two-pass jsd) and their gradient
     common.py      launch grids, vocabulary tiling, 64-bit row offsets, NaN-propagating min/max
 
 Runs on CUDA devices, and on the CPU through the Triton interpreter (``TRITON_INTERPRET=1`` set before this package
@@ -17,6 +18,7 @@ import torch
 from triton.runtime.jit import JITFunction
 
 from .advantages import group_advantages
+from .divergence import divergence_backward, divergence_forward
 from .grpo_loss import grpo_loss_forward
 from .logprobs import _token_logprobs_fwd_kernel, token_logprobs_backward, token_logprobs_forward
 from ..base import Backend
@@ -51,6 +53,14 @@ class TritonBackend(Backend):
 
     def group_advantages(self, rewards, weights, layout, config, lengths=None):
         return group_advantages(rewards, weights, layout, config, lengths)
+
+    def divergence_forward(self, student, teacher, token_ids, kind, beta, temperature, with_logprobs):
+        return divergence_forward(student, teacher, token_ids, kind, beta, temperature, with_logprobs)
+
+    def divergence_backward(self, student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div,
+                            grad_lp, kind, beta, temperature, out_student, out_teacher):  # fmt: skip
+        divergence_backward(student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div, grad_lp,
+                            kind, beta, temperature, out_student, out_teacher)  # fmt: skip
 
 
 BACKEND = TritonBackend()
