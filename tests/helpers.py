@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import torch
+import math
 
+import torch
 from conftest import DEVICE
 
 
@@ -50,3 +51,25 @@ def make_batch(
     ref = (lp + 0.3 * torch.randn(batch, seq, generator=g, dtype=torch.float64)).float()
     to = lambda x: x.to(device)  # noqa: E731
     return dict(logits=to(logits), ids=to(ids), mask=to(mask), adv=to(adv), old=to(old), ref=to(ref))
+
+
+def vespo_tolerance(lp, old, adv, mask, is_weights, config) -> float:
+    """float32 tolerance of vespo's outputs. ``phi = exp(lambda + k l - lambda e^l)`` has relative error
+    ``|k - lambda e^l|`` per unit of error in its log-weight ``l`` (a float32 sum of log-ratios, off by ~1e-6): that
+    condition, over the tokens whose weight is not negligible (>= 1% of the largest), times 1e-6, and at least 1e-5.
+    TRL computes the same function in float32."""
+    from grpo_kernels import reference as ref
+
+    valid = mask > 0
+    phi = ref.vespo_phi(lp - (lp if old is None else old), mask, adv, is_weights, valid, k_pos=config.vespo_k_pos,
+                        lambda_pos=config.vespo_lambda_pos, k_neg=config.vespo_k_neg,
+                        lambda_neg=config.vespo_lambda_neg)  # fmt: skip
+    seq = ((lp - (lp if old is None else old)).clamp(-20, 20) * mask).sum(-1, keepdim=True)
+    if is_weights is not None:
+        seq = seq + torch.where(valid, is_weights.log().clamp(math.log(1e-8), 20), 0.0).sum(-1, keepdim=True)
+    log_w = seq.clamp(math.log(1e-8), 20).expand_as(lp)
+    nonneg = adv.expand_as(lp) >= 0
+    k = torch.where(nonneg, config.vespo_k_pos, config.vespo_k_neg)
+    lam = torch.where(nonneg, config.vespo_lambda_pos, config.vespo_lambda_neg)
+    condition = (k - lam * log_w.exp()).abs()[valid & (phi >= 0.01 * phi.max())]
+    return max(1e-5, 1e-6 * condition.max().item()) if condition.numel() else 1e-5
