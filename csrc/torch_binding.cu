@@ -86,8 +86,10 @@ gk::LossParams loss_params(const std::string& loss_type, const std::string& kl_e
   } else if (loss_type == "sapo") {
     policy = gk::kPolicySapo;
   } else {
+    // The other loss types (vespo, geo_mean, gpg, clip_cov, kl_cov) have no epilogue here: grpo_kernels/backends/
+    // cuda.py runs the log-prob kernel and grpo_kernels/loss_math.py for them.
     TORCH_CHECK(loss_type == "grpo" || loss_type == "bnpo" || loss_type == "dr_grpo" || loss_type == "dapo",
-                "unknown loss_type '", loss_type, "'");
+                "loss_type '", loss_type, "' has no fused CUDA epilogue (it has grpo, bnpo, dr_grpo, dapo, cispo, sapo)");
   }
   int kl = gk::kKlK3;
   if (kl_estimator == "k1") {

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .backends import resolve_backend
 from .config import ESTIMATORS_WITH_LENGTHS, AdvantageConfig, LossConfig, check_option
-from .loss_math import CLIP_HIGH, CLIP_LOW, TokenBatch, aggregation_coef, segment_sum
+from .loss_math import CLIP_HIGH, CLIP_LOW, COV_SELECTED, TokenBatch, aggregation_coef, segment_sum, vespo_weights
 
 LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -34,6 +34,8 @@ class GRPOLossOutput(NamedTuple):
     clip_region: Tensor  # masked token mean of either
     entropy_mean: Tensor | None  # masked token mean of the entropy; None unless return_entropy
     logprob_mean: Tensor  # masked token mean of lp
+    phi_mean: Tensor | None = None  # vespo: masked token mean of the gamma weight phi; None for other loss types
+    cov_selected: Tensor | None = None  # clip_cov / kl_cov: masked token mean of the selected tokens; else None
 
 
 def _shape(x: Tensor) -> list[int]:
@@ -274,11 +276,16 @@ def prepare_loss_inputs(
     adv = per_token(per_seq_or_token("advantages", advantages, layout, num_seqs, seq_shape, token_shape, seq_ids))
     w_is = None
     if is_weights is not None:
+        if config.loss_type == "vespo" and tuple(is_weights.shape) != tuple(token_shape):
+            raise ValueError(
+                f"loss_type='vespo' takes token-level is_weights (the shape of token_ids {list(token_shape)}): their "
+                f"logs join each sequence's log-ratio sum, as TRL's token_* vLLM modes; got {_shape(is_weights)}"
+            )
         w_is = per_token(per_seq_or_token("is_weights", is_weights, layout, num_seqs, seq_shape, token_shape, seq_ids))
 
     batch = TokenBatch(
         ids, coef.contiguous(), adv, per_token(old_logprobs), per_token(ref_logprobs) if config.uses_reference else None, w_is,
-        cu, seq_ids, seq_weights.contiguous(),
+        cu, seq_ids, seq_weights.contiguous(), m.contiguous(),
     )  # fmt: skip
     return LossInputs(name, batch, config, m, token_shape)
 
@@ -301,6 +308,16 @@ def loss_output(
     masked_mean = lambda x: (x.detach().to(m.dtype) * m).sum() / count  # noqa: E731
     low, high = (flags & CLIP_LOW) != 0, (flags & CLIP_HIGH) != 0
     lp = poison(lp, token_ids, ids, mask, ignore_index)
+    phi_mean = cov_selected = None
+    if inputs.config.loss_type == "vespo":  # recomputed from the detached log-probs: [N] vector math
+        batch = inputs.batch
+        cast = lambda x: None if x is None else x.to(lp.dtype)  # noqa: E731
+        old = cast(batch.old_logprobs)
+        log_ratio = torch.where(ids >= 0, lp.detach() - (lp.detach() if old is None else old), 0.0)
+        phi_mean = masked_mean(vespo_weights(log_ratio, cast(batch.is_weights), cast(batch.advantages), batch,
+                                             inputs.config))  # fmt: skip
+    if inputs.config.loss_type in ("clip_cov", "kl_cov"):
+        cov_selected = masked_mean((flags & COV_SELECTED) != 0)
     if compiling():  # an out-of-range id (dropped from the kernel) must not leave a plausible loss behind
         loss = loss + lp.sum() * 0
     return GRPOLossOutput(
@@ -314,6 +331,8 @@ def loss_output(
         clip_region=masked_mean(low | high),
         entropy_mean=masked_mean(entropy) if entropy is not None else None,
         logprob_mean=masked_mean(lp),
+        phi_mean=phi_mean,
+        cov_selected=cov_selected,
     )
 
 

@@ -246,7 +246,10 @@ def grpo_loss(
         beta: KL coefficient (TRL default 0.0). epsilon_low / epsilon_high: clip range (epsilon_high None means
             epsilon_low; for cispo epsilon_high is the cap of the ratio itself). delta: two-sided clip, > 1.
             dual_clip: c > 1 (verl). temperature: > 0, divides the logits.
-        loss_type: grpo, bnpo, dr_grpo, dapo (default, as TRL), cispo, sapo.
+        loss_type: grpo, bnpo, dr_grpo, dapo (default, as TRL), cispo, sapo; vespo (TRL), geo_mean, gpg, clip_cov,
+            kl_cov (verl), docs/math.md section 9. aggregation: another loss type's aggregation (grpo, bnpo,
+            dr_grpo, dapo) instead of ``loss_type``'s own. vespo_k_pos / vespo_lambda_pos / vespo_k_neg /
+            vespo_lambda_neg, clip_cov_ratio / clip_cov_lb / clip_cov_ub, kl_cov_ratio / ppo_kl_coef: their knobs.
         importance_sampling_level: "token" or "sequence" (GSPO).
         kl_estimator: k3 (default, TRL), k1, k2, low_var_kl (verl). bias_corrected_kl: KL *= rho (TRL's
             ``use_bias_correction_kl``).

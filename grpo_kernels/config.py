@@ -21,7 +21,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "geo_mean", "gpg", "clip_cov", "kl_cov")
+# the aggregation c_t of docs/math.md section 6, named by the loss type that uses it
+AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
+# each loss type's own aggregation (the ``aggregation`` knob overrides it): TRL's for TRL's types, verl's default
+# ``loss_agg_mode`` ("token-mean" = bnpo) for gpg / clip_cov / kl_cov, and the mean over sequences for geo_mean
+# (verl ignores loss_agg_mode there)
+DEFAULT_AGGREGATION = {"grpo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "dapo": "dapo", "cispo": "dapo",
+                       "sapo": "grpo", "vespo": "dapo", "geo_mean": "grpo", "gpg": "bnpo", "clip_cov": "bnpo",
+                       "kl_cov": "bnpo"}  # fmt: skip
+# loss types with a ratio of their own (verl's): the token-level ratio only, no delta / dual clip
+OWN_RATIO_LOSS_TYPES = ("geo_mean", "gpg", "clip_cov", "kl_cov")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 IS_LEVELS = ("token", "sequence")
 ADVANTAGE_SCALES = ("group", "batch", "none")
@@ -38,10 +48,12 @@ ADVANTAGE_ESTIMATORS = {
 ESTIMATORS_WITH_LENGTHS = ("opo", "reinforce_plus_plus_baseline")  # need completion_lengths
 
 
-def knob(default, help: str, *, choices=None, low=None, low_inclusive: bool = True, checked: bool = True):
-    """A field of a configuration: its default, one line of help, and its check (``choices`` or a lower bound;
-    ``checked=False`` for a field that a rule of ``__post_init__`` checks instead)."""
-    meta = {"help": help, "choices": choices, "low": low, "low_inclusive": low_inclusive, "checked": checked}
+def knob(default, help: str, *, choices=None, low=None, low_inclusive: bool = True, high=None,
+         high_inclusive: bool = True, checked: bool = True):  # fmt: skip
+    """A field of a configuration: its default, one line of help, and its check (``choices``, or a lower and/or an
+    upper bound; ``checked=False`` for a field that a rule of ``__post_init__`` checks instead)."""
+    meta = {"help": help, "choices": choices, "low": low, "low_inclusive": low_inclusive, "high": high,
+            "high_inclusive": high_inclusive, "checked": checked}  # fmt: skip
     return field(default=default, metadata=meta)
 
 
@@ -53,7 +65,8 @@ class LossConfig:
     ``ValueError`` / ``TypeError`` naming the argument. ``epsilon_high=None`` resolves to ``epsilon_low``.
     """
 
-    loss_type: str = knob("dapo", "aggregation (and policy term for cispo, sapo)", choices=LOSS_TYPES)
+    loss_type: str = knob("dapo", "policy term and its default aggregation (docs/math.md sections 4, 6, 9)",
+                          choices=LOSS_TYPES)  # fmt: skip
     beta: float = knob(0.0, "KL coefficient; > 0 needs the reference policy's log-probs", low=0)
     epsilon_low: float = knob(0.2, "lower clip range of the ratio", low=0)
     epsilon_high: float | None = knob(None, "upper clip range (default: epsilon_low; cispo: the cap of the ratio)", low=0)
@@ -70,14 +83,43 @@ class LossConfig:
     sapo_temperature_neg: float = knob(1.05, "SAPO temperature for negative advantages", low=0, low_inclusive=False)
     max_completion_length: int | None = knob(None, "dr_grpo's normaliser: sum m L / (B * max_completion_length)",
                                              checked=False)  # checked by the dr_grpo rule below  # fmt: skip
+    aggregation: str | None = knob(None, "c_t of another loss type's aggregation (default: loss_type's own)",
+                                   choices=AGGREGATIONS)  # fmt: skip
+    vespo_k_pos: float = knob(2.0, "VESPO power k of the gamma weight for A >= 0 (TRL)")
+    vespo_lambda_pos: float = knob(3.0, "VESPO decay lambda of the gamma weight for A >= 0 (TRL)", low=0,
+                                   low_inclusive=False)  # fmt: skip
+    vespo_k_neg: float = knob(3.0, "VESPO power k of the gamma weight for A < 0 (TRL)")
+    vespo_lambda_neg: float = knob(2.0, "VESPO decay lambda of the gamma weight for A < 0 (TRL)", low=0,
+                                   low_inclusive=False)  # fmt: skip
+    clip_cov_ratio: float = knob(2e-4, "clip_cov: fraction of the tokens whose loss is dropped (verl)", low=0,
+                                 low_inclusive=False, high=1)  # fmt: skip
+    clip_cov_lb: float = knob(1.0, "clip_cov: lower bound of the covariance band of droppable tokens (verl)")
+    clip_cov_ub: float = knob(5.0, "clip_cov: upper bound of that band, > clip_cov_lb (verl)")
+    kl_cov_ratio: float = knob(2e-4, "kl_cov: fraction of the tokens that get the |log-ratio| penalty (verl)", low=0,
+                               low_inclusive=False, high=1)  # fmt: skip
+    ppo_kl_coef: float = knob(1.0, "kl_cov: coefficient of the |log-ratio| penalty (verl)", low=0)
 
     def __post_init__(self):
         check_fields(self)
         if self.epsilon_high is None:
             object.__setattr__(self, "epsilon_high", self.epsilon_low)
         length = self.max_completion_length
-        if self.loss_type == "dr_grpo" and (isinstance(length, bool) or not isinstance(length, int) or length <= 0):
-            raise ValueError(f"loss_type='dr_grpo' needs max_completion_length, a positive int; got {length!r}")
+        bad_length = isinstance(length, bool) or not isinstance(length, int) or length <= 0
+        if self.aggregation_mode == "dr_grpo" and bad_length:
+            what = "loss_type='dr_grpo'" if self.loss_type == "dr_grpo" else "aggregation='dr_grpo'"
+            raise ValueError(f"{what} needs max_completion_length, a positive int; got {length!r}")
+        if self.loss_type in OWN_RATIO_LOSS_TYPES and self.sequence_level:
+            raise ValueError(
+                f"loss_type={self.loss_type!r} uses the token-level ratio (verl's); importance_sampling_level must be "
+                "'token'"
+            )
+        if self.loss_type in OWN_RATIO_LOSS_TYPES + ("vespo",):
+            for name in ("delta", "dual_clip"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} applies to the clip family (grpo, bnpo, dr_grpo, dapo), not to "
+                                     f"loss_type={self.loss_type!r}; leave it None")  # fmt: skip
+        if not torch.compiler.is_compiling() and not self.clip_cov_lb < self.clip_cov_ub:  # floats: eager only
+            raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {self.clip_cov_lb} and {self.clip_cov_ub}")
 
     # ---- derived facts that callers ask about (so that they need not name the knobs) -------------------------
     @property
@@ -90,10 +132,28 @@ class LossConfig:
         return self.beta != 0.0
 
     @property
+    def aggregation_mode(self) -> str:
+        """The aggregation in force: ``aggregation``, or the loss type's own (``DEFAULT_AGGREGATION``)."""
+        return self.aggregation or DEFAULT_AGGREGATION[self.loss_type]
+
+    @property
+    def coupling(self) -> str | None:
+        """What a token's ``g_t`` needs besides its own row: None (nothing: the kernels' per-token epilogue),
+        ``"sequence"`` (its sequence: the GSPO ratio, vespo's weight, geo_mean's ratio) or ``"batch"`` (the whole
+        batch: clip_cov's and kl_cov's covariance selection). Either is an ``[N]``-sized step between the log-prob
+        pass and the gradient pass (docs/math.md sections 8, 9), never another pass over the logits."""
+        if self.loss_type in ("clip_cov", "kl_cov"):
+            return "batch"
+        if self.sequence_level or self.loss_type in ("vespo", "geo_mean"):
+            return "sequence"
+        return None
+
+    @property
     def normalised_by_items(self) -> bool:
-        """The loss is a sum over tokens divided by ``num_items_in_batch`` (dapo, cispo): under gradient
-        accumulation it is already a share of the global batch and needs no ``1 / accumulation`` scale."""
-        return self.loss_type in ("dapo", "cispo")
+        """The loss is a sum over tokens divided by ``num_items_in_batch`` (dapo's aggregation: dapo, cispo, vespo):
+        under gradient accumulation it is already a share of the global batch and needs no ``1 / accumulation``
+        scale."""
+        return self.aggregation_mode == "dapo"
 
 
 @dataclass(frozen=True)
@@ -174,6 +234,9 @@ def _checked(name: str, value, hint, meta):
     low, inclusive = meta.get("low"), meta.get("low_inclusive", True)
     if low is not None and (value < low or (value == low and not inclusive)):
         raise ValueError(f"{name} must be {'>=' if inclusive else '>'} {low}, got {value}")
+    high, inclusive = meta.get("high"), meta.get("high_inclusive", True)
+    if high is not None and (value > high or (value == high and not inclusive)):
+        raise ValueError(f"{name} must be {'<=' if inclusive else '<'} {high}, got {value}")
     return float(value) if kind is float else value
 
 
@@ -238,5 +301,22 @@ def knob_table(cls=LossConfig) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["ADVANTAGE_ESTIMATORS", "ADVANTAGE_SCALES", "ESTIMATORS_WITH_LENGTHS", "IS_LEVELS", "KL_ESTIMATORS", "KNOBS", "LOSS_TYPES", "MULTI_REWARD_MODES", "AdvantageConfig",
-           "LossConfig", "check_option", "config_from", "knob", "knob_table", "with_knob_parameters"]
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "ADVANTAGE_SCALES",
+    "AGGREGATIONS",
+    "DEFAULT_AGGREGATION",
+    "ESTIMATORS_WITH_LENGTHS",
+    "IS_LEVELS",
+    "KL_ESTIMATORS",
+    "KNOBS",
+    "LOSS_TYPES",
+    "MULTI_REWARD_MODES",
+    "AdvantageConfig",
+    "LossConfig",
+    "check_option",
+    "config_from",
+    "knob",
+    "knob_table",
+    "with_knob_parameters",
+]

@@ -16,14 +16,16 @@ sum_t c_t L_t``), ``r`` the log-ratio, ``rho = exp(r)``, ``P`` the policy term, 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from .config import LossConfig
 
-CLIP_LOW = 1  # bit of LossForward.clip_flags: rho < 1 - eps_low and A < 0
-CLIP_HIGH = 2  # bit of LossForward.clip_flags: rho > 1 + eps_high and A > 0
+CLIP_LOW = 1  # bit of LossForward.clip_flags: rho < 1 - eps_low and A < 0 (geo_mean: d < -eps_low and A < 0)
+CLIP_HIGH = 2  # bit of LossForward.clip_flags: rho > 1 + eps_high and A > 0 (geo_mean: d > eps_high and A > 0)
+COV_SELECTED = 4  # bit of LossForward.clip_flags: selected by clip_cov / kl_cov's covariance rule
 
 
 class TokenBatch(NamedTuple):
@@ -41,6 +43,7 @@ class TokenBatch(NamedTuple):
     cu_seqlens: torch.Tensor  # [S+1] int64: sequence s owns tokens cu_seqlens[s]:cu_seqlens[s+1]
     seq_ids: torch.Tensor  # [N] int64: the sequence of each token
     seq_weights: torch.Tensor  # [N] sigma_t = m_t / max(1, n_s): weight of token t in its sequence's mean
+    mask_weights: torch.Tensor | None = None  # [N] m_t (0 where not taking part); read by vespo, clip_cov
 
     @property
     def num_seqs(self) -> int:
@@ -90,15 +93,17 @@ def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
 def aggregation_coef(
     m: torch.Tensor, seq_weights: torch.Tensor, num_seqs: int, config: LossConfig, num_items_in_batch=None
 ) -> torch.Tensor:
-    """``c_t`` of ``loss_type``: ``m`` ``[N]`` the mask weight of each token (0 where it does not take part),
-    ``seq_weights`` ``[N]`` its weight in its sequence's mean (``m_t / max(1, n_s)``), ``num_seqs`` ``S``."""
-    if config.loss_type in ("grpo", "sapo"):
+    """``c_t`` of the aggregation in force (``config.aggregation_mode``: ``aggregation``, or the loss type's own):
+    ``m`` ``[N]`` the mask weight of each token (0 where it does not take part), ``seq_weights`` ``[N]`` its weight
+    in its sequence's mean (``m_t / max(1, n_s)``), ``num_seqs`` ``S``."""
+    mode = config.aggregation_mode
+    if mode == "grpo":
         return seq_weights / max(num_seqs, 1)
-    if config.loss_type == "bnpo":
+    if mode == "bnpo":
         return m / m.sum().clamp(min=1.0)
-    if config.loss_type == "dr_grpo":
+    if mode == "dr_grpo":
         return m / (max(num_seqs, 1) * config.max_completion_length)
-    # dapo, cispo
+    # dapo
     items = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=m.dtype, device=m.device)
     return m / items.reshape(()).clamp(min=1.0)
 
@@ -142,6 +147,8 @@ def policy_and_grads(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(P, dP/dr, dP/dlp|direct)`` of docs/math.md section 4 for ratio ``rho = exp(r)``."""
     zero = torch.zeros_like(rho)
+    if config.loss_type == "gpg":  # no ratio at all: the REINFORCE term with the group-relative advantage
+        return -adv * lp, zero, -adv
     if config.loss_type == "cispo":
         capped = torch.clamp(rho, max=config.epsilon_high)  # stop-gradient: no dP/dr
         return -capped * adv * lp, zero, -capped * adv
@@ -176,6 +183,126 @@ def policy_and_grads(
     return p, dp, zero
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Losses that couple tokens (docs/math.md section 9): vespo's weight, geo_mean's ratio, the covariance selections.
+# Each is [N]-sized vector math on the log-probs (segment sums, one sort): the step between the log-prob pass and
+# the gradient pass.
+# ----------------------------------------------------------------------------------------------------------------
+LOG_1E8 = math.log(1e-8)  # TRL's lower clamp of vespo's log-weights
+_MASK32 = 0xFFFFFFFF
+
+
+def vespo_weights(log_ratio: torch.Tensor, is_weights: torch.Tensor | None, adv: torch.Tensor, batch: TokenBatch,
+                  config: LossConfig) -> torch.Tensor:  # fmt: skip
+    """VESPO's detached gamma weight ``phi_t`` ``[N]`` (TRL 1.16 ``GRPOTrainer.get_gamma_weights``; 0 where not
+    taking part): ``log_ratio`` the token log-ratios ``lp - lp_old``, ``is_weights`` the token-level rollout IS
+    ratios (their clamped logs join the sequence's sum), ``adv`` the advantages (their sign picks ``(k, lambda)``)."""
+    valid = batch.token_ids >= 0
+    zero = torch.zeros_like(log_ratio)
+    m = batch.mask_weights.to(log_ratio.dtype)
+    seq = segment_sum(m * torch.clamp(log_ratio, -20.0, 20.0), batch.cu_seqlens)  # summed, not averaged
+    if is_weights is not None:
+        log_is = torch.clamp(torch.log(is_weights), LOG_1E8, 20.0)
+        seq = seq + segment_sum(torch.where(valid, log_is, zero), batch.cu_seqlens)
+    log_w = torch.clamp(seq, LOG_1E8, 20.0)[batch.seq_ids]
+    nonneg = adv >= 0
+    k = torch.where(nonneg, torch.full_like(zero, config.vespo_k_pos), torch.full_like(zero, config.vespo_k_neg))
+    lam = torch.where(nonneg, torch.full_like(zero, config.vespo_lambda_pos),
+                      torch.full_like(zero, config.vespo_lambda_neg)).clamp(min=1e-4)  # fmt: skip
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.where(valid, phi, zero)
+
+
+def geo_mean_terms(log_ratio: torch.Tensor, adv: torch.Tensor, is_weights: torch.Tensor | None, batch: TokenBatch,
+                   config: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """GMPO (verl's ``geo_mean``): ``(L, tau)``, both ``[N]``. ``L_t = L_s = -A_s exp(R_s) w_s`` for every token of
+    sequence ``s``, with ``R_s = sum_t sigma_t d~_t`` the mean of the sign-clipped token log-ratios, ``A_s`` the
+    sequence's mean advantage and ``w_s`` the geometric mean of its IS weights; ``tau_t = d d~_t / d lp_t``, so that
+    ``d L_s / d lp_t = sigma_t tau_t L_s``."""
+    valid = batch.token_ids >= 0
+    zero = torch.zeros_like(log_ratio)
+    sigma = batch.seq_weights.to(log_ratio.dtype)
+    lo, hi = -config.epsilon_low, config.epsilon_high
+    sgn = torch.sign(adv)
+    clipped = torch.clamp(log_ratio, lo, hi)
+    passes = ((log_ratio >= lo) & (log_ratio <= hi)).to(log_ratio.dtype)  # clamp's gradient passes at the bounds
+    a, b = sgn * log_ratio, sgn * clipped
+    d_tilde = sgn * torch.minimum(a, b)  # A > 0: min(d, clip(d)); A < 0: max(d, clip(d)); A = 0: 0
+    tau = sgn * _min_grad(a, b, sgn, sgn * passes)
+    ratio = torch.exp(segment_sum(sigma * torch.where(valid, d_tilde, zero), batch.cu_seqlens))
+    loss_s = -segment_sum(sigma * adv, batch.cu_seqlens) * ratio
+    if is_weights is not None:  # verl: the geometric mean of the sequence's token weights, log(w + 1e-10)
+        log_w = torch.where(valid, torch.log(is_weights + 1e-10), zero)
+        loss_s = loss_s * torch.exp(segment_sum(sigma * log_w, batch.cu_seqlens))
+    return loss_s[batch.seq_ids], torch.where(valid, tau, zero)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """An integer mix of ``x`` (int64 holding values in ``[0, 2^32)``) into ``[0, 2^32)``; no product overflows."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+def _float_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & _MASK32
+
+
+def selection_keys(batch: TokenBatch) -> torch.Tensor:
+    """``[N]`` int64 keys in ``[0, 2^32)`` that order clip_cov's candidates (the smallest keys are dropped first):
+    a hash of the token's rank among the tokens that take part and of the float32 bits of its advantage and old
+    log-prob. Deterministic (same batch, same keys, on every backend and layout), varying from batch to batch."""
+    valid = batch.token_ids >= 0
+    rank = torch.cumsum(valid.to(torch.int64), 0) - 1
+    key = _hash32(rank & _MASK32) ^ _hash32(_float_bits(batch.advantages))
+    if batch.old_logprobs is not None:
+        key = key ^ _hash32(_float_bits(batch.old_logprobs) ^ 0x9E3779B9)
+    return _hash32(key)
+
+
+def _rank(order: torch.Tensor) -> torch.Tensor:
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.shape[0], device=order.device)
+    return rank
+
+
+def clip_cov_selection(lp: torch.Tensor, adv: torch.Tensor, rho: torch.Tensor, batch: TokenBatch,
+                       config: LossConfig) -> torch.Tensor:  # fmt: skip
+    """``[N]`` bool: the tokens whose clip_cov loss is dropped. Candidates: tokens that take part, are not clipped
+    already (``-A clip(rho) > -A rho``) and whose covariance ``(A - <A>)(lp - <lp>)`` lies strictly inside
+    ``(clip_cov_lb, clip_cov_ub)``; of those, the ``max(1, floor(clip_cov_ratio sum m))`` with the smallest
+    :func:`selection_keys` (verl draws them with an unseeded ``torch.randperm``). ``lp`` is detached."""
+    valid = batch.token_ids >= 0
+    m = batch.mask_weights.to(lp.dtype)
+    total = m.sum()
+    count = total.clamp(min=1.0)
+    cov = (adv - (m * adv).sum() / count) * (lp - (m * lp).sum() / count)
+    lo, hi = 1 - config.epsilon_low, 1 + config.epsilon_high
+    clipped = -adv * torch.clamp(rho, lo, hi) > -adv * rho
+    candidate = valid & ~clipped & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub)
+    number = torch.floor(config.clip_cov_ratio * total).clamp(min=1.0)
+    keys = torch.where(candidate, selection_keys(batch), 1 << 32)
+    return candidate & (_rank(torch.sort(keys, stable=True).indices) < number)
+
+
+def kl_cov_selection(lp: torch.Tensor, adv: torch.Tensor, batch: TokenBatch, config: LossConfig) -> torch.Tensor:
+    """``[N]`` bool: the tokens that get kl_cov's penalty, the ``max(1, floor(kl_cov_ratio n))`` of the ``n`` tokens
+    that take part with the largest covariance ``(A - mean A)(lp - mean lp)`` (unweighted means over those tokens,
+    as verl's); ties go to the earlier token, NaN counts as the largest (as ``torch.topk``). ``lp`` is detached."""
+    valid = batch.token_ids >= 0
+    zero = torch.zeros_like(lp)
+    n = valid.sum().to(lp.dtype)
+    count = n.clamp(min=1.0)
+    cov = (adv - torch.where(valid, adv, zero).sum() / count) * (lp - torch.where(valid, lp, zero).sum() / count)
+    by_cov = torch.sort(cov, descending=True, stable=True).indices
+    order = by_cov[torch.sort((~valid[by_cov]).to(torch.uint8), stable=True).indices]  # taking part first
+    number = torch.floor(config.kl_cov_ratio * n).clamp(min=1.0)
+    return valid & (_rank(order) < number)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused loss's forward once lp is known
+# ----------------------------------------------------------------------------------------------------------------
 def loss_forward_from_logprobs(
     lp: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, batch: TokenBatch, config: LossConfig
 ) -> LossForward:
@@ -185,18 +312,41 @@ def loss_forward_from_logprobs(
     cast = lambda x: None if x is None else x.to(lp.dtype)  # noqa: E731
     adv, old, ref, w = cast(batch.advantages), cast(batch.old_logprobs), cast(batch.ref_logprobs), cast(batch.is_weights)
     coef = batch.coef.to(lp.dtype)
+    sigma = batch.seq_weights.to(lp.dtype)
+    kind = config.loss_type
 
     # lp_old absent: lp_old = stop_grad(lp), so r = lp - lp, which is 0 unless lp is NaN/inf: then NaN, which must
     # reach the loss (a constant 0 here would hide a NaN log-prob behind a plausible loss value).
-    log_ratio = torch.where(valid, lp - (lp if old is None else old), zero)
+    token_log_ratio = torch.where(valid, lp - (lp if old is None else old), zero)
+    log_ratio = token_log_ratio
     if config.sequence_level:
-        seq_log_ratio = segment_sum(batch.seq_weights.to(lp.dtype) * log_ratio, batch.cu_seqlens)
-        log_ratio = seq_log_ratio[batch.seq_ids]
+        log_ratio = segment_sum(sigma * token_log_ratio, batch.cu_seqlens)[batch.seq_ids]
     rho = torch.exp(log_ratio)
 
-    p, dp_dr, dp_dlp = policy_and_grads(rho, adv, lp, config)
-    if w is not None:
-        p, dp_dr, dp_dlp = p * w, dp_dr * w, dp_dlp * w
+    # The policy term P with dP/dr (r the ratio of docs/math.md section 3), dP/dlp|direct, and, for geo_mean, dP/dR_s
+    # of its own per-sequence log-ratio R_s (dR_s / dlp_t = sigma_t tau_t).
+    selected = None
+    d_seq = tau = None
+    if kind == "vespo":  # the IS weights enter phi: TRL does not multiply the loss by them again
+        phi = vespo_weights(token_log_ratio, w, adv, batch, config)
+        p, dp_dr, dp_dlp = -phi * adv * lp, zero, -phi * adv
+    elif kind == "geo_mean":  # the IS weights enter the sequence's geometric mean
+        p, tau = geo_mean_terms(token_log_ratio, adv, w, batch, config)
+        dp_dr, dp_dlp, d_seq = zero, zero, p
+    else:
+        if kind == "kl_cov":  # -A rho (no clip), + kappa |d| on the selected tokens
+            selected = kl_cov_selection(lp.detach(), adv, batch, config)
+            kappa = config.ppo_kl_coef
+            p = -adv * rho + torch.where(selected, kappa * token_log_ratio.abs(), zero)
+            dp_dr = -adv * rho + torch.where(selected, kappa * torch.sign(token_log_ratio), zero)
+            dp_dlp = zero
+        else:
+            p, dp_dr, dp_dlp = policy_and_grads(rho, adv, lp, config)
+        if kind == "clip_cov":  # the clip family's loss, dropped (detached) on the selected tokens
+            selected = clip_cov_selection(lp.detach(), adv, rho.detach(), batch, config)
+            p, dp_dr = torch.where(selected, zero, p), torch.where(selected, zero, dp_dr)
+        if w is not None:
+            p, dp_dr, dp_dlp = p * w, dp_dr * w, dp_dlp * w
     loss_t, dl_dr, dl_dlp = p, dp_dr, dp_dlp
     kl = zero
     if config.beta != 0.0:
@@ -213,15 +363,23 @@ def loss_forward_from_logprobs(
 
     if config.sequence_level:
         seq_grad = segment_sum(coef * torch.where(valid, dl_dr, zero), batch.cu_seqlens)
-        g = coef * dl_dlp + batch.seq_weights.to(lp.dtype) * seq_grad[batch.seq_ids]
+        g = coef * dl_dlp + sigma * seq_grad[batch.seq_ids]
     else:
         g = coef * (dl_dr + dl_dlp)
+    if d_seq is not None:
+        g = g + sigma * tau * segment_sum(coef * torch.where(valid, d_seq, zero), batch.cu_seqlens)[batch.seq_ids]
 
     loss_t = torch.where(valid, loss_t, zero)
     g = torch.where(valid, g, zero)
     kl = torch.where(valid, kl, zero) if config.beta != 0.0 else zero
-    low = (rho < 1 - config.epsilon_low) & (adv < 0) & valid
-    high = (rho > 1 + config.epsilon_high) & (adv > 0) & valid
+    if kind == "geo_mean":  # the tokens whose log-space clip binds
+        low = (token_log_ratio < -config.epsilon_low) & (adv < 0) & valid
+        high = (token_log_ratio > config.epsilon_high) & (adv > 0) & valid
+    else:
+        low = (rho < 1 - config.epsilon_low) & (adv < 0) & valid
+        high = (rho > 1 + config.epsilon_high) & (adv > 0) & valid
     flags = low.to(torch.uint8) * CLIP_LOW + high.to(torch.uint8) * CLIP_HIGH
+    if selected is not None:
+        flags = flags + selected.to(torch.uint8) * COV_SELECTED
     loss = (coef * loss_t).sum()
     return LossForward(loss, lp, lse, entropy, g, loss_t, kl, flags)

@@ -19,6 +19,7 @@ Conventions shared with the public API (:mod:`grpo_kernels.api`):
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from .config import (  # noqa: F401 - the choices, re-exported for the tests
     ADVANTAGE_ESTIMATORS,
     ADVANTAGE_SCALES,
+    DEFAULT_AGGREGATION,
     ESTIMATORS_WITH_LENGTHS,
     IS_LEVELS,
     KL_ESTIMATORS,
@@ -281,7 +283,10 @@ def policy_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
 ) -> torch.Tensor:
-    """Per-token policy loss ``L`` (docs/math.md section 4), before IS weights and KL."""
+    """Per-token policy loss ``L`` (docs/math.md sections 4 and 9), before IS weights and KL, for the loss types
+    whose term is per token (the others are in :func:`grpo_loss`)."""
+    if loss_type == "gpg":
+        return -advantages * lp
     if loss_type == "cispo":
         return -torch.clamp(ratio, max=epsilon_high).detach() * advantages * lp
     if loss_type == "sapo":
@@ -299,6 +304,98 @@ def policy_loss(
     return loss
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# 9. The losses that couple tokens, on the padded [B, T] layout (m the mask weights, zero where not taking part)
+# ----------------------------------------------------------------------------------------------------------------
+def vespo_phi(log_ratio, m, advantages, is_weights, valid, *, k_pos, lambda_pos, k_neg, lambda_neg):
+    """VESPO's gamma weight ``phi`` ``[B, T]`` (TRL 1.16 ``get_gamma_weights``), detached; 0 where not taking part.
+    ``is_weights``: token-level IS ratios (their clamped logs join the sum), or None."""
+    with torch.no_grad():
+        low = math.log(1e-8)
+        seq = (torch.clamp(log_ratio, -20.0, 20.0) * m).sum(-1, keepdim=True)
+        if is_weights is not None:
+            log_is = torch.clamp(torch.log(is_weights), low, 20.0)
+            seq = seq + torch.where(valid, log_is, torch.zeros_like(log_is)).sum(-1, keepdim=True)
+        log_w = torch.clamp(seq, low, 20.0)
+        nonneg = advantages >= 0
+        full = lambda value: torch.full_like(log_ratio, value)  # noqa: E731
+        k = torch.where(nonneg, full(k_pos), full(k_neg))
+        lam = torch.where(nonneg, full(lambda_pos), full(lambda_neg)).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        return torch.where(valid, phi, torch.zeros_like(phi))
+
+
+def geo_mean_loss(log_ratio, m, advantages, is_weights, valid, *, epsilon_low, epsilon_high):
+    """GMPO (verl ``geo_mean``): the per-sequence loss ``-mean(A) exp(mean(d~)) [B, 1]``, ``d~`` the token
+    log-ratio clipped to ``[-eps_low, eps_high]`` on the side of the advantage's sign; means weighted by ``m`` over
+    ``max(1, n_s)`` (verl: ``n_s + 1e-8``). IS weights: their geometric mean per sequence multiplies the loss."""
+    n = m.sum(-1, keepdim=True).clamp(min=1.0)
+    sgn = torch.sign(advantages)
+    clipped = torch.clamp(log_ratio, -epsilon_low, epsilon_high)
+    d_tilde = sgn * torch.min(sgn * log_ratio, sgn * clipped)
+    loss = -((advantages * m).sum(-1, keepdim=True) / n) * torch.exp((d_tilde * m).sum(-1, keepdim=True) / n)
+    if is_weights is not None:
+        log_w = torch.where(valid, torch.log(is_weights + 1e-10), torch.zeros_like(is_weights))
+        loss = loss * torch.exp((log_w * m).sum(-1, keepdim=True) / n)
+    return loss
+
+
+def _hash32(x: int) -> int:
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def _bits(value: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", value))[0]  # float32 bit pattern
+
+
+def selection_key(rank: int, advantage: float, old_logprob: float | None) -> int:
+    """The key that orders clip_cov's candidates (docs/math.md section 9): a hash of the token's rank among the
+    tokens that take part and of the float32 bits of its advantage and old log-prob; the smallest keys go first."""
+    key = _hash32(rank) ^ _hash32(_bits(advantage))
+    if old_logprob is not None:
+        key ^= _hash32(_bits(old_logprob) ^ 0x9E3779B9)
+    return _hash32(key)
+
+
+def clip_cov_selected(lp, advantages, ratio, m, valid, old, *, epsilon_low, epsilon_high, ratio_of_tokens, lb, ub):
+    """``[B, T]`` bool: the tokens whose clip_cov loss is dropped (no gradient)."""
+    with torch.no_grad():
+        count = m.sum().clamp(min=1.0)
+        cov = (advantages - (advantages * m).sum() / count) * (lp - (lp * m).sum() / count)
+        clipped = -advantages * torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) > -advantages * ratio
+        candidate = valid & ~clipped & (cov > lb) & (cov < ub)
+        flat = [tuple(i) for i in valid.nonzero().tolist()]  # row-major: the rank among tokens that take part
+        keys = {
+            pos: (selection_key(rank, float(advantages[pos]), None if old is None else float(old[pos])), rank)
+            for rank, pos in enumerate(flat)
+        }
+        chosen = sorted((pos for pos in flat if candidate[pos]), key=keys.__getitem__)
+        number = max(1, math.floor(ratio_of_tokens * float(m.sum())))
+        selected = torch.zeros_like(valid)
+        for pos in chosen[:number]:
+            selected[pos] = True
+        return selected
+
+
+def kl_cov_selected(lp, advantages, valid, *, ratio_of_tokens):
+    """``[B, T]`` bool: kl_cov's tokens, the largest covariances with unweighted means (NaN first, ties by order)."""
+    with torch.no_grad():
+        flat = [tuple(i) for i in valid.nonzero().tolist()]
+        selected = torch.zeros_like(valid)
+        if not flat:
+            return selected
+        a = torch.stack([advantages[pos] for pos in flat])
+        x = torch.stack([lp[pos] for pos in flat])
+        cov = ((a - a.mean()) * (x - x.mean())).tolist()
+        nan = [math.isnan(c) for c in cov]
+        order = sorted(range(len(flat)), key=lambda i: (not nan[i], 0.0 if nan[i] else -cov[i], i))
+        for i in order[: max(1, math.floor(len(flat) * ratio_of_tokens))]:
+            selected[flat[i]] = True
+        return selected
+
+
 @dataclass
 class GRPOLossResult:
     loss: torch.Tensor  # scalar
@@ -311,6 +408,8 @@ class GRPOLossResult:
     clip_region: torch.Tensor
     entropy_mean: torch.Tensor
     logprob_mean: torch.Tensor
+    phi_mean: torch.Tensor | None = None  # vespo only
+    cov_selected: torch.Tensor | None = None  # clip_cov / kl_cov only
 
 
 def _pad(x: torch.Tensor, cu_seqlens: list[int], fill: float) -> torch.Tensor:
@@ -358,11 +457,21 @@ def grpo_loss(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    aggregation: str | None = None,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    clip_cov_ratio: float = 2e-4,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+    kl_cov_ratio: float = 2e-4,
+    ppo_kl_coef: float = 1.0,
     cu_seqlens: torch.Tensor | None = None,
     ignore_index: int = -100,
     compute_in: torch.dtype | None = None,
 ) -> GRPOLossResult:
-    """The GRPO loss of docs/math.md sections 1 and 3-7, written the obvious way (full softmax + autograd).
+    """The GRPO loss of docs/math.md sections 1, 3-7 and 9, written the obvious way (full softmax + autograd).
 
     Padded input: ``logits [B, T, V]``, per-token tensors ``[B, T]``, ``advantages``/``is_weights`` ``[B]``,
     ``[B, 1]`` or ``[B, T]``. Packed input: ``logits [N, V]`` with ``cu_seqlens [S+1]`` (absent: one sequence),
@@ -401,26 +510,47 @@ def grpo_loss(
     adv, old, ref, w_is = (per_token(x) for x in (advantages, old_logprobs, ref_logprobs, is_weights))
 
     # 3. Importance ratio. lp_old absent => stop_grad(lp): ratio 1 with the gradient kept.
-    log_ratio = lp - (old if old is not None else lp.detach())
+    token_log_ratio = lp - (old if old is not None else lp.detach())
+    log_ratio = token_log_ratio
     if importance_sampling_level == "sequence":
         log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
     ratio = torch.exp(log_ratio)
 
-    # 4. Per-token policy loss, then IS weights, then KL.
-    per_token_loss = policy_loss(
-        ratio,
-        adv,
-        lp,
-        loss_type=loss_type,
-        epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high,
-        delta=delta,
-        dual_clip=dual_clip,
-        sapo_temperature_pos=sapo_temperature_pos,
-        sapo_temperature_neg=sapo_temperature_neg,
-    )
-    if w_is is not None:
-        per_token_loss = per_token_loss * w_is
+    # 4 and 9. Per-token policy loss, then IS weights (except vespo, geo_mean: inside their weight), then KL.
+    phi = selected = None
+    if loss_type == "vespo":
+        phi = vespo_phi(token_log_ratio, m, adv, w_is, valid, k_pos=vespo_k_pos, lambda_pos=vespo_lambda_pos,
+                        k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg)  # fmt: skip
+        per_token_loss = -phi * adv * lp
+    elif loss_type == "geo_mean":
+        per_token_loss = geo_mean_loss(token_log_ratio, m, adv, w_is, valid, epsilon_low=epsilon_low,
+                                       epsilon_high=epsilon_high).expand_as(lp)  # fmt: skip
+    else:
+        if loss_type == "kl_cov":
+            selected = kl_cov_selected(lp, adv, valid, ratio_of_tokens=kl_cov_ratio)
+            penalty = ppo_kl_coef * token_log_ratio.abs()
+            per_token_loss = -adv * ratio + torch.where(selected, penalty, torch.zeros_like(penalty))
+        else:
+            per_token_loss = policy_loss(
+                ratio,
+                adv,
+                lp,
+                loss_type=loss_type,
+                epsilon_low=epsilon_low,
+                epsilon_high=epsilon_high,
+                delta=delta,
+                dual_clip=dual_clip,
+                sapo_temperature_pos=sapo_temperature_pos,
+                sapo_temperature_neg=sapo_temperature_neg,
+            )
+        if loss_type == "clip_cov":
+            selected = clip_cov_selected(
+                lp, adv, ratio, m, valid, old, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                ratio_of_tokens=clip_cov_ratio, lb=clip_cov_lb, ub=clip_cov_ub,
+            )  # fmt: skip
+            per_token_loss = torch.where(selected, torch.zeros_like(per_token_loss), per_token_loss)
+        if w_is is not None:
+            per_token_loss = per_token_loss * w_is
     kl = torch.zeros_like(lp)
     if beta != 0.0:
         kl = kl_divergence(lp, ref, kl_estimator)
@@ -429,20 +559,21 @@ def grpo_loss(
         per_token_loss = per_token_loss + beta * kl
     per_token_loss = torch.where(valid, per_token_loss, torch.zeros_like(per_token_loss))
 
-    # 6. Aggregation.
+    # 6. Aggregation (the loss type's own, unless `aggregation` names another).
     num_seqs = m.shape[0]
     weighted = per_token_loss * m
-    if loss_type in ("grpo", "sapo"):
+    mode = aggregation or DEFAULT_AGGREGATION[loss_type]
+    if mode == "grpo":
         loss = (weighted.sum(-1) / m.sum(-1).clamp(min=1.0)).mean() if num_seqs else weighted.sum()
-    elif loss_type == "bnpo":
+    elif mode == "bnpo":
         loss = weighted.sum() / m.sum().clamp(min=1.0)
-    elif loss_type == "dr_grpo":
+    elif mode == "dr_grpo":
         loss = weighted.sum() / (num_seqs * max_completion_length)
-    elif loss_type in ("dapo", "cispo"):
+    elif mode == "dapo":
         items = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=dtype)
         loss = weighted.sum() / items.clamp(min=1.0)
     else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
+        raise ValueError(f"unknown aggregation {mode!r}")
 
     # 7. Metrics: masked token means, no gradient.
     with torch.no_grad():
@@ -451,8 +582,12 @@ def grpo_loss(
         def masked_mean(x: torch.Tensor) -> torch.Tensor:
             return (x.expand_as(m) * m).sum() / count
 
-        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(dtype)
-        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(dtype)
+        if loss_type == "geo_mean":  # its clip is in log space, per token
+            low = ((token_log_ratio < -epsilon_low) & (adv < 0)).to(dtype)
+            high = ((token_log_ratio > epsilon_high) & (adv > 0)).to(dtype)
+        else:
+            low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(dtype)
+            high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(dtype)
         metrics = dict(
             kl_mean=masked_mean(kl),
             clip_low=masked_mean(low),
@@ -460,6 +595,8 @@ def grpo_loss(
             clip_region=masked_mean(torch.maximum(low, high)),
             entropy_mean=masked_mean(entropy),
             logprob_mean=masked_mean(lp),
+            phi_mean=masked_mean(phi) if phi is not None else None,
+            cov_selected=masked_mean(selected.to(dtype)) if selected is not None else None,
         )
 
     if packed:
@@ -485,8 +622,13 @@ __all__ = [
     "gradient_of_loss_wrt_logprobs",
     "group_advantages",
     "grpo_loss",
+    "clip_cov_selected",
+    "geo_mean_loss",
+    "kl_cov_selected",
     "kl_divergence",
     "policy_loss",
+    "selection_key",
+    "vespo_phi",
     "token_logprobs",
 ]
 

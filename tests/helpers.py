@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from conftest import DEVICE
 from grpo_kernels import reference as ref
 
@@ -85,3 +84,25 @@ def assert_advantages_close(out, expect, estimator, rewards, group, lengths, eps
     reach = float(torch.nan_to_num(rewards, nan=0.0).abs().max()) if rewards.numel() else 0.0
     atol = 1e-5 + 1e-6 * reach * advantage_amplification(estimator, rewards, group, lengths, eps)
     torch.testing.assert_close(out.cpu().double(), expect, rtol=1e-5, atol=atol)
+
+
+def vespo_tolerance(lp, old, adv, mask, is_weights, config) -> float:
+    """float32 tolerance of vespo's outputs. ``phi = exp(lambda + k l - lambda e^l)`` has relative error
+    ``|k - lambda e^l|`` per unit of error in its log-weight ``l`` (a float32 sum of log-ratios, off by ~1e-6): that
+    condition, over the tokens whose weight is not negligible (>= 1% of the largest), times 1e-6, and at least 1e-5.
+    TRL computes the same function in float32."""
+    from grpo_kernels import reference as ref
+
+    valid = mask > 0
+    phi = ref.vespo_phi(lp - (lp if old is None else old), mask, adv, is_weights, valid, k_pos=config.vespo_k_pos,
+                        lambda_pos=config.vespo_lambda_pos, k_neg=config.vespo_k_neg,
+                        lambda_neg=config.vespo_lambda_neg)  # fmt: skip
+    seq = ((lp - (lp if old is None else old)).clamp(-20, 20) * mask).sum(-1, keepdim=True)
+    if is_weights is not None:
+        seq = seq + torch.where(valid, is_weights.log().clamp(math.log(1e-8), 20), 0.0).sum(-1, keepdim=True)
+    log_w = seq.clamp(math.log(1e-8), 20).expand_as(lp)
+    nonneg = adv.expand_as(lp) >= 0
+    k = torch.where(nonneg, config.vespo_k_pos, config.vespo_k_neg)
+    lam = torch.where(nonneg, config.vespo_lambda_pos, config.vespo_lambda_neg)
+    condition = (k - lam * log_w.exp()).abs()[valid & (phi >= 0.01 * phi.max())]
+    return max(1e-5, 1e-6 * condition.max().item()) if condition.numel() else 1e-5

@@ -10,6 +10,7 @@ import torch
 from conftest import DEVICE
 from grpo_kernels import GRPOLoss, group_advantages, grpo_loss, token_logprobs
 from grpo_kernels import reference as ref
+from grpo_kernels.config import LossConfig
 from grpo_kernels.loss_math import segment_sum
 from helpers import make_batch, rel_err
 from reliability_helpers import INTERPRETED, assert_matches, grad_of
@@ -108,8 +109,26 @@ LOSS_REJECTS = [
     ("num-items-nan", dict(num_items_in_batch=math.nan), ValueError, "num_items_in_batch must be finite"),
     ("num-items-2-elements", dict(num_items_in_batch=torch.ones(2)), ValueError, r"num_items_in_batch must be a number or a 1-element tensor, got \[2\]"),
     ("num-items-string", dict(num_items_in_batch="12"), TypeError, "num_items_in_batch must be a number, got str"),
-    ("loss-type-case", dict(loss_type="GRPO"), ValueError, r"loss_type must be one of \['grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo'\], got 'GRPO'"),
+    ("loss-type-case", dict(loss_type="GRPO"), ValueError, r"loss_type must be one of \['grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', 'vespo', 'geo_mean', 'gpg', 'clip_cov', 'kl_cov'\], got 'GRPO'"),
     ("backend-none", dict(backend=None), ValueError, "backend must be one of"),
+    # the knobs of docs/math.md section 9
+    ("vespo-lambda-zero", dict(loss_type="vespo", vespo_lambda_pos=0.0), ValueError, "vespo_lambda_pos must be > 0, got 0.0"),
+    ("vespo-lambda-negative", dict(loss_type="vespo", vespo_lambda_neg=-1.0), ValueError, "vespo_lambda_neg must be > 0, got -1.0"),
+    ("vespo-k-nan", dict(loss_type="vespo", vespo_k_pos=math.nan), ValueError, "vespo_k_pos must be finite, got nan"),
+    ("vespo-k-string", dict(loss_type="vespo", vespo_k_neg="3"), TypeError, "vespo_k_neg must be a number, got str"),
+    ("vespo-per-sequence-isw", dict(loss_type="vespo", is_weights=torch.ones(B, device=DEVICE)), ValueError, r"loss_type='vespo' takes token-level is_weights \(the shape of token_ids \[3, 4\]\)"),
+    ("vespo-delta", dict(loss_type="vespo", delta=1.5), ValueError, r"delta applies to the clip family .* not to loss_type='vespo'"),
+    ("clip-cov-ratio-zero", dict(loss_type="clip_cov", clip_cov_ratio=0.0), ValueError, "clip_cov_ratio must be > 0, got 0.0"),
+    ("clip-cov-ratio-above-1", dict(loss_type="clip_cov", clip_cov_ratio=1.5), ValueError, "clip_cov_ratio must be <= 1, got 1.5"),
+    ("clip-cov-band-empty", dict(loss_type="clip_cov", clip_cov_lb=5.0, clip_cov_ub=1.0), ValueError, "clip_cov_lb must be < clip_cov_ub, got 5.0 and 1.0"),
+    ("clip-cov-ub-inf", dict(loss_type="clip_cov", clip_cov_ub=math.inf), ValueError, "clip_cov_ub must be finite"),
+    ("kl-cov-ratio-negative", dict(loss_type="kl_cov", kl_cov_ratio=-0.1), ValueError, "kl_cov_ratio must be > 0, got -0.1"),
+    ("kl-cov-ratio-above-1", dict(loss_type="kl_cov", kl_cov_ratio=2), ValueError, "kl_cov_ratio must be <= 1, got 2"),
+    ("ppo-kl-coef-negative", dict(loss_type="kl_cov", ppo_kl_coef=-1.0), ValueError, "ppo_kl_coef must be >= 0, got -1.0"),
+    ("geo-mean-sequence-level", dict(loss_type="geo_mean", importance_sampling_level="sequence"), ValueError, r"loss_type='geo_mean' uses the token-level ratio .* importance_sampling_level must be 'token'"),
+    ("gpg-dual-clip", dict(loss_type="gpg", dual_clip=3.0), ValueError, r"dual_clip applies to the clip family"),
+    ("aggregation-verl-name", dict(loss_type="gpg", aggregation="token-mean"), ValueError, r"aggregation must be one of \['grpo', 'bnpo', 'dr_grpo', 'dapo'\], got 'token-mean'"),
+    ("aggregation-dr-grpo-no-length", dict(loss_type="kl_cov", aggregation="dr_grpo"), ValueError, "aggregation='dr_grpo' needs max_completion_length, a positive int; got None"),
     # in-place backward over a leaf (its .grad would alias its data): a view of a leaf is refused too
     ("inplace-view-of-leaf", dict(logits=lambda d: d["logits"].requires_grad_(True)[:, :-1], token_ids=lambda d: d["token_ids"][:, :-1],
                                   inplace_backward=True), ValueError, "leaf tensor that requires grad \\(or a view of one\\)"),
@@ -394,7 +413,12 @@ CONFIGS = {
         loss_type="grpo", importance_sampling_level="sequence", beta=0.1, bias_corrected_kl=True
     ),
     "cispo-token-lowvar": dict(loss_type="cispo", beta=0.1, kl_estimator="low_var_kl", epsilon_high=4.0),
+    "vespo-k3": dict(loss_type="vespo", beta=0.04),
+    "geo_mean-k3": dict(loss_type="geo_mean", beta=0.04),
+    "kl_cov-k3": dict(loss_type="kl_cov", beta=0.04, kl_cov_ratio=0.2),
 }
+# vespo follows TRL: a NaN in its log-weight (old log-prob, IS weight) gives phi = 0 (nan_to_num), not a NaN loss
+PHI_ZEROES_NAN = {("vespo-k3", "old-nan"), ("vespo-k3", "isw-nan")}
 
 
 def _non_finite_run(fn, x, z, config, **extra):
@@ -427,7 +451,7 @@ def test_non_finite_input(backend, what, config, taking_part):
         return
     z64 = x["logits"].detach().double().requires_grad_(True)
     expect = _non_finite_run(ref.grpo_loss, x, z64, config)
-    if "nan" in what:
+    if "nan" in what and (config, what) not in PHI_ZEROES_NAN:
         assert math.isnan(out.loss.item())
     for key in ("loss", "logprobs", "entropy", "per_token_loss"):
         assert_matches(getattr(out, key), getattr(expect, key))
@@ -436,7 +460,8 @@ def test_non_finite_input(backend, what, config, taking_part):
     # resolve differently (e.g. a clipped token: 0 for us, NaN for autograd); what is required of them is that a
     # finite loss never comes with a non-finite gradient.
     reached = torch.zeros(x["ids"].shape, dtype=torch.bool, device=DEVICE)
-    reached[(b,) if CONFIGS[config].get("importance_sampling_level") == "sequence" else (b, t)] = True
+    coupling = LossConfig(**CONFIGS[config]).coupling  # what else a token's gradient reads: its sequence, the batch
+    reached[(b, t) if coupling is None else (b,) if coupling == "sequence" else ()] = True
     grad64 = grad_of(expect.loss, z64)
     assert_matches(grad[~reached], grad64[~reached])
     if math.isfinite(out.loss.item()):

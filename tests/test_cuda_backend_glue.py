@@ -129,6 +129,36 @@ def test_grpo_loss(cuda_on_cpu, level, grad_in_forward):
         assert rel_err(ours, theirs) < 1e-6
 
 
+def test_routed_loss_types_are_those_the_binding_refuses():
+    """The loss types with a fused epilogue are exactly the binding's (csrc/torch_binding.cu: loss_params)."""
+    source = BINDING.read_text().split("gk::LossParams loss_params(")[1].split("int kl = ")[0]
+    assert set(re.findall(r'loss_type == "(\w+)"', source)) == set(cuda_backend._EPILOGUE_LOSS_TYPES)
+
+
+@pytest.mark.parametrize("loss_type", ["vespo", "geo_mean", "gpg", "clip_cov", "kl_cov"])
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_routed_loss_types(cuda_on_cpu, monkeypatch, loss_type, grad_in_forward):
+    """The losses of docs/math.md section 9: the log-prob kernel + loss_math, never the fused op; as the torch
+    backend."""
+
+    def fused(*args, **kwargs):
+        raise AssertionError(f"loss_type={loss_type!r} reached the fused CUDA op")
+
+    monkeypatch.setattr(cuda_backend.CudaBackend, "_fused", fused)
+    d = make_batch(3, 6, 29, seed=3)
+    w = 0.5 + torch.rand(3, 6)
+    results = []
+    for backend in ("cuda", "torch"):
+        z = d["logits"].clone().requires_grad_(True)
+        out = grpo_loss(z, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.1,
+                        is_weights=w, loss_type=loss_type, clip_cov_ratio=0.3, clip_cov_lb=-1.0, kl_cov_ratio=0.3,
+                        return_entropy=True, grad_in_forward=grad_in_forward, loss_scale=0.5, backend=backend)  # fmt: skip
+        (out.loss * 0.5).backward()
+        results.append((out.loss, out.logprobs, out.entropy, out.per_token_loss, out.kl_mean, out.clip_region, z.grad))
+    for ours, theirs in zip(*results):
+        assert rel_err(ours, theirs) < 1e-6
+
+
 @pytest.mark.parametrize("mode", ["sum_then_normalize", "normalize_then_sum"])
 def test_group_advantages(cuda_on_cpu, mode):
     r = torch.randn(12, 2)

@@ -133,11 +133,13 @@ def test_matches_reference(backend, loss_type, level, option, poisoned):
 
 def test_tile_plans():
     cu = [0, 3, 3, 8, 10, 15]  # lengths 3, 0, 5, 2, 5
-    assert _plan_tiles(cu, 4, False) == ([(0, 4), (4, 8), (8, 12), (12, 15)], True)
-    assert _plan_tiles(cu, 4, True) == ([(0, 4), (4, 8), (8, 12), (12, 15)], False)  # a sequence of 5 > 4
-    assert _plan_tiles(cu, 7, True) == ([(0, 3), (3, 10), (10, 15)], True)  # whole sequences, <= 7 tokens each
-    assert _plan_tiles(cu, 100, True) == ([(0, 15)], True)
-    assert _plan_tiles([0, 0], 4, True) == ([], True)
+    assert _plan_tiles(cu, 4, None) == ([(0, 4), (4, 8), (8, 12), (12, 15)], True)
+    assert _plan_tiles(cu, 4, "sequence") == ([(0, 4), (4, 8), (8, 12), (12, 15)], False)  # a sequence of 5 > 4
+    assert _plan_tiles(cu, 7, "sequence") == ([(0, 3), (3, 10), (10, 15)], True)  # whole sequences, <= 7 tokens each
+    assert _plan_tiles(cu, 100, "sequence") == ([(0, 15)], True)
+    assert _plan_tiles([0, 0], 4, "sequence") == ([], True)
+    assert _plan_tiles(cu, 7, "batch") == ([(0, 7), (7, 14), (14, 15)], False)  # the batch: one tile, or two passes
+    assert _plan_tiles(cu, 15, "batch") == ([(0, 15)], True)
     assert default_chunk_tokens(151936, torch.bfloat16) == 1664  # <= 512 MiB of bf16 logits, a multiple of 128
     assert default_chunk_tokens(151936, torch.bfloat16, softcap=True) == 512  # + the float32 softcapped tile
     assert default_chunk_tokens(37, torch.float32) > 10**6

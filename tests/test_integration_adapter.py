@@ -155,3 +155,27 @@ def test_errors():
         grpo_loss_from_batch(logits[:, :4], batch)
     with pytest.raises(KeyError, match="completion_ids"):
         grpo_loss_from_batch(logits, {k: v for k, v in batch.items() if k != "input_ids"})
+
+
+def test_loss_mode_errors_and_mapping():
+    """verl's loss_mode: unknown names and a second loss_type are refused; loss_agg_mode picks the aggregation of
+    gpg / clip_cov / kl_cov (not geo_mean's); "vanilla" without loss_agg_mode is verl's default token-mean (bnpo).
+    (The values against verl's own formulas: tests/test_policy_losses.py.)"""
+    logits, batch = make_batch()
+    with pytest.raises(ValueError, match="loss_mode must be one of"):
+        grpo_loss_from_batch(logits, batch, loss_mode="gspo")
+    with pytest.raises(ValueError, match="either loss_mode"):
+        grpo_loss_from_batch(logits, batch, loss_mode="gpg", loss_type="grpo")
+    with pytest.raises(ValueError, match="either loss_agg_mode .* or aggregation"):
+        grpo_loss_from_batch(logits, batch, loss_mode="gpg", loss_agg_mode="token-mean", aggregation="grpo")
+    kw = dict(backend="torch")
+    same = lambda a, b: torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)  # noqa: E731
+    same(grpo_loss_from_batch(logits, batch, loss_mode="vanilla", **kw),
+         grpo_loss_from_batch(logits, batch, loss_type="bnpo", **kw))  # fmt: skip
+    same(grpo_loss_from_batch(logits, batch, loss_mode="gpg", loss_agg_mode="seq-mean-token-mean", **kw),
+         grpo_loss_from_batch(logits, batch, loss_type="gpg", aggregation="grpo", **kw))  # fmt: skip
+    same(grpo_loss_from_batch(logits, batch, loss_mode="geo_mean", loss_agg_mode="seq-mean-token-sum-norm", **kw),
+         grpo_loss_from_batch(logits, batch, loss_type="geo_mean", **kw))  # fmt: skip
+    by_tokens = grpo_loss_from_batch(logits, batch, loss_mode="kl_cov", loss_agg_mode="token-mean", **kw)
+    by_sequences = grpo_loss_from_batch(logits, batch, loss_mode="kl_cov", loss_agg_mode="seq-mean-token-mean", **kw)
+    assert not torch.allclose(by_tokens.loss, by_sequences.loss)  # the ragged mask makes the two differ

@@ -181,7 +181,7 @@ def _vllm_correction(trainer):
 # ----------------------------------------------------------------------------------------------------------------
 # parity with stock TRL
 # ----------------------------------------------------------------------------------------------------------------
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 
 
 @pytest.fixture(scope="module")
@@ -212,10 +212,13 @@ def test_matches_trl(model_dir, tokenizer, tmp_path, inputs, stock_results, loss
     assert any(g.abs().max() > 0 for g in stock[1].values())
     if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):  # the inputs do exercise the clip branches
         assert stock[2]["clip_ratio/region_mean"] > 0
+    if loss_type == "vespo":  # gamma weights away from 0 and from 1
+        assert 0.05 < stock[2]["vespo/phi_seq_mean"] < 0.95
 
 
 # name -> GRPOConfig overrides, plus: "keep" / "drop" (optional input keys), "setup" (trainer attributes that TRL's
-# vLLM path would set), "per_sequence_is_ratio", "eval", "steps" (calls in a row), "paths" (default: both).
+# vLLM path would set), "per_sequence_is_ratio", "is_ratio_like_trl" (the vLLM ratio 1 where the loss mask is 0, as
+# TRL's generation computes it), "eval", "steps" (calls in a row), "paths" (default: both).
 KNOBS = {
     "delta": dict(config=dict(loss_type="grpo", delta=1.5, epsilon_high=0.28)),
     # delta below 1 + epsilon_high: TRL's clip metrics see min(rho, delta)
@@ -244,6 +247,31 @@ KNOBS = {
         per_sequence_is_ratio=True,
     ),
     "tool_mask": dict(config=dict(loss_type="bnpo", beta=0.04), keep=("tool_mask",)),
+    # float32-exact knob values (TRL builds its (k, lambda) tensor in float32)
+    "vespo_knobs": dict(
+        config=dict(
+            loss_type="vespo", beta=0.04, vespo_k_pos=1.5, vespo_lambda_pos=0.75, vespo_k_neg=4.0, vespo_lambda_neg=5.0
+        )
+    ),
+    "vespo_vllm_is_ratio": dict(
+        config=dict(loss_type="vespo", beta=0.04),
+        setup=_vllm_correction,
+        keep=("importance_sampling_ratio",),
+        is_ratio_like_trl=True,
+    ),
+    # the vLLM ratio inside phi, the masks on the advantages, a tool mask, the entropy bonus, bias-corrected KL
+    "vespo_masks_vllm_tools": dict(
+        config=dict(
+            loss_type="vespo", beta=0.04, off_policy_mask_threshold=0.02, top_entropy_quantile=0.5, entropy_coef=0.05
+        ),
+        setup=_vllm_correction,
+        keep=("importance_sampling_ratio", "tool_mask", "sampling_per_token_logps"),
+        is_ratio_like_trl=True,
+    ),
+    "vespo_on_policy_sequence": dict(
+        config=dict(loss_type="vespo", importance_sampling_level="sequence", beta=0.04), drop=("old_per_token_logps",)
+    ),
+    "vespo_eval_accumulation_3": dict(config=dict(loss_type="vespo", gradient_accumulation_steps=3), eval=True),
     "entropy_bonus_accumulation_3": dict(
         config=dict(loss_type="dapo", beta=0.04, entropy_coef=0.05, gradient_accumulation_steps=3)
     ),
@@ -278,6 +306,9 @@ def test_knob_matches_trl(model_dir, tokenizer, tmp_path, inputs, case, path):
     batch = select(inputs, spec.get("keep", ()), spec.get("drop", ()))
     if spec.get("per_sequence_is_ratio"):  # TRL's sequence_* vLLM modes give one ratio per sequence, [B, 1]
         batch["importance_sampling_ratio"] = batch["importance_sampling_ratio"][:, :1]
+    if spec.get("is_ratio_like_trl"):  # TRL: exp((old - sampling) * mask) = 1 where the mask is 0
+        loss_mask = batch["completion_mask"] * batch.get("tool_mask", 1)
+        batch["importance_sampling_ratio"] = torch.where(loss_mask > 0, batch["importance_sampling_ratio"], 1.0)
     trainers = [
         make_trainer(GRPOTrainer, model_dir, tokenizer, tmp_path, path, **spec["config"]),
         make_trainer(StockTrainer, model_dir, tokenizer, tmp_path, **spec["config"]),
@@ -314,8 +345,15 @@ def test_knobs_change_the_objective(model_dir, tokenizer, tmp_path, inputs):
         loss_and_lm_head_grad(dict(loss_type="dapo", delta=1.1)),
         loss_and_lm_head_grad(dict(loss_type="dapo", entropy_coef=0.05)),
     ]
-    for loss, grad in variants:
-        assert not torch.allclose(grad, base[1], rtol=1e-4, atol=0) or abs(float(loss - base[0])) > 1e-4
+    vespo = loss_and_lm_head_grad(dict(loss_type="vespo"))
+    variants += [
+        vespo,
+        loss_and_lm_head_grad(dict(loss_type="vespo"), keep=("importance_sampling_ratio",), setup=_vllm_correction),
+        loss_and_lm_head_grad(dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_neg=5.0)),
+    ]
+    for i, (loss, grad) in enumerate(variants):
+        other = vespo if i >= len(variants) - 2 else base  # the vespo knobs against plain vespo
+        assert not torch.allclose(grad, other[1], rtol=1e-4, atol=0) or abs(float(loss - other[0])) > 1e-4
 
 
 @needs_trl
@@ -562,7 +600,7 @@ def test_trains_end_to_end_with_trl_defaults(model_dir, tokenizer, tmp_path):
 @pytest.mark.parametrize(
     "config, message",
     [
-        (dict(loss_type="vespo"), "loss_type='vespo' is not supported"),
+        (dict(loss_type="vespo", vespo_lambda_pos=0.0), "vespo_lambda_pos \\(VESPO's decay rate\\) must be > 0"),
         (dict(loss_type="not_a_loss"), "loss_type='not_a_loss' is not supported"),
         (dict(use_liger_kernel=True), "use_liger_kernel=True is not supported"),
         (dict(temperature=0.0), "temperature must be > 0"),

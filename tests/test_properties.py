@@ -8,16 +8,18 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICE
+from helpers import assert_advantages_close, low_precision_ok, rel_err, vespo_tolerance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import DEVICE
-from grpo_kernels import group_advantages, grpo_loss, token_logprobs
-from grpo_kernels import reference as ref
-from helpers import assert_advantages_close, low_precision_ok, rel_err
 from reliability_helpers import grad_of
 
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
+from grpo_kernels import group_advantages, grpo_loss, token_logprobs
+from grpo_kernels import reference as ref
+from grpo_kernels.config import OWN_RATIO_LOSS_TYPES, LossConfig
+
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "geo_mean", "gpg", "clip_cov", "kl_cov"]
+LEVELS = ["token", "sequence"]
 
 
 def _settings(backend, torch_examples):
@@ -102,20 +104,34 @@ def test_token_logprobs_property(backend):
 # ----------------------------------------------------------------------------------------------------------------
 @st.composite
 def loss_configs(draw):
-    return dict(
-        loss_type=draw(st.sampled_from(LOSS_TYPES)),
-        importance_sampling_level=draw(st.sampled_from(["token", "sequence"])),
+    loss_type = draw(st.sampled_from(LOSS_TYPES))
+    new = loss_type in OWN_RATIO_LOSS_TYPES + ("vespo",)  # no delta / dual clip; token level but for vespo
+    config = dict(
+        loss_type=loss_type,
+        importance_sampling_level=draw(st.sampled_from(["token"] if loss_type in OWN_RATIO_LOSS_TYPES else LEVELS)),
         beta=draw(st.sampled_from([0.0, 0.04, 0.5])),
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3", "low_var_kl"])),
         bias_corrected_kl=draw(st.booleans()),
-        delta=draw(st.sampled_from([None, 1.5, 3.0])),
-        dual_clip=draw(st.sampled_from([None, 2.0, 5.0])),
+        delta=None if new else draw(st.sampled_from([None, 1.5, 3.0])),
+        dual_clip=None if new else draw(st.sampled_from([None, 2.0, 5.0])),
         epsilon_low=draw(st.sampled_from([0.1, 0.2, 0.3])),
         epsilon_high=draw(st.sampled_from([None, 0.28, 5.0])),
         num_items_in_batch=draw(st.sampled_from([None, 1, 5.5])),
         sapo_temperature_pos=draw(st.sampled_from([1.0, 0.5])),
         sapo_temperature_neg=draw(st.sampled_from([1.05, 2.0])),
+        aggregation=draw(st.sampled_from([None, None, "grpo", "bnpo", "dr_grpo", "dapo"])),
     )
+    if loss_type == "vespo":
+        config["vespo_k_pos"] = draw(st.sampled_from([2.0, 0.5, -1.0]))
+        config["vespo_lambda_neg"] = draw(st.sampled_from([2.0, 0.3]))
+    if loss_type == "clip_cov":
+        config["clip_cov_ratio"] = draw(st.sampled_from([2e-4, 0.1, 1.0]))
+        config["clip_cov_lb"] = draw(st.sampled_from([-1.0, 0.0, 1.0]))
+        config["clip_cov_ub"] = draw(st.sampled_from([1.5, 5.0]))
+    if loss_type == "kl_cov":
+        config["kl_cov_ratio"] = draw(st.sampled_from([2e-4, 0.2, 1.0]))
+        config["ppo_kl_coef"] = draw(st.sampled_from([1.0, 0.1]))
+    return config
 
 
 @st.composite
@@ -154,6 +170,8 @@ def test_grpo_loss_property(backend):
     @given(layout=token_layouts(), config=loss_configs(), inputs=loss_inputs())
     def check(layout, config, inputs):
         logits, ids, mask = _tokens(layout)
+        if config["loss_type"] == "vespo" and inputs["is_weights"] == "sequence":
+            inputs = dict(inputs, is_weights="token")  # vespo takes token-level IS ratios (their logs join phi)
         tensors = _loss_tensors(layout, inputs, logits, ids)
         adv = tensors.pop("advantages")
         kw = dict(mask=mask, temperature=layout["temperature"], max_completion_length=8, **config, **tensors)
@@ -161,19 +179,50 @@ def test_grpo_loss_property(backend):
         out = grpo_loss(z, ids, adv, return_entropy=inputs["entropy"], backend=backend, **kw)
         z64 = logits.detach().double().requires_grad_(True)
         exact = ref.grpo_loss(z64, ids, adv, **kw)
+        tol = _vespo_tolerance(exact, ids, mask, adv, tensors, kw) if config["loss_type"] == "vespo" else 1e-5
         # the loss is a weighted sum of per-token losses: its float32 error is relative to the size of those terms
         count = float((mask * (ids != -100)).sum())
         weight = max(1.0, count / max(1.0, config["num_items_in_batch"] or count))
         terms = exact.per_token_loss.abs().max().item() * weight if exact.per_token_loss.numel() else 0.0
-        assert abs(out.loss.item() - exact.loss.item()) <= 1e-5 * (abs(exact.loss.item()) + terms)
+        assert abs(out.loss.item() - exact.loss.item()) <= tol * (abs(exact.loss.item()) + terms)
         for key in ("logprobs", "per_token_loss") + (("entropy",) if inputs["entropy"] else ()):
-            assert rel_err(getattr(out, key), getattr(exact, key)) < 1e-5, key
-        for key in ("kl_mean", "clip_low", "clip_high", "clip_region", "logprob_mean"):
+            assert rel_err(getattr(out, key), getattr(exact, key)) < tol, key
+        for key in ("kl_mean", "clip_low", "clip_high", "clip_region", "logprob_mean", "phi_mean", "cov_selected"):
+            if getattr(exact, key) is None:
+                assert getattr(out, key) is None, key
+                continue
             expect = getattr(exact, key).item()
-            assert abs(getattr(out, key).item() - expect) <= 1e-5 * (1 + abs(expect)), key
-        assert rel_err(grad_of(out.loss, z), grad_of(exact.loss, z64)) < 1e-5
+            assert abs(getattr(out, key).item() - expect) <= tol * (1 + abs(expect)), key
+        assert rel_err(grad_of(out.loss, z), grad_of(exact.loss, z64)) < tol
 
     check()
+
+
+def _vespo_tolerance(exact, ids, mask, adv, tensors, kw):
+    """vespo's float32 conditioning (tests/helpers.py), on the padded or packed layout of the example."""
+    packed = ids.dim() == 1
+    cu = tensors.get("cu_seqlens")
+    lengths = (cu[1:] - cu[:-1]).tolist() if cu is not None else ([ids.shape[0]] if packed else None)
+    valid = ((mask != 0) & (ids != -100)).double()
+
+    def rows(x):  # [N] / [B, T] -> [S, T_max]
+        if x is None:
+            return None
+        x = x.detach().double().cpu()
+        if not packed:
+            return x
+        out = torch.zeros(len(lengths), max(lengths, default=0), dtype=torch.float64)
+        for s, (start, n) in enumerate(zip([0, *torch.tensor(lengths).cumsum(0).tolist()[:-1]], lengths, strict=True)):
+            out[s, :n] = x[start : start + n]
+        return out
+
+    lp, m = rows(exact.logprobs), rows(valid)
+    a = adv.detach().double().cpu()
+    a = rows(a) if a.shape == ids.shape else a.reshape(-1, 1)  # per token ([N] wins when packed), or per sequence
+    old = tensors.get("old_logprobs")
+    is_w = tensors.get("is_weights")
+    config = LossConfig(**{k: v for k, v in kw.items() if k in LossConfig.__dataclass_fields__})
+    return vespo_tolerance(lp, rows(old), a, m, rows(is_w), config)
 
 
 # ----------------------------------------------------------------------------------------------------------------

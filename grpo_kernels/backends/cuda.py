@@ -8,7 +8,9 @@ What runs where:
     token_logprobs forward / backward      one kernel each (warp or block per row), 1 + 2 passes over [N, V]
     grpo_loss, token-level ratio           fused kernel: log-probs + the per-token epilogue (1 pass)
     grpo_loss, sequence-level ratio (GSPO) log-prob kernel + the [N]-sized epilogue in torch (loss_math.py): g_t needs
-                                           a per-sequence sum between the passes
+      and the other losses of docs/math.md  a per-sequence sum (a batch-level selection for clip_cov / kl_cov) between
+      section 9 (vespo, geo_mean, gpg,      the passes; gpg has no fused CUDA epilogue yet (the binding refuses a
+      clip_cov, kl_cov)                     loss_type it does not know)
     grpo_loss_forward_with_grad            sm_90: the 2-pass cluster kernel (read z once, write dz once);
                                            elsewhere, or at sequence level: forward + backward kernels (3 passes)
     group_advantages                       warp-per-group statistics (every estimator), float64 accumulation, no atomics
@@ -34,6 +36,15 @@ def _ops():
 
 def _optional(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.float().contiguous()
+
+
+# the loss types of the fused kernel's epilogue (csrc/include/grpo_kernels/row_math.cuh); the others are routed
+_EPILOGUE_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+
+
+def _routed(config: LossConfig) -> bool:
+    """The log-prob kernel + the [N] closed form of loss_math instead of the fused epilogue."""
+    return config.coupling is not None or config.loss_type not in _EPILOGUE_LOSS_TYPES
 
 
 class CudaBackend(Backend):
@@ -71,7 +82,7 @@ class CudaBackend(Backend):
     # fused loss
     # ------------------------------------------------------------------------------------------------------------
     def grpo_loss_forward(self, logits, batch: TokenBatch, config: LossConfig, with_entropy: bool) -> LossForward:
-        if config.sequence_level:
+        if _routed(config):
             lp, lse, entropy = self.token_logprobs_forward(logits, batch.token_ids, config.temperature, with_entropy)
             return loss_forward_from_logprobs(lp, lse, entropy, batch, config)
         return self._fused(logits, batch, config, with_entropy, 1.0, None)
@@ -81,10 +92,10 @@ class CudaBackend(Backend):
     ) -> LossForward:
         """The fused forward that also writes ``loss_scale * d loss / d logits`` into ``grad_out`` (may be the logits).
 
-        Token level: one kernel call (2 passes on sm_90 where the row fits a cluster, else 3). Sequence level:
-        forward, the [N] epilogue, then the backward kernel (3 passes).
+        Token level: one kernel call (2 passes on sm_90 where the row fits a cluster, else 3). Sequence level and the
+        routed loss types: forward, the [N] epilogue, then the backward kernel (3 passes).
         """
-        if config.sequence_level:
+        if _routed(config):
             fwd = self.grpo_loss_forward(logits, batch, config, with_entropy)
             g = fwd.grad_logprobs * loss_scale
             self.token_logprobs_backward(logits, batch.token_ids, fwd.lse, fwd.entropy, g, None, config.temperature, grad_out)

@@ -62,7 +62,7 @@ def fused_linear_grpo_loss(hidden, weight, bias, batch, config, entropy_weights,
     with torch.autocast(device.type, enabled=False):  # every dtype below is chosen, not autocast's
         tokens = gather(hidden, batch, dtype)
         batch, n = tokens.batch, tokens.hidden.shape[0]
-        tiles, one_pass = plan_tiles(tokens.cu, chunk_tokens, config.sequence_level)
+        tiles, one_pass = plan_tiles(tokens.cu, chunk_tokens, config.coupling)
         head = make_head(weight, bias, dtype, logit_softcap, logit_scale, min(chunk_tokens, n))
         d_h = torch.empty(n, hidden.shape[1], dtype=dtype, device=device) if grad_hidden else None
         d_w = torch.zeros(weight.shape, dtype=acc, device=device) if grad_weight else None  # float32 accumulator
@@ -105,7 +105,7 @@ def fused_linear_grpo_loss(hidden, weight, bias, batch, config, entropy_weights,
                 loss += out.loss
                 if wants_grad:
                     fold_gradient(start, end, logits, out.lse, out.entropy, out.grad_logprobs)
-        else:  # a sequence longer than a tile: every log-prob first, then the sequence-level math, then gradients
+        else:  # a sequence (or a batch) longer than a tile: every log-prob first, then the [N] math, then gradients
             lp, lse, entropy = logprob_pass(head, tokens, tiles, be, config.temperature, with_entropy)
             out = loss_forward_from_logprobs(lp, lse, entropy, batch, config)
             per_token_loss, kl, flags, loss = out.per_token_loss, out.kl, out.clip_flags, out.loss
@@ -184,7 +184,7 @@ def fused_linear_token_logprobs(hidden, weight, bias, token_ids, temperature, lo
     batch = TokenBatch(token_ids, None, None, None, None, None, one_sequence, None, None)  # only the ids are read
     with torch.autocast(device.type, enabled=False):
         tokens = gather(hidden, batch, dtype)
-        tiles, _ = plan_tiles(tokens.cu, chunk_tokens, False)
+        tiles, _ = plan_tiles(tokens.cu, chunk_tokens, None)
         head = make_head(weight, bias, dtype, logit_softcap, logit_scale, min(chunk_tokens, tokens.hidden.shape[0]))
         lp, _, entropy = logprob_pass(head, tokens, tiles, get_backend(backend), temperature, with_entropy)
         return tokens.spread(lp), tokens.spread(entropy) if with_entropy else entropy

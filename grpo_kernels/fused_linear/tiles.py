@@ -2,7 +2,8 @@
 
 ``_Head`` projects a tile of hidden states to its logits (softcapped when the model caps them) and turns the logits'
 gradient back into the projection's; ``_Tokens`` keeps the tokens that take part (masked positions are never
-projected); ``plan_tiles`` cuts them so that a tile is exact on its own (whole sequences at sequence level).
+projected); ``plan_tiles`` cuts them so that a tile is exact on its own (whole sequences when a token's gradient needs
+its sequence, the whole batch when it needs the batch).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def gather(hidden: Tensor, batch: TokenBatch, dtype: torch.dtype) -> _Tokens:
         batch = TokenBatch(
             pick(batch.token_ids), pick(batch.coef), pick(batch.advantages), pick(batch.old_logprobs),
             pick(batch.ref_logprobs), pick(batch.is_weights), torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
-            pick(batch.seq_ids), pick(batch.seq_weights),
+            pick(batch.seq_ids), pick(batch.seq_weights), pick(batch.mask_weights),
         )  # fmt: skip
         hidden = hidden.index_select(0, keep)
     return _Tokens(hidden.to(dtype), batch, batch.cu_seqlens.tolist(), keep, total)
@@ -164,20 +165,24 @@ def slice_batch(batch: TokenBatch, start: int, end: int, cu: list[int]) -> Token
     return TokenBatch(
         part(batch.token_ids), part(batch.coef), part(batch.advantages), part(batch.old_logprobs),
         part(batch.ref_logprobs), part(batch.is_weights), torch.tensor(bounds, device=batch.cu_seqlens.device),
-        batch.seq_ids[start:end] - first, part(batch.seq_weights),
+        batch.seq_ids[start:end] - first, part(batch.seq_weights), part(batch.mask_weights),
     )  # fmt: skip
 
 
-def plan_tiles(cu: list[int], chunk: int, sequence_level: bool) -> tuple[list[tuple[int, int]], bool]:
+def plan_tiles(cu: list[int], chunk: int, coupling: str | None) -> tuple[list[tuple[int, int]], bool]:
     """``(tiles, one_pass)``: ``[start, end)`` token ranges of at most ``chunk`` tokens.
 
-    At sequence level a tile must hold whole sequences for its loss (and gradient) to be exact on its own. When a
-    sequence is longer than ``chunk`` that is impossible: fixed tiles and two passes (``one_pass = False``).
+    ``coupling`` is :attr:`grpo_kernels.LossConfig.coupling`. When a token's gradient needs its sequence
+    (``"sequence"``) a tile must hold whole sequences for its loss (and gradient) to be exact on its own; when it needs
+    the batch (``"batch"``) the one tile must hold every token. Where that is impossible: fixed tiles and two passes
+    (``one_pass = False``: every log-prob first, then the [N] math, then the gradients).
     """
     n = cu[-1]
     fixed = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-    if not sequence_level:
+    if coupling is None:
         return fixed, True
+    if coupling == "batch":
+        return fixed, len(fixed) <= 1
     if any(b - a > chunk for a, b in zip(cu, cu[1:])):
         return fixed, False
     tiles, start, previous = [], 0, 0

@@ -12,7 +12,8 @@ The batch uses one common layout (TRL's names where TRL has one). ``B`` sequence
 
 verl's batch maps onto it as ``responses`` -> ``completion_ids``, ``response_mask`` -> ``completion_mask``,
 ``old_log_probs`` -> ``old_logprobs``, ``ref_log_prob`` -> ``ref_logprobs``, ``advantages`` -> ``advantages``, and
-its ``loss_agg_mode`` names onto our loss types through ``loss_agg_mode=`` below (see ``docs/trl.md``).
+its ``policy_loss.loss_mode`` and ``loss_agg_mode`` names onto our loss types and aggregations through
+``loss_mode=`` and ``loss_agg_mode=`` below (see ``docs/trl.md``; docs/math.md sections 6 and 9).
 
 Only logits are accepted today. Hidden states + LM head (the fused-linear path, which never materialises the logits)
 will enter here as a second way to give the model's outputs, next to ``completion_logits``.
@@ -33,6 +34,10 @@ from ..api import grpo_loss
 #   seq-mean-token-sum      mean_b sum_t m L  = sum m L / B     = dr_grpo with max_completion_length 1
 #   seq-mean-token-sum-norm sum m L / T       (no 1/B in verl)  = dr_grpo with max_completion_length T, times B
 VERL_LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# verl policy_loss.loss_mode -> our loss_type ("vanilla": the clip family, named by the aggregation as above). The
+# others keep their verl name; loss_agg_mode then picks their ``aggregation`` (verl's geo_mean ignores it: always the
+# mean over sequences).
+VERL_LOSS_MODES = ("vanilla", "geo_mean", "clip_cov", "kl_cov", "gpg")
 
 
 def completion_logits(logits: Tensor, num_completion: int) -> Tensor:
@@ -68,6 +73,7 @@ def grpo_loss_from_batch(
     batch: Mapping[str, Tensor],
     *,
     loss_agg_mode: str | None = None,
+    loss_mode: str | None = None,
     **loss_kwargs,
 ) -> GRPOLossOutput:
     """:func:`grpo_kernels.grpo_loss` on a model's outputs and a batch dict in the common layout (module docstring).
@@ -79,6 +85,12 @@ def grpo_loss_from_batch(
         loss_agg_mode: a verl name (``VERL_LOSS_AGG_MODES``) instead of ``loss_type``; the returned ``loss`` is then
             exactly verl's aggregation (up to verl's ``+ 1e-8`` in its masked means), including
             ``seq-mean-token-sum-norm``'s division by ``T`` alone.
+        loss_mode: verl's ``actor.policy_loss.loss_mode`` (``VERL_LOSS_MODES``) instead of ``loss_type``:
+            ``"vanilla"`` (the clip family: ``loss_type`` from ``loss_agg_mode``, default bnpo = token-mean, verl's
+            default), ``"geo_mean"``, ``"clip_cov"``, ``"kl_cov"``, ``"gpg"``; with ``loss_agg_mode`` the latter three
+            aggregate as verl would (``aggregation=``), geo_mean ignores it as verl does. Their knobs keep verl's names
+            (``clip_cov_ratio``, ``clip_cov_lb``, ``clip_cov_ub``, ``kl_cov_ratio``, ``ppo_kl_coef``; ``epsilon_low``
+            / ``epsilon_high`` are verl's ``clip_ratio_low`` / ``clip_ratio_high``).
         **loss_kwargs: every other keyword of :func:`grpo_kernels.grpo_loss` (``loss_type``, ``beta``,
             ``epsilon_low``, ``epsilon_high``, ``dual_clip``, ``kl_estimator``, ``temperature``,
             ``importance_sampling_level``, ``return_entropy``, ``inplace_backward``, ``backend``, ...).
@@ -97,18 +109,30 @@ def grpo_loss_from_batch(
     else:
         raise KeyError("batch needs 'completion_ids' [B, T] or 'input_ids' [B, L] (its last T columns)")
 
+    if loss_mode is not None:
+        if loss_mode not in VERL_LOSS_MODES:
+            raise ValueError(f"loss_mode must be one of {list(VERL_LOSS_MODES)}, got {loss_mode!r}")
+        if "loss_type" in loss_kwargs:
+            raise ValueError("pass either loss_mode (verl's name) or loss_type, not both")
+        if loss_mode == "vanilla" and loss_agg_mode is None:
+            loss_agg_mode = "token-mean"  # verl's default
+    own_policy = loss_mode not in (None, "vanilla")  # a verl loss of its own: the aggregation is a separate knob
+    if own_policy:
+        loss_kwargs["loss_type"] = loss_mode
+
     scale = 1.0
-    if loss_agg_mode is not None:
-        if "loss_type" in loss_kwargs or "max_completion_length" in loss_kwargs:
-            raise ValueError("pass either loss_agg_mode (verl's name) or loss_type / max_completion_length, not both")
+    if loss_agg_mode is not None and loss_mode != "geo_mean":
+        key = "aggregation" if own_policy else "loss_type"
+        if key in loss_kwargs or "max_completion_length" in loss_kwargs:
+            raise ValueError(f"pass either loss_agg_mode (verl's name) or {key} / max_completion_length, not both")
         if loss_agg_mode == "token-mean":
-            loss_kwargs["loss_type"] = "bnpo"
+            loss_kwargs[key] = "bnpo"
         elif loss_agg_mode == "seq-mean-token-mean":
-            loss_kwargs["loss_type"] = "grpo"
+            loss_kwargs[key] = "grpo"
         elif loss_agg_mode == "seq-mean-token-sum":
-            loss_kwargs.update(loss_type="dr_grpo", max_completion_length=1)
+            loss_kwargs.update({key: "dr_grpo", "max_completion_length": 1})
         elif loss_agg_mode == "seq-mean-token-sum-norm":
-            loss_kwargs.update(loss_type="dr_grpo", max_completion_length=num_completion)
+            loss_kwargs.update({key: "dr_grpo", "max_completion_length": num_completion})
             scale = float(mask.shape[0])
         else:
             raise ValueError(f"loss_agg_mode must be one of {list(VERL_LOSS_AGG_MODES)}, got {loss_agg_mode!r}")
@@ -127,4 +151,4 @@ def grpo_loss_from_batch(
     return out if scale == 1.0 else out._replace(loss=out.loss * scale)
 
 
-__all__ = ["VERL_LOSS_AGG_MODES", "completion_logits", "grpo_loss_from_batch"]
+__all__ = ["VERL_LOSS_AGG_MODES", "VERL_LOSS_MODES", "completion_logits", "grpo_loss_from_batch"]

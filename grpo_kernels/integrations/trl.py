@@ -60,6 +60,7 @@ _LOSS_TYPES = {
     "cispo": "cispo",
     "sapo": "sapo",
     "luspo": "dr_grpo",
+    "vespo": "vespo",
 }
 # GRPOTrainer (its GRPOConfig) -> the knobs of grpo_kernels.LossConfig: the one place where TRL's names meet ours.
 # Knobs not listed keep LossConfig's defaults (TRL 1.16 has no dual_clip, its KL estimator is k3).
@@ -68,14 +69,19 @@ TRL_KNOBS = {
     "beta": lambda t: t.beta,
     "epsilon_low": lambda t: t.epsilon_low,
     "epsilon_high": lambda t: t.epsilon_high,
-    "delta": lambda t: t.args.delta,
+    "delta": lambda t: None if t.loss_type == "vespo" else t.args.delta,  # TRL's vespo ignores delta
     "temperature": lambda t: t.temperature,
     "importance_sampling_level": lambda t: t.importance_sampling_level,
     "bias_corrected_kl": lambda t: t.args.use_bias_correction_kl,
     "max_completion_length": lambda t: 1 if t.loss_type == "luspo" else t.max_completion_length,
     "sapo_temperature_pos": lambda t: t.args.sapo_temperature_pos,
     "sapo_temperature_neg": lambda t: t.args.sapo_temperature_neg,
+    "vespo_k_pos": lambda t: t.args.vespo_k_pos,
+    "vespo_lambda_pos": lambda t: t.args.vespo_lambda_pos,
+    "vespo_k_neg": lambda t: t.args.vespo_k_neg,
+    "vespo_lambda_neg": lambda t: t.args.vespo_lambda_neg,
 }
+_ITEM_NORMALISED_LOSS_TYPES = ("dapo", "cispo", "vespo")  # TRL divides these by num_items_in_batch
 _CLIP_METRIC_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL logs clip_ratio/* for these
 _LOSS_PATHS = ("auto", "fused_linear", "logits")
 _TRL_INIT_SIGNATURE = inspect.signature(TRLGRPOTrainer.__init__)
@@ -116,6 +122,10 @@ def check_config(args: GRPOConfig, loss_path: str = "auto") -> None:
         )
     if args.delta is not None and not args.delta > 1:
         raise ValueError(f"delta (the two-sided clip of the ratio) must be > 1, got {args.delta}")
+    if args.loss_type == "vespo":
+        for name in ("vespo_lambda_pos", "vespo_lambda_neg"):  # TRL clamps them at 1e-4 silently
+            if not getattr(args, name) > 0:
+                raise ValueError(f"{name} (VESPO's decay rate) must be > 0, got {getattr(args, name)}")
 
 
 def _route_loss_through_forward(model: nn.Module) -> None:
@@ -147,7 +157,7 @@ def _project(hidden, head, softcap, scale):
 class GRPOTrainer(TRLGRPOTrainer):
     """TRL's ``GRPOTrainer`` (same constructor, same ``GRPOConfig``) whose training loss is one fused op.
 
-    Computes exactly TRL 1.16's objective for ``loss_type`` grpo, bnpo, dr_grpo, dapo, cispo, sapo and luspo, at
+    Computes exactly TRL 1.16's objective for ``loss_type`` grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo and vespo, at
     either ``importance_sampling_level``, with ``beta``, ``epsilon``/``epsilon_high``, ``delta``, ``temperature``,
     ``use_bias_correction_kl``, the vLLM importance-sampling ratio, ``top_entropy_quantile``, the entropy bonus (static
     or adaptive), ``off_policy_mask_threshold``, ``num_items_in_batch`` normalisation and gradient-accumulation
@@ -296,7 +306,7 @@ class GRPOTrainer(TRLGRPOTrainer):
         # TRL 1.16's scaling of the aggregated loss: dapo/cispo divide by num_items_in_batch / num_processes, times
         # accumulation steps / steps_per_generation in training (the op divides by num_items_in_batch); the others
         # divide by the accumulation steps in training.
-        if self.loss_type in ("dapo", "cispo"):
+        if self.loss_type in _ITEM_NORMALISED_LOSS_TYPES:
             scale = self.accelerator.num_processes
             if mode == "train":
                 scale = scale * self.args.steps_per_generation / self.current_gradient_accumulation_steps
@@ -323,10 +333,10 @@ class GRPOTrainer(TRLGRPOTrainer):
             else:
                 policy_loss = out.loss.detach()
                 loss = loss - bonus
-            if self.loss_type in ("dapo", "cispo"):  # TRL logs the policy loss where it takes it: after the scale
+            if self.loss_type in _ITEM_NORMALISED_LOSS_TYPES:  # TRL logs the policy loss where it takes it: scaled
                 policy_loss = policy_loss * scale
             self._entropy_bonus_metrics(out.entropy.detach(), mask, entropy_mask, policy_loss, mode)
-        self._log_metrics(mode, out, advantages, mask, old)
+        self._log_metrics(mode, out, advantages, mask, old, inputs)
         return loss
 
     def _logits_loss(self, model, inputs, mask, advantages, old, mode):
@@ -337,7 +347,7 @@ class GRPOTrainer(TRLGRPOTrainer):
         def score():  # one more read of the logits, nothing of size [B, C, V] allocated
             return token_logprobs(logits, completion_ids, temperature=self.temperature, return_entropy=True, mask=mask)
 
-        is_weights, entropy_mask = self._token_weights(score, inputs, mask, advantages, old)
+        advantages, is_weights, entropy_mask = self._token_weights(score, inputs, mask, advantages, old)
         out = grpo_loss(
             logits,
             completion_ids,
@@ -380,7 +390,7 @@ class GRPOTrainer(TRLGRPOTrainer):
         # float32 the fused ops' compute dtype.
         cast = self.args.cast_lm_head_to_fp32
         with torch.autocast(hidden.device.type, enabled=False) if cast else contextlib.nullcontext():
-            is_weights, entropy_mask = self._token_weights(score, inputs, mask, advantages, old)
+            advantages, is_weights, entropy_mask = self._token_weights(score, inputs, mask, advantages, old)
             weights = self._entropy_bonus_weights(mask, entropy_mask, mode)
             out = fused_linear_grpo_loss(
                 hidden,
@@ -426,9 +436,11 @@ class GRPOTrainer(TRLGRPOTrainer):
         a mask needs them (off-policy sequence mask, high-entropy token mask), before the loss: one more pass over
         the logits, or over the LM head on the fused-linear path.
 
-        Returns ``(is_weights, entropy_mask)``: ``is_weights`` ``[B, 1]`` or ``[B, C]`` float, or None when no
-        factor applies (those two masks, vLLM importance-sampling ratio); ``entropy_mask`` ``[B, C]`` bool or None
-        (the entropy bonus uses it too).
+        Returns ``(advantages, is_weights, entropy_mask)``: ``is_weights`` ``[B, 1]`` or ``[B, C]`` float, or None
+        when no factor applies (those two masks, vLLM importance-sampling ratio); ``entropy_mask`` ``[B, C]`` bool or
+        None (the entropy bonus uses it too). For vespo the vLLM ratio enters the gamma weight instead (TRL 1.16:
+        ``get_gamma_weights``, and no multiplication by it), so it alone is ``is_weights``, and the 0/1 masks multiply
+        the advantages: ``-phi (A f) lp`` is TRL's ``-phi A lp f`` for ``f`` in {0, 1}.
         """
         factors, entropy_mask = [], None
         if self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None:
@@ -440,12 +452,17 @@ class GRPOTrainer(TRLGRPOTrainer):
             if self.top_entropy_quantile < 1.0:
                 entropy_mask = self.get_high_entropy_mask(entropy, mask, 1 - self.top_entropy_quantile)
                 factors.append(entropy_mask)
+        if self.loss_type == "vespo":
+            for factor in factors:
+                advantages = advantages * factor.to(advantages.dtype)
+            ratio = inputs.get("importance_sampling_ratio")  # TRL reads it whenever the batch holds it
+            return advantages, None if ratio is None else ratio.float(), entropy_mask
         if self.use_vllm and self.vllm_importance_sampling_correction:
             factors.append(inputs["importance_sampling_ratio"])  # [B, C] (token modes) or [B, 1] (sequence modes)
         weights = None
         for factor in factors:
             weights = factor.float() if weights is None else weights * factor
-        return weights, entropy_mask
+        return advantages, weights, entropy_mask
 
     def _loss_config(self) -> dict:
         """The knobs of :class:`grpo_kernels.LossConfig` from the trainer's configuration (read per call, as TRL
@@ -501,7 +518,7 @@ class GRPOTrainer(TRLGRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # metrics: TRL's names and definitions
     # ------------------------------------------------------------------------------------------------------------
-    def _log_metrics(self, mode, out, advantages, mask, old):
+    def _log_metrics(self, mode, out, advantages, mask, old, inputs):
         metrics = self._metrics[mode]
         count = mask.sum().float()
 
@@ -524,10 +541,20 @@ class GRPOTrainer(TRLGRPOTrainer):
         log_mean("entropy", out.entropy_mean * count, count)
 
         # TRL's clip metrics use the importance ratio itself, one per sequence at sequence level (the op's clip
-        # fractions are token-weighted), so they are recomputed here from the op's detached log-probs.
+        # fractions are token-weighted), so they are recomputed here from the op's detached log-probs; so is vespo's
+        # gamma weight, by TRL's own function (one value per sequence for per-sequence advantages).
+        log_ratio = out.logprobs - old if old is not None else torch.zeros_like(out.logprobs)
+        if self.loss_type == "vespo":
+            phi = self.get_gamma_weights(
+                advantages=advantages, log_ratio_per_token=log_ratio, mask=mask,
+                importance_sampling_ratio=inputs.get("importance_sampling_ratio"), k_pos=self.args.vespo_k_pos,
+                lambda_pos=self.args.vespo_lambda_pos, k_neg=self.args.vespo_k_neg,
+                lambda_neg=self.args.vespo_lambda_neg,
+            )  # fmt: skip
+            log_masked_mean("vespo/phi_seq_mean", phi)
+            return
         if self.loss_type not in _CLIP_METRIC_LOSS_TYPES and self.loss_type != "cispo":
             return
-        log_ratio = out.logprobs - old if old is not None else torch.zeros_like(out.logprobs)
         if self.importance_sampling_level == "sequence":
             log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
         ratio = torch.exp(log_ratio)  # [B, C] or [B, 1]

@@ -11,9 +11,11 @@ and writes ``lp, lse, H, g, L, K`` and the clip flags. The backward is the share
 (``logprobs._token_logprobs_bwd_kernel``) driven by ``g`` times the incoming gradient: forward + backward = 3 passes
 over the logits (read, read, write).
 
-Sequence-level importance sampling (GSPO) needs each sequence's mean log-ratio before any ``g_t`` is known. Its
-forward is the log-prob kernel (pass 1) followed by the ``[N]``-sized closed form of ``loss_math`` in torch (a
-deterministic per-sequence prefix-sum reduction): still no third pass over the logits.
+Sequence-level importance sampling (GSPO) needs each sequence's mean log-ratio before any ``g_t`` is known, and so
+do the losses that couple tokens (vespo's per-sequence weight, geo_mean's per-sequence ratio; clip_cov's and
+kl_cov's batch-level covariance selection: ``LossConfig.coupling``). Their forward is the log-prob kernel (pass 1)
+followed by the ``[N]``-sized closed form of ``loss_math`` in torch (deterministic per-sequence prefix sums, one sort
+for the selections): still no third pass over the logits. gpg (``-A lp``) is token-level and in the epilogue.
 
 Modes are compile-time (``tl.constexpr``): loss family, KL estimator, has-old / has-KL / has-IS-weights / delta /
 dual clip / bias correction / entropy, and the logits dtype. Every float hyper-parameter is a runtime argument, so
@@ -35,7 +37,8 @@ from .logprobs import row_logprobs, token_logprobs_forward
 CLIP = tl.constexpr(0)
 CISPO = tl.constexpr(1)
 SAPO = tl.constexpr(2)
-_FAMILY = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "cispo": 1, "sapo": 2}
+GPG = tl.constexpr(3)
+_FAMILY = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "cispo": 1, "sapo": 2, "gpg": 3}
 
 _CLIP_LOW = tl.constexpr(CLIP_LOW)
 _CLIP_HIGH = tl.constexpr(CLIP_HIGH)
@@ -61,7 +64,9 @@ def _min_grad(a, b, da, db):
 def _policy(rho, adv, lp, clip_low, clip_high, eps_high, delta, dual_clip, sapo_pos, sapo_neg,
             FAMILY: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr):  # fmt: skip
     """``(P, dP/dr, dP/dlp|direct)`` of docs/math.md section 4 for the ratio ``rho = exp(r)``."""
-    if FAMILY == CISPO:
+    if FAMILY == GPG:  # no ratio: the REINFORCE term
+        p, dp_dr, dp_dlp = -adv * lp, 0.0, -adv
+    elif FAMILY == CISPO:
         capped = minimum(rho, eps_high)  # stop-gradient: no dP/dr
         p, dp_dr, dp_dlp = -capped * adv * lp, 0.0, -capped * adv
     elif FAMILY == SAPO:
@@ -219,7 +224,7 @@ def _grpo_loss_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 def grpo_loss_forward(logits: torch.Tensor, batch: TokenBatch, config: LossConfig, with_entropy: bool) -> LossForward:
     """The fused forward (see :class:`grpo_kernels.loss_math.LossForward` for the outputs)."""
-    if config.sequence_level:
+    if config.coupling is not None:  # g_t needs its sequence or the batch: log-probs, then the [N] closed form
         lp, lse, entropy = token_logprobs_forward(logits, batch.token_ids, config.temperature, with_entropy)
         return loss_forward_from_logprobs(lp, lse, entropy, batch, config)
 
