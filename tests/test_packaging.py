@@ -1,6 +1,7 @@
 """The wheel ships what the package needs outside a checkout: the CUDA sources (found by the JIT build through
 importlib.resources), the verified-backends table, py.typed, the license; the version is written once."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -44,11 +45,12 @@ def test_wheel_contents(wheel):
 def test_jit_build_finds_its_sources_in_a_fresh_venv(wheel, tmp_path):
     """Installed from the wheel into a venv outside the checkout, the CUDA build step locates every source file
     inside the installed package (compiling needs CUDA torch; finding the sources does not)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing from a checkout on the path
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--force-reinstall", str(wheel)]
-    result = subprocess.run(install, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(install, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     code = (
         "import pathlib, grpo_kernels\n"
@@ -62,5 +64,5 @@ def test_jit_build_finds_its_sources_in_a_fresh_venv(wheel, tmp_path):
         "print('ok', len(b.sources()))\n"
     )
     result = subprocess.run([str(python), "-c", "import sys\n" + code, str(venv)], capture_output=True, text=True,
-                            timeout=300, cwd=tmp_path)  # fmt: skip
+                            timeout=300, cwd=tmp_path, env=env)  # fmt: skip
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-3000:]
