@@ -102,3 +102,11 @@ def test_bad_sweeps_are_clear_errors(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith("grpo-train sweep: error: ") and message in err, err
     assert not (tmp_path / "s").exists()  # refused before any run
+
+
+def test_sweep_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in ("--seeds", "--budget", "--completions-per-step", "--jobs", "--sweep-dir"))
