@@ -27,10 +27,13 @@ def _logits(model, rollout):
     return out[:, -(c + 1) : -1]
 
 
-def test_lora_step_trains_only_adapters_against_reference(tmp_path):
+@pytest.mark.parametrize(
+    "options", [{}, dict(inplace_backward=True, grad_in_forward=True)], ids=["logits", "inplace-grad-in-forward"]
+)
+def test_lora_step_trains_only_adapters_against_reference(tmp_path, options):
     """grpo_loss on the logits of the wrapped model (LoRA on the LM head too): the adapters' gradient equals
     reference.grpo_loss's in float64; the base gets none; the reference log-probs are the base model's."""
-    trainer = Trainer(tiny_config(tmp_path, sft_steps=0, beta=0.1, loss_type="grpo", grad_accum=1, **LORA))
+    trainer = Trainer(tiny_config(tmp_path, sft_steps=0, beta=0.1, loss_type="grpo", grad_accum=1, **LORA, **options))
     base = copy.deepcopy(trainer.model)
     trainer._begin_grpo()
     # A non-zero B: a fresh adapter is the identity, and would hide a reference computed with the adapters on.
