@@ -229,7 +229,13 @@ class Trainer:
         cfg, path = self.cfg, self.out / "reward_model"
         if not (cfg.resume is not None and path.is_dir()):
             if self.dist.main:
-                heldout = self.eval_examples or heldout_set(self.task, 256, HELDOUT_SEED)
+                # the policy's held-out problems (an --eval-data file need not hold task problems)
+                size = min(256, 10 ** (2 * cfg.task_digits) // 2)
+                heldout = (
+                    self.eval_examples
+                    if self.eval_examples and not cfg.eval_data
+                    else heldout_set(self.task, size, HELDOUT_SEED)
+                )
                 stream = PromptStream(derived_seed(cfg.seed, "reward_model"), task=self.task,
                                       exclude=frozenset(e.prompt for e in heldout))  # fmt: skip
                 report = train_learned_reward(

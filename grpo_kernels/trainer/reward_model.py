@@ -19,7 +19,7 @@ chosen completion is the task's correct demonstration and the rejected one is, b
 
 The Bradley-Terry loss is ``-log sigmoid(r(chosen) - r(rejected))``, averaged over the pairs of a step. The
 held-out pairwise accuracy (the fraction of pairs with ``r(chosen) > r(rejected)``) is measured on pairs built from
-problems that neither the reward model nor the policy trains on.
+problems the reward model never trains on (the policy's held-out problems when they are task problems).
 """
 
 from __future__ import annotations
