@@ -28,9 +28,9 @@ def _stable(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
-def _run_cli(out, env_extra, *extra_args, wait):
+def _run_cli(out, env_extra, *extra_args, wait, settings=COMMON):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env_extra}
-    args = [sys.executable, "-m", "grpo_kernels.trainer", *tiny_cli_args(out, **COMMON), *extra_args]
+    args = [sys.executable, "-m", "grpo_kernels.trainer", *tiny_cli_args(out, **settings), *extra_args]
     if wait:
         return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -63,6 +63,71 @@ def test_sigkill_mid_step_then_resume_loses_and_repeats_nothing(tmp_path):
     assert _stable(read_metrics(out / "metrics.jsonl")) == _stable(read_metrics(straight / "metrics.jsonl"))
     a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (straight, out))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _kill_mid_step(out, marker, block_at, settings):
+    """Start grpo-train, SIGKILL it inside reward call number ``block_at`` (in the middle of a step)."""
+    proc = _run_cli(out, {"GRPO_TEST_BLOCK_AT": str(block_at), "GRPO_TEST_MARKER": str(marker)}, wait=False,
+                    settings=settings)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert proc.poll() is None, f"the trainer exited early: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "the trainer never reached the blocking reward call"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _tiny_model_dir(path):
+    from grpo_kernels.trainer.model import builtin_tokenizer, tiny_model
+
+    torch.manual_seed(0)
+    tokenizer = builtin_tokenizer()
+    tiny_model(tokenizer, hidden_size=32, num_layers=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "variant", ["lora-reward-models", pytest.param("ref-sync", marks=pytest.mark.slow)]
+)  # the ref-sync case is resumed after an in-process interrupt by default (test_trainer_ref_sync.py)
+def test_sigkill_then_resume_with_the_new_options(tmp_path, variant):
+    """SIGKILL mid-step and --resume with (a) LoRA on a --model directory (adapter-only checkpoints, the reference
+    through disabled adapters), a --reward-model and --reward learned (its model trained once, before the kill, and
+    reused); (b) --ref-sync-every. Same metrics and final weights as an uninterrupted run."""
+    torch.set_num_threads(1)
+    interrupting = "tests.trainer_helpers:interrupting_reward"
+    if variant == "lora-reward-models":
+        reward_model = helpers.tiny_reward_model_dir(tmp_path / "rm")
+        settings = dict(model=str(_tiny_model_dir(tmp_path / "base")), sft_steps=0, steps=6, save_every=3, beta=0.05,
+                        lora_r=4, lora_alpha=8.0, lora_target_modules="q_proj,v_proj,lm_head",
+                        rewards=[interrupting, "learned=0.5"], learned_reward_steps=10,
+                        reward_models=[f"{reward_model}=0.5"])  # fmt: skip
+        block_at, final = 5, "adapter_model.safetensors"  # GRPO step 5: checkpoint 3, step 4 logged
+    else:
+        settings = dict(sft_steps=2, steps=4, save_every=3, beta=0.05, ref_sync_every=2, ref_mixup_alpha=0.5,
+                        rewards=[interrupting])  # fmt: skip
+        block_at, final = 3, "model.safetensors"  # step 5 (the 3rd GRPO step): checkpoint 3, step 4 logged
+    helpers.reset_calls()
+    straight = tmp_path / "straight"
+    train(tiny_config(straight, **settings))
+
+    out = tmp_path / "killed"
+    _kill_mid_step(out, tmp_path / "marker", block_at, settings)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "phase" in r][-1] == 4
+    assert [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")] == ["step_00000003"]
+    if variant == "lora-reward-models":
+        assert (out / "checkpoints" / "step_00000003" / "adapter.safetensors").is_file()
+        trained = (out / "reward_model" / "model.safetensors").stat().st_mtime_ns
+
+    helpers.reset_calls()
+    train(tiny_config(out, resume="latest", **settings))
+    if variant == "lora-reward-models":
+        assert (out / "reward_model" / "model.safetensors").stat().st_mtime_ns == trained  # not trained again
+    assert _stable(read_metrics(out / "metrics.jsonl")) == _stable(read_metrics(straight / "metrics.jsonl"))
+    a, b = (load_file(str(d / "final" / final)) for d in (straight, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_corrupted_or_partial_checkpoint_is_a_clear_error(tmp_path, capsys):

@@ -17,9 +17,13 @@ from tests.trainer_helpers import tiny_cli_args, tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_process_ddp_matches_gradient_accumulation(tmp_path):
+LORA = dict(lora_r=4, lora_alpha=8.0, lora_dropout=0.0, lora_target_modules="q_proj,v_proj,lm_head")
+
+
+@pytest.mark.parametrize("extra", [{}, pytest.param(LORA, marks=pytest.mark.slow)], ids=["full", "lora"])
+def test_two_process_ddp_matches_gradient_accumulation(tmp_path, extra):
     torch.set_num_threads(1)
-    settings = dict(sft_steps=2, steps=2, batch_prompts=4, sft_batch_size=8, beta=0.05)
+    settings = dict(sft_steps=2, steps=2, batch_prompts=4, sft_batch_size=8, beta=0.05, **extra)
     ddp_out = tmp_path / "ddp"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -35,7 +39,7 @@ def test_two_process_ddp_matches_gradient_accumulation(tmp_path):
 
     ddp, single = (read_metrics(d / "metrics.jsonl") for d in (ddp_out, single_out))
     assert [r["step"] for r in ddp] == [r["step"] for r in single] and len(ddp) == 6  # 4 steps + 2 held-out evals
-    for a, b in zip(ddp, single):
+    for a, b in zip(ddp, single, strict=True):
         assert a.keys() == b.keys()
         for key in a.keys() - set(TIMING_KEYS):
             if isinstance(a[key], (int, float)) and not isinstance(a[key], bool):
@@ -44,5 +48,6 @@ def test_two_process_ddp_matches_gradient_accumulation(tmp_path):
                 assert a[key] == b[key], (a["step"], key)
     # Bitwise: with 2 ranks the all-reduce is one addition, the same one the single process does when it
     # accumulates its 2 micro-batches, and the world-size scaling (x2, then DDP's /2) is exact.
-    wa, wb = (load_file(str(d / "final" / "model.safetensors")) for d in (ddp_out, single_out))
+    final = "adapter_model.safetensors" if extra else "model.safetensors"  # LoRA: the DDP wrap is redone at GRPO start
+    wa, wb = (load_file(str(d / "final" / final)) for d in (ddp_out, single_out))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -133,7 +133,8 @@ def test_cli_help(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--model", "--data", "--resume", "--loss-type", "--beta", "--num-iterations", "--grad-accum",
-                 "--mask-truncated", "--reward", "--importance-sampling-level", "--dual-clip", "--delta"):  # fmt: skip
+                 "--mask-truncated", "--reward", "--importance-sampling-level", "--dual-clip", "--delta",
+                 "--reward-model", "--ref-sync-every", "--ref-mixup-alpha", "--lora-r", "--lora-target-modules"):  # fmt: skip
         assert flag in text
 
 

@@ -64,8 +64,9 @@ def tiny_cli_args(output_dir, **overrides) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list):
-            args += [x for item in value for x in ("--reward", item)]
+        elif isinstance(value, list):  # --reward and --reward-model are repeated, one value each
+            flag = {"rewards": "--reward", "reward_models": "--reward-model"}[key]
+            args += [x for item in value for x in (flag, item)]
         else:
             args += [flag, str(value)]
     return args
@@ -78,3 +79,28 @@ def recording_reward(prompts, completions, **kwargs):
     """``digit_reward`` that also records the prompts as the model saw them."""
     SEEN_PROMPTS.extend(prompts)
     return digit_reward(completions, **kwargs)
+
+
+def tiny_reward_model_dir(path, *, num_labels=1, chat_template=None, seed=0):
+    """A tiny sequence-classification model (random weights from ``seed``) and the built-in tokenizer, saved to
+    ``path`` with ``save_pretrained``, as ``--reward-model`` reads it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from grpo_kernels.trainer.model import builtin_tokenizer
+
+    tokenizer = builtin_tokenizer()
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config)
+    with torch.no_grad():  # a score head with spread (the default init is small)
+        model.score.weight.normal_(0.0, 1.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -3,16 +3,18 @@
 Layout of ``OUTPUT/checkpoints/step_00000050/``::
 
     model.safetensors       policy weights (tied weights stored once)
-    ref_model.safetensors   the frozen reference model, when beta > 0
+    ref_model.safetensors   the frozen reference model, when beta > 0 (without LoRA)
+    adapter.safetensors     with LoRA and --model DIR (no warm-up): the adapters only, in place of model.safetensors
     optimizer.safetensors   AdamW moments; hyper-parameters and step counts in state.json
     rng.safetensors         torch RNG state of every rank (CPU, and CUDA when used)
     state.json              step, held-out results, config, optimizer param groups, Python/NumPy RNG per rank
     manifest.json           size and sha256 of every file above; written last
 
-A checkpoint is written into a hidden ``.step_00000050.tmp`` directory, every file fsynced, the manifest last, and
-only then renamed to its final name (a rename within one directory is atomic), so a checkpoint directory either
-exists complete or not at all. A kill during the write leaves only the ``.tmp`` directory, which the next save or
-resume removes. On load every file is checked against the manifest; any mismatch is a :class:`CheckpointError`.
+A checkpoint (and the learned reward model: :func:`write_directory`) is written into a hidden ``.step_00000050.tmp``
+directory, every file fsynced, the manifest last, and only then renamed to its final name (a rename within one
+directory is atomic), so a checkpoint directory either exists complete or not at all. A kill during the write
+leaves only the ``.tmp`` directory, which the next save or resume removes. On load every file is checked against
+the manifest; any mismatch is a :class:`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -72,6 +74,29 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def write_directory(final: Path, write) -> Path:
+    """Create ``final`` atomically: ``write(tmp)`` fills a hidden ``.<name>.tmp`` directory beside it, every file is
+    fsynced, the manifest (size and sha256 of each file) written last, then the directory is renamed to ``final``
+    (replacing an older one of that name). Returns ``final``."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        _fsync(tmp / name)
+    manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
+    (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
+    if final.exists():  # e.g. the same step saved again (a resumed run re-reaching it): drop the old copy first
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    return final
+
+
 def save_checkpoint(root: Path, step: int, *, models: dict, tensors: dict[str, dict], state: dict, keep: int) -> Path:
     """Write ``root/step_<step>`` atomically; keep the ``keep`` newest checkpoints. Returns the directory.
 
@@ -80,27 +105,14 @@ def save_checkpoint(root: Path, step: int, *, models: dict, tensors: dict[str, d
     """
     from safetensors.torch import save_file, save_model
 
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".step_{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name, model in models.items():
-        save_model(model, str(tmp / f"{name}.safetensors"))
-    for name, group in tensors.items():
-        save_file(group, str(tmp / f"{name}.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    files = sorted(p.name for p in tmp.iterdir())
-    for name in files:
-        _fsync(tmp / name)
-    manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
-    _fsync(tmp / MANIFEST)
-    _fsync(tmp)
-    if final.exists():  # the same step saved again (a resumed run re-reaching it): drop the old copy first
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(root)
+    def write(tmp: Path) -> None:
+        for name, model in models.items():
+            save_model(model, str(tmp / f"{name}.safetensors"))
+        for name, group in tensors.items():
+            save_file(group, str(tmp / f"{name}.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+    final = write_directory(root / f"step_{step:08d}", write)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -118,12 +130,12 @@ def remove_partial_checkpoints(root: Path) -> None:
         shutil.rmtree(leftover)
 
 
-def verify_checkpoint(path: Path) -> dict:
+def verify_directory(path: Path, what: str = "checkpoint") -> dict:
     """The manifest of ``path`` after checking every file's size and sha256; :class:`CheckpointError` otherwise."""
+    where = f"{what} {str(path)!r}"
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"{where} does not exist")
     manifest_path = path / MANIFEST
-    where = f"checkpoint {str(path)!r}"
     if not manifest_path.is_file():
         raise CheckpointError(f"{where} is partial: it has no {MANIFEST} (it was not completely written)")
     try:
@@ -141,6 +153,10 @@ def verify_checkpoint(path: Path) -> dict:
         if _sha256(file) != expected["sha256"]:
             raise CheckpointError(f"{where} is corrupted: the sha256 of {name} does not match the manifest")
     return manifest
+
+
+def verify_checkpoint(path: Path) -> dict:
+    return verify_directory(path, "checkpoint")
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict[str, Path]]:

@@ -3,6 +3,7 @@
     grpo-train                                   # built-in task: warm-up, then GRPO; held-out accuracy before/after
     grpo-train --model ./Qwen2.5-0.5B-Instruct --data gsm8k.jsonl --reward accuracy --reward format=0.2
     torchrun --nproc_per_node=2 -m grpo_kernels.trainer --steps 20
+    grpo-train sweep --num-generations 2,4,8 --seeds 0,1,2 --budget completions    # see sweep.py
 """
 
 from __future__ import annotations
@@ -37,13 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, **meta)
         elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, dest=f.name, action="append", default=None, metavar="NAME[=WEIGHT]", **meta)
+            meta.setdefault("metavar", "NAME[=WEIGHT]")
+            parser.add_argument(flag, dest=f.name, action="append", default=None, **meta)
         else:
             parser.add_argument(flag, dest=f.name, type=kind, default=f.default, **meta)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sweep"]:
+        from .sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .data import DataError

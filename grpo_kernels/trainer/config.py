@@ -70,13 +70,31 @@ class TrainConfig(_LossKnobs):
     temperature: float = _opt(1.0, "sampling temperature (the loss divides the logits by it too)")
     top_p: float = _opt(1.0, "nucleus sampling threshold")
     mask_truncated: bool = _opt(False, "leave completions without EOS out of the loss (DAPO overlong filtering)")
-    rewards: list[str] | None = _opt(None, "NAME[=WEIGHT], repeatable: accuracy, format, length or module:function "
-                                           "(default: accuracy)", flag="--reward")  # fmt: skip
+    rewards: list[str] | None = _opt(None, "NAME[=WEIGHT], repeatable: accuracy, format, length, learned (a reward "
+                                           "model trained first on the built-in task's preference pairs) or "
+                                           "module:function (default: accuracy)", flag="--reward")  # fmt: skip
+    reward_models: list[str] | None = _opt(None, "DIR[=WEIGHT], repeatable: a local Hugging Face sequence-"
+                                                 "classification model (one output) scoring (prompt, completion)",
+                                           flag="--reward-model", metavar="DIR[=WEIGHT]")  # fmt: skip
+    reward_model_batch_size: int = _opt(64, "completions per reward-model forward pass")
+    learned_reward_steps: int = _opt(300, "Bradley-Terry training steps of the --reward learned model")
+    learned_reward_pairs: int = _opt(64, "preference pairs per training step of the --reward learned model")
+    learned_reward_lr: float = _opt(1e-3, "learning rate of the --reward learned model")
     multi_reward: str = _opt("sum_then_normalize", "how several rewards combine",
                              choices=("sum_then_normalize", "normalize_then_sum"))  # fmt: skip
     advantage_scale: str = _opt("group", "advantage denominator: group std, batch std or none (Dr. GRPO)",
                                 choices=("group", "batch", "none"))  # fmt: skip
     advantage_eps: float = _opt(1e-4, "added to the std of the advantage denominator")
+    # --- the reference policy (beta > 0) --------------------------------------------------------------------------
+    ref_sync_every: int = _opt(0, "every N optimizer steps of GRPO, ref <- alpha * policy + (1 - alpha) * ref "
+                                  "(TRL's sync_ref_model; 0 = the reference stays the starting policy)")  # fmt: skip
+    ref_mixup_alpha: float = _opt(0.6, "alpha of --ref-sync-every (TRL's ref_model_mixup_alpha), in [0, 1]")
+    # --- LoRA (peft): adapters added when GRPO starts; the reference is the base model, adapters disabled ---------
+    lora_r: int = _opt(0, "LoRA rank (0 = full fine-tuning)")
+    lora_alpha: float = _opt(32.0, "LoRA scaling numerator (the adapter is scaled by alpha / r)")
+    lora_dropout: float = _opt(0.05, "dropout on the adapters' input in the loss's forward pass")
+    lora_target_modules: str | None = _opt(None, "comma-separated module names to adapt, or all-linear "
+                                                 "(default: peft's choice for the architecture)")  # fmt: skip
     # --- the loss: every knob of grpo_kernels.LossConfig is a field (and a flag), inherited from _LossKnobs ---
     entropy: bool = _opt(True, "compute the per-token entropy (logged as a metric)")
     inplace_backward: bool = _opt(False, "write the logits' gradient over the logits (saves one [N, V] buffer)")
@@ -118,6 +136,7 @@ class TrainConfig(_LossKnobs):
             raise ValueError(f"--batch-prompts {cfg.batch_prompts} must be divisible by --grad-accum {cfg.grad_accum}")
         if not 0 < cfg.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+        _check_options(cfg)
         if cfg.max_completion_length is None:  # dr_grpo's normaliser: the completion length limit
             cfg = dataclasses.replace(cfg, max_completion_length=cfg.max_new_tokens)
         cfg.loss_config()  # checks every knob (ValueError naming it)
@@ -126,3 +145,30 @@ class TrainConfig(_LossKnobs):
     def loss_config(self) -> LossConfig:
         """The loss's configuration: this run's values of :class:`grpo_kernels.LossConfig`'s fields."""
         return LossConfig(**{name: getattr(self, name) for name in KNOBS})
+
+
+def _check_options(cfg: TrainConfig) -> None:
+    """The reward-model, reference-sync and LoRA settings (ValueError naming the flag)."""
+    for name in ("reward_model_batch_size", "learned_reward_steps", "learned_reward_pairs"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if "learned" in [spec.rpartition("=")[0] or spec for spec in cfg.rewards] and cfg.data is not None:
+        raise ValueError("--reward learned trains its reward model on the built-in task's preference pairs; with "
+                         "--data give a trained one with --reward-model DIR")  # fmt: skip
+    if cfg.ref_sync_every < 0:
+        raise ValueError(f"--ref-sync-every must be >= 0, got {cfg.ref_sync_every}")
+    if not 0.0 <= cfg.ref_mixup_alpha <= 1.0:
+        raise ValueError(f"--ref-mixup-alpha must be in [0, 1], got {cfg.ref_mixup_alpha}")
+    if cfg.ref_sync_every and cfg.beta == 0:
+        raise ValueError("--ref-sync-every needs --beta > 0: with beta = 0 no reference model is kept")
+    if cfg.lora_r < 0:
+        raise ValueError(f"--lora-r must be >= 0 (0 = no LoRA), got {cfg.lora_r}")
+    if cfg.lora_r == 0 and cfg.lora_target_modules is not None:
+        raise ValueError("--lora-target-modules needs --lora-r > 0")
+    if not cfg.lora_alpha > 0:
+        raise ValueError(f"--lora-alpha must be > 0, got {cfg.lora_alpha}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.lora_r and cfg.ref_sync_every:
+        raise ValueError("--ref-sync-every cannot be used with --lora-r: the reference is the base model with the "
+                         "adapters disabled (no copy of the weights to mix into); TRL refuses it too")  # fmt: skip

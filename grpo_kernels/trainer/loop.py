@@ -6,12 +6,17 @@ One GRPO step, per rank (prompts are sharded across ranks, each rank owns whole 
         generate G completions per prompt -> rewards [B, R] -> group_advantages [B]
         old log-probs (num_iterations > 1), reference log-probs (beta > 0)
     num_items = completion tokens of the whole step, summed over micro-batches and ranks
-    num_iterations times: for each micro-batch grpo_loss(...).backward() (DDP syncs on the last), clip, AdamW step
+    num_iterations times: for each micro-batch grpo_loss(...).backward() (DDP syncs on the last), clip, AdamW step,
+        and every --ref-sync-every optimizer steps ref <- alpha * policy + (1 - alpha) * ref
 
 Gradient accumulation and data parallelism give the same update as one big batch: dapo/cispo normalise by the
 global token count (``num_items_in_batch``) and multiply by the world size to undo DDP's gradient averaging; the
 other loss types are per-batch means, divided by the number of micro-batches. Sampling is seeded per
 (seed, step, global micro-batch), so a step draws the same completions however the batch is sharded or resumed.
+
+The reference policy (beta > 0) is a frozen copy of the policy taken when GRPO starts, or with LoRA (:mod:`.lora`)
+the base model with the adapters disabled. Rewards come from rule-based functions (:mod:`.rewards`) and reward models
+(:mod:`.reward_model`), combined by ``group_advantages``.
 """
 
 from __future__ import annotations
@@ -44,12 +49,15 @@ from .checkpoint import (
     repair_metrics,
     resolve_resume,
     save_checkpoint,
+    verify_directory,
 )  # fmt: skip
 from .config import TrainConfig
 from .data import AdditionTask, DataError, PromptStream, format_prompt, heldout_set, read_jsonl
+from .lora import adapter_dropout, adapter_state, add_lora, check_targets, load_adapter_state, save_final
 from .metrics import MetricsLog, plot_curves
 from .model import load_model_and_tokenizer, position_ids
-from .rewards import RewardSet, answer_score
+from .reward_model import RewardModel, parse_reward_model_spec, train_learned_reward
+from .rewards import RewardSet, answer_score, parse_reward_spec
 from .rollout import Rollout, demonstration_batch, generate
 
 HELDOUT_SEED = 0  # the built-in task's held-out problems are the same for every run
@@ -158,8 +166,11 @@ class Trainer:
             self.policy = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.ref_model = None
+        self.lora = False  # the adapters are added when GRPO starts; their targets are checked now
+        if cfg.lora_r:
+            check_targets(self.model, cfg.lora_target_modules)
         self._load_data()
-        self.rewards = RewardSet(cfg.rewards)
+        self.reward_models = self._reward_models()  # before the output directory is touched: errors come first
         self.total_steps = cfg.sft_steps + cfg.steps
         self.step = 0
         self.evals: dict[str, dict] = {}
@@ -172,6 +183,11 @@ class Trainer:
             self.load(resolve_resume(self.checkpoints, cfg.resume))
         else:
             self._fresh_output_dir()
+        specs = [*cfg.rewards, *(f"{name}={weight}" for name, (_, weight) in self.reward_models.items())]
+        named = {name: fn for name, (fn, _) in self.reward_models.items()}
+        if "learned" in [parse_reward_spec(spec)[0] for spec in cfg.rewards]:
+            named["learned"] = self._learned_reward()
+        self.rewards = RewardSet(specs, named)
 
     # ------------------------------------------------------------------------------------------------------------
     # setup
@@ -194,10 +210,53 @@ class Trainer:
             self.eval_examples = heldout_set(task, cfg.eval_size, HELDOUT_SEED) if cfg.eval_size else []
         held_out = frozenset(e.prompt for e in self.eval_examples)
         self.stream = PromptStream(cfg.seed, task=task, exclude=held_out)
+        self.task = task
+
+    def _reward_models(self) -> dict[str, tuple[RewardModel, float]]:
+        """``--reward-model DIR[=WEIGHT]``: name -> (scorer, weight); the name is ``reward_model:DIR``."""
+        out = {}
+        for spec in self.cfg.reward_models or []:
+            path, weight = parse_reward_model_spec(spec)
+            scorer = RewardModel.from_directory(
+                path, device=self.device, batch_size=self.cfg.reward_model_batch_size,
+                system_prompt=self.cfg.system_prompt, autocast=self._autocast,
+            )  # fmt: skip
+            out[f"reward_model:{path}"] = (scorer, weight)
+        return out
+
+    def _learned_reward(self) -> RewardModel:
+        """``--reward learned``: trained (by rank 0) into OUTPUT/reward_model unless a resumed run has it already."""
+        cfg, path = self.cfg, self.out / "reward_model"
+        if not (cfg.resume is not None and path.is_dir()):
+            if self.dist.main:
+                # the policy's held-out problems (an --eval-data file need not hold task problems)
+                size = min(256, 10 ** (2 * cfg.task_digits) // 2)
+                heldout = (
+                    self.eval_examples
+                    if self.eval_examples and not cfg.eval_data
+                    else heldout_set(self.task, size, HELDOUT_SEED)
+                )
+                stream = PromptStream(derived_seed(cfg.seed, "reward_model"), task=self.task,
+                                      exclude=frozenset(e.prompt for e in heldout))  # fmt: skip
+                report = train_learned_reward(
+                    task=self.task, stream=stream, heldout=heldout, out_dir=path,
+                    seed=derived_seed(cfg.seed, "reward_model"), steps=cfg.learned_reward_steps,
+                    pairs_per_step=cfg.learned_reward_pairs, lr=cfg.learned_reward_lr,
+                    hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_layers, device=self.device,
+                )  # fmt: skip
+                self.metrics.write({"step": 0, "reward_model": "learned", **report})
+                accuracy, pairs = 100 * report["heldout_pairwise_accuracy"], report["heldout_pairs"]
+                print(f"reward model (--reward learned): held-out pairwise accuracy {accuracy:.1f}% on {pairs} pairs "
+                      f"-> {path}")  # fmt: skip
+            self.dist.barrier()
+        verify_directory(path, "reward model")
+        return RewardModel.from_directory(path, device=self.device, batch_size=cfg.reward_model_batch_size,
+                                          autocast=self._autocast)  # fmt: skip
 
     def _fresh_output_dir(self) -> None:
         """A new run never mixes with an old one: its checkpoints would be resumed or pruned by mistake."""
-        previous = [self.checkpoints, self.out / "metrics.jsonl", self.out / "final", self.out / "curves.png"]
+        previous = [self.checkpoints, self.out / "metrics.jsonl", self.out / "final", self.out / "curves.png",
+                    self.out / "reward_model"]  # fmt: skip
         previous = [p for p in previous if p.exists()]
         if previous and not self.cfg.overwrite:
             names = ", ".join(p.name for p in previous)
@@ -209,15 +268,36 @@ class Trainer:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.dist.barrier()
 
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def _optimizer(self, warm_up: bool) -> torch.optim.Optimizer:
-        """AdamW of the warm-up or of GRPO (each phase starts with fresh moments)."""
+        """AdamW of the warm-up or of GRPO (each phase starts with fresh moments), on the trainable parameters."""
         lr = self.cfg.sft_lr if warm_up else self.cfg.lr
-        return torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
+        return torch.optim.AdamW(self._trainable(), lr=lr, weight_decay=self.cfg.weight_decay)
+
+    def _enter_grpo(self) -> None:
+        """The models of the GRPO phase: the LoRA adapters (--lora-r), else the reference copy (beta > 0)."""
+        cfg = self.cfg
+        if cfg.lora_r:
+            self.model = add_lora(self.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                  target_modules=cfg.lora_target_modules)  # fmt: skip
+            self.lora = True
+            self.policy = self.model
+            if self.world > 1:
+                ids = [self.device] if self.device.type == "cuda" else None
+                self.policy = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        elif self.uses_reference:
+            self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
 
     def _begin_grpo(self) -> None:
+        self._enter_grpo()
         self.optimizer = self._optimizer(warm_up=False)
-        if self.uses_reference:
-            self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
+
+    @property
+    def _base_on_disk(self) -> bool:
+        """The LoRA base is the --model directory unchanged (no warm-up): checkpoints need only the adapters."""
+        return self.cfg.model is not None and self.cfg.sft_steps == 0
 
     def _autocast(self):
         if self.device.type == "cuda" and self.cfg.bf16:
@@ -249,6 +329,24 @@ class Trainer:
             backend=self.cfg.backend,
         )  # fmt: skip
 
+    def _ref_logprobs(self, batch: Rollout) -> Tensor:
+        """Log-probs under the reference policy: the frozen copy, or the base model with the adapters disabled."""
+        if self.lora:
+            with self.model.disable_adapter():
+                return self._logprobs(self.model, batch)
+        return self._logprobs(self.ref_model, batch)
+
+    @torch.no_grad()
+    def _sync_reference(self, optimizer_step: int) -> bool:
+        """TRL's SyncRefModelCallback: after GRPO optimizer step k with k % N == 0,
+        ref <- alpha * policy + (1 - alpha) * ref, parameter by parameter (in place, in the parameters' dtype)."""
+        every, alpha = self.cfg.ref_sync_every, self.cfg.ref_mixup_alpha
+        if not every or optimizer_step % every:
+            return False
+        for ref, param in zip(self.ref_model.parameters(), self.model.parameters(), strict=True):
+            ref.mul_(1.0 - alpha).add_(param, alpha=alpha)
+        return True
+
     def _loss_scale(self, micro_batches: int, *, token_normalised: bool) -> float:
         """The factor each micro-batch's loss is multiplied by before its backward (accumulation and DDP)."""
         return float(self.world) if token_normalised else 1.0 / micro_batches
@@ -265,7 +363,7 @@ class Trainer:
 
     def _optimizer_step(self) -> float:
         limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
+        norm = torch.nn.utils.clip_grad_norm_(self._trainable(), limit)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -316,7 +414,7 @@ class Trainer:
         scores = self.rewards(
             prompts=[p for p in prompts for _ in range(g)], completions=rollout.completions, answers=answers,
             completion_lengths=rollout.completion_lengths, truncated=rollout.truncated,
-            max_completion_length=cfg.max_new_tokens,
+            max_completion_length=cfg.max_new_tokens, raw_prompts=[e.prompt for e in examples for _ in range(g)],
         )  # fmt: skip
         rewards = torch.tensor(scores, dtype=torch.float32, device=self.device)  # [B, R]
         adv = group_advantages(
@@ -331,8 +429,8 @@ class Trainer:
             group_std=adv.group_std,
             frac_zero_std=float(adv.frac_zero_std),
             old_logprobs=self._logprobs(self.model, rollout) if cfg.num_iterations > 1 else None,
-            ref_logprobs=self._logprobs(self.ref_model, rollout) if self.uses_reference else None,
-            correct=[answer_score(c, a) == 1.0 for c, a in zip(rollout.completions, answers)],
+            ref_logprobs=self._ref_logprobs(rollout) if self.uses_reference else None,
+            correct=[answer_score(c, a) == 1.0 for c, a in zip(rollout.completions, answers, strict=True)],
             generation_time=generation_time,
         )
 
@@ -340,9 +438,10 @@ class Trainer:
         """``grpo_loss`` of the current policy on one micro-batch (a :class:`grpo_kernels.GRPOLossOutput`).
 
         ``loss_scale`` is the factor the loss will be multiplied by before its backward; with ``--grad-in-forward``
-        the op bakes it into the gradient it computes in the forward.
+        the op bakes it into the gradient it computes in the forward. With LoRA, the adapters' dropout is on here.
         """
-        logits = self._completion_logits(self.policy, batch.rollout)
+        with adapter_dropout(self.model, active=self.lora and self.cfg.lora_dropout > 0):
+            logits = self._completion_logits(self.policy, batch.rollout)
         return grpo_loss(
             logits, batch.rollout.completion_ids, batch.advantages, mask=batch.rollout.completion_mask,
             old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs,
@@ -365,8 +464,8 @@ class Trainer:
         token_normalised = cfg.loss_config().normalised_by_items
         token_metrics = ("kl_mean", "clip_low", "clip_high", "clip_region", "entropy_mean")
         sums = dict.fromkeys(("loss", "tokens", *token_metrics), 0.0)  # local sums, token-weighted
-        grad_norms = []
-        for _ in range(cfg.num_iterations):
+        grad_norms, ref_syncs = [], 0
+        for iteration in range(cfg.num_iterations):
             for i, batch in enumerate(batches):
                 with self._sync(i == len(batches) - 1):
                     scale = self._loss_scale(len(batches), token_normalised=token_normalised)
@@ -378,6 +477,7 @@ class Trainer:
                     if getattr(out, key) is not None:
                         sums[key] += float(getattr(out, key)) * tokens
             grad_norms.append(self._optimizer_step())
+            ref_syncs += self._sync_reference((self.step - cfg.sft_steps) * cfg.num_iterations + iteration + 1)
 
         # --- metrics over the global batch ---------------------------------------------------------------------
         rewards = self.dist.gather(torch.cat([b.rewards for b in batches]))  # [B_global, R]
@@ -389,7 +489,7 @@ class Trainer:
             zero_std=sum(b.frac_zero_std * b.group_std.numel() for b in batches),
             group_std=sum(float(b.group_std.nan_to_num().sum()) for b in batches),
         )  # fmt: skip
-        total = dict(zip(sums, self.dist.sum(list(sums.values()))))
+        total = dict(zip(sums, self.dist.sum(list(sums.values())), strict=True))
         tokens, count, step_time = max(total["tokens"], 1.0), total["completions"], time.perf_counter() - start
         record = {
             "phase": "grpo",
@@ -404,6 +504,7 @@ class Trainer:
             "clip_high": total["clip_high"] / tokens,
             "clip_region": total["clip_region"] / tokens,
             "completion_length": total["length"] / count,
+            "completion_tokens": int(total["length"]),
             "truncated": total["truncated"] / count,
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -413,6 +514,8 @@ class Trainer:
         }
         if self.uses_reference:  # without a reference model there is no KL to report
             record["kl"] = total["kl_mean"] / tokens
+        if cfg.ref_sync_every:
+            record["ref_syncs"] = ref_syncs
         if cfg.entropy:
             record["entropy"] = total["entropy_mean"] / tokens
         return record
@@ -432,7 +535,7 @@ class Trainer:
             with self._autocast():
                 rollout = generate(self.model, self.tokenizer, [self._prompt_text(e.prompt) for e in part],
                                    num_generations=1, max_new_tokens=cfg.max_new_tokens, greedy=True)  # fmt: skip
-            correct += sum(answer_score(c, e.answer) == 1.0 for c, e in zip(rollout.completions, part))
+            correct += sum(answer_score(c, e.answer) == 1.0 for c, e in zip(rollout.completions, part, strict=True))
         correct, total = self.dist.sum([correct, len(local)])
         record = {"step": self.step, "eval": name, "accuracy": correct / total, "correct": int(correct),
                   "total": int(total)}  # fmt: skip
@@ -456,9 +559,14 @@ class Trainer:
                 "rng_python": [[s["python"][0], list(s["python"][1]), s["python"][2]] for s in states],
                 "rng_numpy": [[s["numpy"][0], s["numpy"][1].tolist(), *s["numpy"][2:]] for s in states],
             }
-            models = {"model": self.model, **({"ref_model": self.ref_model} if self.ref_model is not None else {})}
+            models = {"ref_model": self.ref_model} if self.ref_model is not None else {}
+            tensors = {"optimizer": optimizer_tensors, "rng": rng_tensors}
+            if self.lora and self._base_on_disk:
+                tensors["adapter"] = adapter_state(self.model)
+            else:
+                models["model"] = self.model
             save_checkpoint(self.checkpoints, self.step, models=models, state=state, keep=self.cfg.keep_checkpoints,
-                            tensors={"optimizer": optimizer_tensors, "rng": rng_tensors})  # fmt: skip
+                            tensors=tensors)  # fmt: skip
         self.dist.barrier()
 
     def load(self, path: Path) -> None:
@@ -471,14 +579,22 @@ class Trainer:
         changed = sorted(k for k, v in state["config"].items() if k != "resume" and getattr(self.cfg, k, v) != v)
         if changed and self.dist.main:
             print(f"grpo-train: resuming {path} with changed settings: {', '.join(changed)}")
-        load_model(self.model, str(files["model"]), device=str(self.device))
         self.step, self.evals = state["step"], state["evals"]
         if self.step < self.total_steps:  # a finished run resumed with more --steps: it ends somewhere else now
             self.evals.pop("after_grpo", None)
-        if self.step > self.cfg.sft_steps and self.uses_reference:
+        where = f"checkpoint {str(path)!r}"
+        if self.step > self.cfg.sft_steps:  # a GRPO checkpoint: the adapters or the reference copy exist
+            if state["config"].get("lora_r", 0) != self.cfg.lora_r:
+                raise CheckpointError(f"{where} was written with --lora-r {state['config'].get('lora_r', 0)}; "
+                                      f"resume it with the same (got {self.cfg.lora_r})")  # fmt: skip
+            self._enter_grpo()
+        if "model" in files:
+            load_model(self.model, str(files["model"]), device=str(self.device))
+        else:
+            load_adapter_state(self.model, load_file(str(files["adapter"]), device=str(self.device)), where)
+        if self.ref_model is not None:
             if "ref_model" not in files:
-                raise CheckpointError(f"checkpoint {str(path)!r} has no ref_model.safetensors but --beta > 0")
-            self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
+                raise CheckpointError(f"{where} has no ref_model.safetensors but --beta > 0")
             load_model(self.ref_model, str(files["ref_model"]), device=str(self.device))
         # The optimizer of the last completed step's phase; at the warm-up/GRPO boundary _begin_grpo replaces it.
         self.optimizer = self._optimizer(warm_up=self.step <= self.cfg.sft_steps)
@@ -531,7 +647,10 @@ class Trainer:
         summary = {"step": self.step, "output_dir": str(self.out), "evals": self.evals}
         if self.dist.main:
             final = self.out / "final"
-            self.model.save_pretrained(final)
+            if self.lora:
+                save_final(self.model, final, self.cfg.model if self._base_on_disk else None)
+            else:
+                self.model.save_pretrained(final)
             self.tokenizer.save_pretrained(final)
             metrics = self.out / "metrics.jsonl"
             if self.cfg.plot and metrics.exists():

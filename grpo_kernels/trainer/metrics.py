@@ -46,11 +46,11 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
               ("kl", "KL to reference (beta > 0)"), ("entropy", "entropy (nats)"),
               ("completion_length", "completion tokens")]  # fmt: skip
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for ax, (key, title) in zip(axes.flat, panels):
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
         for phase, style in (("sft", "C1"), ("grpo", "C0")):
             points = [(r["step"], r[key]) for r in steps if r["phase"] == phase and key in r and math.isfinite(r[key])]
             if points:
-                ax.plot(*zip(*points), style, label=phase, linewidth=1)
+                ax.plot(*zip(*points, strict=True), style, label=phase, linewidth=1)
         if key == "accuracy" and evals:
             ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "ks", label="held-out (greedy)")
         ax.set_title(title)

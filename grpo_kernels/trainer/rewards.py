@@ -4,7 +4,10 @@ Every reward function is called with keyword arguments and returns one float per
 means "no score": :func:`grpo_kernels.group_advantages` leaves such a completion out of its group's statistics)::
 
     fn(prompts=[...], completions=[...], answers=[...], completion_lengths=[...], truncated=[...],
-       max_completion_length=int) -> list[float]
+       max_completion_length=int, raw_prompts=[...]) -> list[float]
+
+``prompts`` are the texts the policy saw (through its chat template), ``raw_prompts`` the prompts before it (what a
+reward model with its own chat template reads: :mod:`.reward_model`).
 
 Built-ins:
 
@@ -80,7 +83,7 @@ def answer_score(completion: str, answer: str) -> float:
 
 
 def accuracy_reward(*, completions: Sequence[str], answers: Sequence[str], **_) -> list[float]:
-    return [answer_score(c, a) for c, a in zip(completions, answers)]
+    return [answer_score(c, a) for c, a in zip(completions, answers, strict=True)]
 
 
 def format_reward(*, completions: Sequence[str], **_) -> list[float]:
@@ -92,7 +95,9 @@ def length_reward(
 ) -> list[float]:
     buffer = max(1, max_completion_length // 4)
     free = max_completion_length - buffer
-    return [-1.0 if cut else min(0.0, (free - n) / buffer) for n, cut in zip(completion_lengths, truncated)]
+    return [
+        -1.0 if cut else min(0.0, (free - n) / buffer) for n, cut in zip(completion_lengths, truncated, strict=True)
+    ]
 
 
 REWARDS: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward, "length": length_reward}
@@ -133,18 +138,20 @@ def parse_reward_spec(spec: str) -> tuple[str, float]:
 class RewardSet:
     """Several named reward functions with weights; :meth:`__call__` returns the ``[B, R]`` table of scores."""
 
-    def __init__(self, specs: Sequence[str]):
+    def __init__(self, specs: Sequence[str], named: dict[str, RewardFn] | None = None):
+        """``specs``: ``NAME[=WEIGHT]``; ``named``: reward functions built by the caller (reward models), by name."""
         if not specs:
             raise ValueError("at least one reward is needed (--reward NAME[=WEIGHT])")
+        named = named or {}
         parsed = [parse_reward_spec(s) for s in specs]
         self.names = [name for name, _ in parsed]
         self.weights = [weight for _, weight in parsed]
-        self.fns = [load_reward(name) for name in self.names]
+        self.fns = [named[name] if name in named else load_reward(name) for name in self.names]
 
     def __call__(self, **batch) -> list[list[float]]:
         size = len(batch["completions"])
         columns = []
-        for name, fn in zip(self.names, self.fns):
+        for name, fn in zip(self.names, self.fns, strict=True):
             try:
                 scores = list(fn(**batch))
             except Exception as e:
@@ -155,4 +162,4 @@ class RewardSet:
                 columns.append([math.nan if s is None else float(s) for s in scores])
             except (TypeError, ValueError) as e:
                 raise RewardError(f"reward function {name!r} returned a non-number: {e}") from e
-        return [list(row) for row in zip(*columns)]
+        return [list(row) for row in zip(*columns, strict=True)]

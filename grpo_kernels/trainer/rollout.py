@@ -84,7 +84,7 @@ def generate(
     in_completion = positions[None, :] <= end[:, None]  # [B, C] up to and including the EOS
     lengths = in_completion.sum(dim=1)
     texts = tokenizer.batch_decode(
-        [row[: int(e)] for row, e in zip(completion.tolist(), end.tolist())], skip_special_tokens=True
+        [row[: int(e)] for row, e in zip(completion.tolist(), end.tolist(), strict=True)], skip_special_tokens=True
     )
     completion_mask = in_completion.float()
     truncated = ~has_eos
