@@ -37,7 +37,9 @@ def _cuda_extension_kwargs() -> dict:
     if os.environ.get("GRPO_KERNELS_BUILD_CUDA") != "1":
         return {}
     # load the build helper by path: importing the grpo_kernels package would import torch before it is needed
-    spec = importlib.util.spec_from_file_location("_cuda_build", Path(__file__).parent / "grpo_kernels/backends/_cuda_build.py")
+    spec = importlib.util.spec_from_file_location(
+        "_cuda_build", Path(__file__).parent / "grpo_kernels/backends/_cuda_build.py"
+    )
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     import torch
@@ -46,7 +48,8 @@ def _cuda_extension_kwargs() -> dict:
     if torch.version.cuda is None or CUDA_HOME is None:
         raise RuntimeError(
             "GRPO_KERNELS_BUILD_CUDA=1 needs a CUDA build of torch and nvcc (CUDA_HOME); install with "
-            "--no-build-isolation so the installed CUDA torch is used, or unset it (the backend then builds on first use)"
+            "--no-build-isolation so the installed CUDA torch is used, or unset it (the backend then builds on "
+            "first use)"
         )
 
     root = Path(__file__).parent

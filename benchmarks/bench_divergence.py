@@ -75,8 +75,15 @@ def _steps(variants, tokens: int, vocab: int, divergence: str, beta: float) -> d
             elif variant == "compile":
                 loss = compiled(z)
             else:
-                loss = distill_loss(z, teacher, labels, divergence=divergence, beta=beta, backend="torch",
-                                    inplace_backward=variant == "torch-inplace").loss  # fmt: skip
+                loss = distill_loss(
+                    z,
+                    teacher,
+                    labels,
+                    divergence=divergence,
+                    beta=beta,
+                    backend="torch",
+                    inplace_backward=variant == "torch-inplace",
+                ).loss
             loss.backward()
 
         def restore():
@@ -118,8 +125,9 @@ def interleaved(tokens: int, vocab: int, divergence: str, beta: float, repeats: 
     return [{"variant": v, "median_s": statistics.median(t), "min_s": min(t), "runs_s": t} for v, t in times.items()]
 
 
-def block_sizes(sizes_kib: list[int], tokens: int, vocab: int, divergence: str, beta: float, repeats: int,
-                threads: int) -> list[dict]:  # fmt: skip
+def block_sizes(
+    sizes_kib: list[int], tokens: int, vocab: int, divergence: str, beta: float, repeats: int, threads: int
+) -> list[dict]:
     import torch
 
     from grpo_kernels import distill_loss
@@ -168,36 +176,60 @@ def main() -> None:
 
     with open("/proc/loadavg") as f:
         load_start = " ".join(f.read().split()[:3])
-    header = (f"CPU: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
-              f"N={args.tokens} V={args.vocab} fp32, {args.divergence}"
-              f"{f' beta={args.beta:g}' if args.divergence == 'jsd' else ''}, forward+backward")  # fmt: skip
+    header = (
+        f"CPU: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
+        f"N={args.tokens} V={args.vocab} fp32, {args.divergence}"
+        f"{f' beta={args.beta:g}' if args.divergence == 'jsd' else ''}, forward+backward"
+    )
     if args.interleaved:
         results = interleaved(*common)
         print(header + f", {args.repeats} interleaved rounds in one process; load average at start {load_start}")
         compiled = results[1]
         print(f"{'variant':<14} {'median (ms)':>12} {'min (ms)':>9} {'compile/this (median)':>22}  runs (ms)")
         for r in results:
-            print(f"{r['variant']:<14} {r['median_s'] * 1e3:>12.1f} {r['min_s'] * 1e3:>9.1f} "
-                  f"{compiled['median_s'] / r['median_s']:>21.2f}x  " + " ".join(f"{t * 1e3:.0f}" for t in r["runs_s"]))  # fmt: skip
+            print(
+                f"{r['variant']:<14} {r['median_s'] * 1e3:>12.1f} {r['min_s'] * 1e3:>9.1f} "
+                f"{compiled['median_s'] / r['median_s']:>21.2f}x  " + " ".join(f"{t * 1e3:.0f}" for t in r["runs_s"])
+            )
     elif args.block_sizes:
         results = block_sizes([int(x) for x in args.block_sizes.split(",")], *common)
         print(header + f", {args.repeats} interleaved rounds; load average at start {load_start}")
         for r in results:
-            print(f"buffer {r['buffer_kib']:>5} KiB: min {r['min_s'] * 1e3:7.1f} ms  runs "
-                  + " ".join(f"{t * 1e3:.0f}" for t in r["runs_s"]))  # fmt: skip
+            print(
+                f"buffer {r['buffer_kib']:>5} KiB: min {r['min_s'] * 1e3:7.1f} ms  runs "
+                + " ".join(f"{t * 1e3:.0f}" for t in r["runs_s"])
+            )
     else:
         results = []
         for variant in VARIANTS:
-            cmd = [sys.executable, "-m", "benchmarks.bench_divergence", "--one", variant, "--tokens", str(args.tokens),
-                   "--vocab", str(args.vocab), "--divergence", args.divergence, "--beta", str(args.beta),
-                   "--repeats", str(args.repeats), "--threads", str(args.threads)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_divergence",
+                "--one",
+                variant,
+                "--tokens",
+                str(args.tokens),
+                "--vocab",
+                str(args.vocab),
+                "--divergence",
+                args.divergence,
+                "--beta",
+                str(args.beta),
+                "--repeats",
+                str(args.repeats),
+                "--threads",
+                str(args.threads),
+            ]
             results.append(json.loads(subprocess.check_output(cmd).decode().strip().splitlines()[-1]))
         print(header + f", median of {args.repeats}; load average at start {load_start}")
         compiled = results[1]
         print(f"{'variant':<14} {'time (ms)':>10} {'compile/this':>13} {'peak extra (MiB)':>17} {'this/compile':>13}")
         for r in results:
-            print(f"{r['variant']:<14} {r['median_s'] * 1e3:>10.1f} {compiled['median_s'] / r['median_s']:>12.2f}x "
-                  f"{r['peak_extra_bytes'] / 2**20:>17.0f} {r['peak_extra_bytes'] / compiled['peak_extra_bytes']:>12.3f}x")  # fmt: skip
+            print(
+                f"{r['variant']:<14} {r['median_s'] * 1e3:>10.1f} {compiled['median_s'] / r['median_s']:>12.2f}x "
+                f"{r['peak_extra_bytes'] / 2**20:>17.0f} {r['peak_extra_bytes'] / compiled['peak_extra_bytes']:>12.3f}x"
+            )
     with open("/proc/loadavg") as f:
         print(f"load average at the end {' '.join(f.read().split()[:3])}")
     if args.json:

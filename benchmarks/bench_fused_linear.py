@@ -128,9 +128,25 @@ def main() -> None:
         return
 
     def spawn(variant: str) -> dict:
-        cmd = [sys.executable, "-m", "benchmarks.bench_fused_linear", "--one", variant, "--tokens", str(args.tokens),
-               "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--repeats", str(args.repeats),
-               "--threads", str(args.threads), "--dtype", args.dtype]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_fused_linear",
+            "--one",
+            variant,
+            "--tokens",
+            str(args.tokens),
+            "--hidden",
+            str(args.hidden),
+            "--vocab",
+            str(args.vocab),
+            "--repeats",
+            str(args.repeats),
+            "--threads",
+            str(args.threads),
+            "--dtype",
+            args.dtype,
+        ]
         if args.chunk_tokens:
             cmd += ["--chunk-tokens", str(args.chunk_tokens)]
         return json.loads(subprocess.check_output(cmd).decode().strip().splitlines()[-1])
@@ -144,9 +160,8 @@ def main() -> None:
     itemsize = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
-        cpu = next(
-            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu
-        )
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
     print(f"device: CPU {cpu}, {args.threads} threads, torch {torch.__version__}")
     from grpo_kernels.fused_linear import default_chunk_tokens
 
@@ -160,16 +175,32 @@ def main() -> None:
         f"matmul floor 6NHV: {floor_s * 1e3:.1f} ms ({2 * n * h * v / matmul['median_s'] / 1e9:.1f} GFLOP/s per GEMM)"
     )
     base = results[0]
-    print(f"{'variant':<14} {'time (ms)':>10} {'vs floor':>9} {'vs ' + base['variant']:>12} {'peak extra (MiB)':>17}"
-          f" {'vs ' + base['variant']:>12}")  # fmt: skip
+    print(
+        f"{'variant':<14} {'time (ms)':>10} {'vs floor':>9} {'vs ' + base['variant']:>12} {'peak extra (MiB)':>17}"
+        f" {'vs ' + base['variant']:>12}"
+    )
     for r in results:
-        print(f"{r['variant']:<14} {r['median_s'] * 1e3:>10.1f} {r['median_s'] / floor_s:>8.2f}x "
-              f"{r['median_s'] / base['median_s']:>11.2f}x {r['peak_extra_bytes'] / 2**20:>17.0f} "
-              f"{r['peak_extra_bytes'] / base['peak_extra_bytes']:>11.2f}x")  # fmt: skip
+        print(
+            f"{r['variant']:<14} {r['median_s'] * 1e3:>10.1f} {r['median_s'] / floor_s:>8.2f}x "
+            f"{r['median_s'] / base['median_s']:>11.2f}x {r['peak_extra_bytes'] / 2**20:>17.0f} "
+            f"{r['peak_extra_bytes'] / base['peak_extra_bytes']:>11.2f}x"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(tokens=n, hidden=h, vocab=v, dtype=args.dtype, threads=args.threads, chunk_tokens=chunk,
-                           matmul=matmul, results=results), f, indent=1)  # fmt: skip
+            json.dump(
+                dict(
+                    tokens=n,
+                    hidden=h,
+                    vocab=v,
+                    dtype=args.dtype,
+                    threads=args.threads,
+                    chunk_tokens=chunk,
+                    matmul=matmul,
+                    results=results,
+                ),
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,15 @@ def run_one(variant: str, tokens: int, vocab: int, repeats: int, threads: int) -
         if variant == "eager":
             loss = eager_grpo_loss(logits, ids, adv, mask=mask, old_logprobs=old)[0]
         else:
-            loss = grpo_loss(logits, ids, adv, mask=mask, old_logprobs=old, backend="torch",
-                             inplace_backward=variant == "torch-inplace").loss  # fmt: skip
+            loss = grpo_loss(
+                logits,
+                ids,
+                adv,
+                mask=mask,
+                old_logprobs=old,
+                backend="torch",
+                inplace_backward=variant == "torch-inplace",
+            ).loss
         loss.backward()
 
     if variant == "torch-inplace":  # the in-place backward overwrites the logits: give each run fresh values
@@ -84,8 +91,21 @@ def main() -> None:
         return
     results = []
     for variant in VARIANTS:
-        cmd = [sys.executable, "-m", "benchmarks.bench_torch_backend", "--one", variant, "--tokens", str(args.tokens),
-               "--vocab", str(args.vocab), "--repeats", str(args.repeats), "--threads", str(args.threads)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_torch_backend",
+            "--one",
+            variant,
+            "--tokens",
+            str(args.tokens),
+            "--vocab",
+            str(args.vocab),
+            "--repeats",
+            str(args.repeats),
+            "--threads",
+            str(args.threads),
+        ]
         results.append(json.loads(subprocess.check_output(cmd).decode().strip().splitlines()[-1]))
     import platform
 
@@ -93,12 +113,16 @@ def main() -> None:
 
     logits_mb = args.tokens * args.vocab * 4 / 2**20
     print(f"CPU: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
-    print(f"N={args.tokens} V={args.vocab} fp32 (logits {logits_mb:.0f} MiB), forward+backward, median of {args.repeats}")
+    print(
+        f"N={args.tokens} V={args.vocab} fp32 (logits {logits_mb:.0f} MiB), forward+backward, median of {args.repeats}"
+    )
     eager = results[0]
     print(f"{'variant':<14} {'time (ms)':>10} {'vs eager':>9} {'peak extra (MiB)':>17} {'vs eager':>9}")
     for r in results:
-        print(f"{r['variant']:<14} {r['median_s'] * 1e3:>10.1f} {r['median_s'] / eager['median_s']:>8.2f}x "
-              f"{r['peak_extra_bytes'] / 2**20:>17.0f} {r['peak_extra_bytes'] / eager['peak_extra_bytes']:>8.2f}x")  # fmt: skip
+        print(
+            f"{r['variant']:<14} {r['median_s'] * 1e3:>10.1f} {r['median_s'] / eager['median_s']:>8.2f}x "
+            f"{r['peak_extra_bytes'] / 2**20:>17.0f} {r['peak_extra_bytes'] / eager['peak_extra_bytes']:>8.2f}x"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(tokens=args.tokens, vocab=args.vocab, threads=args.threads, results=results), f, indent=1)

@@ -48,21 +48,41 @@ def _trainer(variant: str, vocab: int, hidden: int, batch: int, completion: int,
 
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<unk>": 2}, unk_token="<unk>")),
-        pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-    )  # fmt: skip
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
     args = GRPOConfig(
-        output_dir=workdir, per_device_train_batch_size=batch, num_generations=2, max_completion_length=completion,
-        bf16=False, use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no",
-    )  # fmt: skip
+        output_dir=workdir,
+        per_device_train_batch_size=batch,
+        num_generations=2,
+        max_completion_length=completion,
+        bf16=False,
+        use_cpu=not torch.cuda.is_available(),
+        report_to=[],
+        save_strategy="no",
+    )
     trainer = GRPOTrainer(
-        model=Qwen2ForCausalLM(config), reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
-        train_dataset=Dataset.from_dict({"prompt": ["a"] * batch}), processing_class=tokenizer, **extra,
-    )  # fmt: skip
+        model=Qwen2ForCausalLM(config),
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["a"] * batch}),
+        processing_class=tokenizer,
+        **extra,
+    )
     trainer.current_gradient_accumulation_steps = 1
     trainer.model.train()
     return trainer
@@ -119,8 +139,10 @@ def main() -> None:
         results.append(json.loads(out.decode().strip().splitlines()[-1]))
     tokens = args.batch * args.completion
     logits_mib = tokens * args.vocab * 4 / 2**20
-    print(f"device {results[0]['device']}; B={args.batch} C={args.completion} (N={tokens} tokens) V={args.vocab} "
-          f"H={args.hidden}, float32 (logits {logits_mib:.0f} MiB); median of {args.repeats}")  # fmt: skip
+    print(
+        f"device {results[0]['device']}; B={args.batch} C={args.completion} (N={tokens} tokens) V={args.vocab} "
+        f"H={args.hidden}, float32 (logits {logits_mib:.0f} MiB); median of {args.repeats}"
+    )
     print(f"{'variant':<13} {'time (ms)':>10} {'peak extra (MiB)':>17}")
     for r in results:
         print(f"{r['variant']:<13} {r['median_s'] * 1e3:>10.1f} {r['peak_extra_bytes'] / 2**20:>17.0f}")

@@ -25,8 +25,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-OPS = ("token_logprobs", "token_logprobs_entropy", "grpo_loss", "group_advantages", "fused_linear_grpo_loss",
-       "distill_loss")  # fmt: skip
+OPS = (
+    "token_logprobs",
+    "token_logprobs_entropy",
+    "grpo_loss",
+    "group_advantages",
+    "fused_linear_grpo_loss",
+    "distill_loss",
+)
 LOGITS_OPS = ("token_logprobs", "token_logprobs_entropy", "grpo_loss")
 BACKWARD_OPS = ("token_logprobs_entropy", "grpo_loss", "fused_linear_grpo_loss", "distill_loss")
 
@@ -72,18 +78,40 @@ class Case:
 # the grids: GPU sizes from the issue; CPU sizes that finish in minutes; a smoke size for CI
 # ----------------------------------------------------------------------------------------------------------------
 PRESETS = {
-    "gpu": dict(dtype="bfloat16", tokens=(4096, 16384), vocab=(32000, 128256, 151936), seq_len=1024,
-                rewards=(4096, 1 << 20), group_size=16,
-                fused_linear=((4096, 4096, 151936), (16384, 4096, 151936)),  # (N, H, V)
-                distill=((4096, 151936), (16384, 151936)),  # (N, V)
-                divergences=(("jsd", 0.5), ("reverse_kl", 0.0), ("forward_kl", 0.0))),
-    "cpu": dict(dtype="float32", tokens=(256, 1024), vocab=(32000, 128256), seq_len=128,
-                rewards=(4096, 1 << 20), group_size=16,
-                fused_linear=((256, 256, 32000), (1024, 256, 32000)),
-                distill=((1024, 32000), (256, 128256)), divergences=(("jsd", 0.5), ("reverse_kl", 0.0))),
-    "smoke": dict(dtype="float32", tokens=(32,), vocab=(500,), seq_len=8, rewards=(64,), group_size=8,
-                  fused_linear=((32, 16, 500),), distill=((32, 500),), divergences=(("jsd", 0.5),)),
-}  # fmt: skip
+    "gpu": dict(
+        dtype="bfloat16",
+        tokens=(4096, 16384),
+        vocab=(32000, 128256, 151936),
+        seq_len=1024,
+        rewards=(4096, 1 << 20),
+        group_size=16,
+        fused_linear=((4096, 4096, 151936), (16384, 4096, 151936)),  # (N, H, V)
+        distill=((4096, 151936), (16384, 151936)),  # (N, V)
+        divergences=(("jsd", 0.5), ("reverse_kl", 0.0), ("forward_kl", 0.0)),
+    ),
+    "cpu": dict(
+        dtype="float32",
+        tokens=(256, 1024),
+        vocab=(32000, 128256),
+        seq_len=128,
+        rewards=(4096, 1 << 20),
+        group_size=16,
+        fused_linear=((256, 256, 32000), (1024, 256, 32000)),
+        distill=((1024, 32000), (256, 128256)),
+        divergences=(("jsd", 0.5), ("reverse_kl", 0.0)),
+    ),
+    "smoke": dict(
+        dtype="float32",
+        tokens=(32,),
+        vocab=(500,),
+        seq_len=8,
+        rewards=(64,),
+        group_size=8,
+        fused_linear=((32, 16, 500),),
+        distill=((32, 500),),
+        divergences=(("jsd", 0.5),),
+    ),
+}
 VARIANTS = (("token", 0.0), ("token", 0.04), ("sequence", 0.0), ("sequence", 0.04))  # (IS level, beta)
 
 
@@ -110,12 +138,24 @@ def build_cases(preset: str, ops: tuple[str, ...] = OPS) -> list[Case]:
         elif op == "fused_linear_grpo_loss":
             for n, h, v in p["fused_linear"]:
                 for lvl, b in variants[:2]:  # token level: the sequence-level cost is the fused-linear helper's choice
-                    cases.append(Case(op=op, dtype=p["dtype"], tokens=n, seq_len=min(p["seq_len"], n), vocab=v,
-                                      hidden=h, importance_sampling_level=lvl, beta=b))  # fmt: skip
+                    cases.append(
+                        Case(
+                            op=op,
+                            dtype=p["dtype"],
+                            tokens=n,
+                            seq_len=min(p["seq_len"], n),
+                            vocab=v,
+                            hidden=h,
+                            importance_sampling_level=lvl,
+                            beta=b,
+                        )
+                    )
         elif op == "distill_loss":
             for n, v in p["distill"]:
-                cases += [Case(op=op, dtype=p["dtype"], tokens=n, seq_len=min(p["seq_len"], n), vocab=v, divergence=d,
-                               beta=b) for d, b in p["divergences"]]  # fmt: skip
+                cases += [
+                    Case(op=op, dtype=p["dtype"], tokens=n, seq_len=min(p["seq_len"], n), vocab=v, divergence=d, beta=b)
+                    for d, b in p["divergences"]
+                ]
         else:
             raise ValueError(f"unknown op {op!r}; ops are {OPS}")
     return cases
@@ -141,8 +181,11 @@ def traffic(case: Case) -> dict:
             label = "per-token vectors N·24 (+ N·4 ref lp when β ≠ 0): ids, mask, old lp in; lp, loss out"
             small = [(label, n * (24 + ref)), ("advantages B·4", case.batch * 4)]
         logits_pass = n * v * s
-        terms = [("read logits (forward) N·V·s", logits_pass), ("read logits (backward) N·V·s", logits_pass),
-                 ("write grad logits N·V·s", logits_pass)] + small  # fmt: skip
+        terms = [
+            ("read logits (forward) N·V·s", logits_pass),
+            ("read logits (backward) N·V·s", logits_pass),
+            ("write grad logits N·V·s", logits_pass),
+        ] + small
         total = sum(b for _, b in terms)
         return dict(terms=terms, bytes=total, bytes_min=total - logits_pass)
     if case.op == "group_advantages":
@@ -150,9 +193,13 @@ def traffic(case: Case) -> dict:
         return dict(terms=terms, bytes=sum(b for _, b in terms), bytes_min=sum(b for _, b in terms))
     if case.op == "fused_linear_grpo_loss":
         ref = 4 if case.beta else 0
-        terms = [("read hidden N·H·s", n * h * s), ("read weight V·H·s", v * h * s),
-                 ("write grad hidden N·H·s", n * h * s), ("write grad weight V·H·s", v * h * s),
-                 ("per-token vectors N·24 (+ N·4 ref lp when β ≠ 0)", n * (24 + ref))]  # fmt: skip
+        terms = [
+            ("read hidden N·H·s", n * h * s),
+            ("read weight V·H·s", v * h * s),
+            ("write grad hidden N·H·s", n * h * s),
+            ("write grad weight V·H·s", v * h * s),
+            ("per-token vectors N·24 (+ N·4 ref lp when β ≠ 0)", n * (24 + ref)),
+        ]
         return dict(terms=terms, bytes=sum(b for _, b in terms), bytes_min=sum(b for _, b in terms))
     if case.op == "distill_loss":
         # Our design: the forward reads both rows once (the KLs, online) or twice (jsd: log m needs both final
@@ -160,9 +207,12 @@ def traffic(case: Case) -> dict:
         # divergence 4, lp 4, lse 8 + 8, two KLs 4 + 4 out and back in; upstream gradients 4 + 4.
         rows = n * v * s  # student; the teacher has the student's dtype in these cases
         reads = 2 if case.divergence == "jsd" else 1
-        terms = [(f"read student + teacher (forward) {reads}·2·N·V·s", reads * 2 * rows),
-                 ("read student + teacher (backward) 2·N·V·s", 2 * rows), ("write grad student N·V·s", rows),
-                 ("per-row vectors N·76", n * 76)]  # fmt: skip
+        terms = [
+            (f"read student + teacher (forward) {reads}·2·N·V·s", reads * 2 * rows),
+            ("read student + teacher (backward) 2·N·V·s", 2 * rows),
+            ("write grad student N·V·s", rows),
+            ("per-row vectors N·76", n * 76),
+        ]
         # fewest: each row of both read once, the gradient written once (a design keeping rows on chip)
         return dict(terms=terms, bytes=sum(b for _, b in terms), bytes_min=3 * rows + n * 76)
     raise ValueError(f"unknown op {case.op!r}")
@@ -218,6 +268,8 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict:
 
 def _logprobs_by_row(logits_of, token_ids: torch.Tensor) -> torch.Tensor:
     """float32 log-probs of ``token_ids`` [B, T], one sequence's logits at a time (bounded temporary memory)."""
-    rows = [logits_of(i).float().log_softmax(-1).gather(-1, token_ids[i].unsqueeze(-1)).squeeze(-1)
-            for i in range(token_ids.shape[0])]  # fmt: skip
+    rows = [
+        logits_of(i).float().log_softmax(-1).gather(-1, token_ids[i].unsqueeze(-1)).squeeze(-1)
+        for i in range(token_ids.shape[0])
+    ]
     return torch.stack(rows)

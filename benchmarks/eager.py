@@ -51,8 +51,9 @@ def eager_loss_from_logprobs(
     if importance_sampling_level == "sequence":
         log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
     ratio = torch.exp(log_ratio)
-    per_token = ref.policy_loss(ratio, advantages.unsqueeze(1), lp, loss_type=loss_type, epsilon_low=epsilon_low,
-                                epsilon_high=epsilon_high)  # fmt: skip
+    per_token = ref.policy_loss(
+        ratio, advantages.unsqueeze(1), lp, loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high
+    )
     if beta != 0.0:
         per_token = per_token + beta * ref.kl_divergence(lp, ref_logprobs, "k3")
     if loss_type in ("grpo", "sapo"):
@@ -79,10 +80,17 @@ def eager_grpo_loss(
     """Returns ``(loss, per_token_logps, entropy or None)``."""
     lp, entropy = eager_logprobs(logits, token_ids, temperature=temperature, return_entropy=return_entropy)
     loss = eager_loss_from_logprobs(
-        lp, advantages, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=beta,
-        epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
+        lp,
+        advantages,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        beta=beta,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        loss_type=loss_type,
         importance_sampling_level=importance_sampling_level,
-    )  # fmt: skip
+    )
     return loss, lp, entropy
 
 

@@ -14,6 +14,7 @@ The same functions run on a GPU and on the CPU:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import gc
@@ -63,8 +64,13 @@ def time_ms(
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     quintiles = statistics.quantiles(times, n=5, method="inclusive")  # the 20th, 40th, 60th, 80th percentiles
-    return dict(median_ms=statistics.median(times), q20_ms=quintiles[0], q80_ms=quintiles[-1], runs=len(times),
-                timer="perf_counter")  # fmt: skip
+    return dict(
+        median_ms=statistics.median(times),
+        q20_ms=quintiles[0],
+        q80_ms=quintiles[-1],
+        runs=len(times),
+        timer="perf_counter",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,10 +131,8 @@ def repeated_runs(
 def _release_free_heap() -> None:
     """Give the allocator's free pages back to the kernel, so that a later run's peak counts its allocations."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the peak may then undercount reused memory
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the peak may then undercount reused memory
-        pass
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
@@ -171,8 +175,12 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None) 
     a @ b
     t = time_ms(lambda: a @ b, device)
     flops = 2 * n**3
-    return dict(n=n, dtype=str(dtype).removeprefix("torch."), median_ms=t["median_ms"],
-                flop_per_s=flops / (t["median_ms"] * 1e-3))  # fmt: skip
+    return dict(
+        n=n,
+        dtype=str(dtype).removeprefix("torch."),
+        median_ms=t["median_ms"],
+        flop_per_s=flops / (t["median_ms"] * 1e-3),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -54,8 +54,12 @@ ARGS = {
     "fused_linear_grpo_loss": ("hidden", "weight", "token_ids", "advantages", "mask", "old_logprobs", "ref_logprobs"),
     "distill_loss": ("logits", "teacher_logits", "token_ids"),
 }
-WRT = {"token_logprobs_entropy": ("logits",), "grpo_loss": ("logits",), "fused_linear_grpo_loss": ("hidden", "weight"),
-       "distill_loss": ("logits",)}  # fmt: skip
+WRT = {
+    "token_logprobs_entropy": ("logits",),
+    "grpo_loss": ("logits",),
+    "fused_linear_grpo_loss": ("hidden", "weight"),
+    "distill_loss": ("logits",),
+}
 
 
 def _statics(case: Case) -> dict:
@@ -82,9 +86,17 @@ def _eager_token_logprobs_entropy(logits, token_ids, grad_lp, grad_entropy):
 
 
 def _eager_grpo_loss(logits, token_ids, advantages, mask, old_logprobs, ref_logprobs, *, beta, level):
-    return eager.eager_grpo_loss(logits, token_ids, advantages, mask=mask, old_logprobs=old_logprobs,
-                                 ref_logprobs=ref_logprobs, beta=beta, epsilon_low=EPSILON,
-                                 importance_sampling_level=level)[0]  # fmt: skip
+    return eager.eager_grpo_loss(
+        logits,
+        token_ids,
+        advantages,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        beta=beta,
+        epsilon_low=EPSILON,
+        importance_sampling_level=level,
+    )[0]
 
 
 def _eager_group_advantages(rewards, *, group_size):
@@ -135,24 +147,46 @@ def _ours_token_logprobs_entropy(logits, token_ids, grad_lp, grad_entropy, *, ba
     return (lp * grad_lp).sum() + (entropy * grad_entropy).sum()
 
 
-def _ours_grpo_loss(logits, token_ids, advantages, mask, old_logprobs, ref_logprobs, *, beta, level, backend,
-                    **options):  # fmt: skip
-    return grpo_loss(logits, token_ids, advantages, mask=mask, old_logprobs=old_logprobs,
-                     ref_logprobs=ref_logprobs if beta else None, beta=beta, epsilon_low=EPSILON,
-                     importance_sampling_level=level, backend=backend, **options).loss  # fmt: skip
+def _ours_grpo_loss(
+    logits, token_ids, advantages, mask, old_logprobs, ref_logprobs, *, beta, level, backend, **options
+):
+    return grpo_loss(
+        logits,
+        token_ids,
+        advantages,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs if beta else None,
+        beta=beta,
+        epsilon_low=EPSILON,
+        importance_sampling_level=level,
+        backend=backend,
+        **options,
+    ).loss
 
 
 def _ours_group_advantages(rewards, *, group_size, backend):
     return group_advantages(rewards, group_size=group_size, backend=backend)
 
 
-def _ours_fused_linear(hidden, weight, token_ids, advantages, mask, old_logprobs, ref_logprobs, *, beta, level,
-                       backend):  # fmt: skip
+def _ours_fused_linear(
+    hidden, weight, token_ids, advantages, mask, old_logprobs, ref_logprobs, *, beta, level, backend
+):
     from grpo_kernels.fused_linear import fused_linear_grpo_loss
 
-    return fused_linear_grpo_loss(hidden, weight, token_ids, advantages, mask=mask, old_logprobs=old_logprobs,
-                                  ref_logprobs=ref_logprobs if beta else None, beta=beta, epsilon_low=EPSILON,
-                                  importance_sampling_level=level, backend=backend).loss  # fmt: skip
+    return fused_linear_grpo_loss(
+        hidden,
+        weight,
+        token_ids,
+        advantages,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs if beta else None,
+        beta=beta,
+        epsilon_low=EPSILON,
+        importance_sampling_level=level,
+        backend=backend,
+    ).loss
 
 
 def _ours_distill_loss(logits, teacher_logits, token_ids, *, divergence, beta, backend):
@@ -181,9 +215,22 @@ def _liger_token_logprobs(logits_full, token_ids):
 def _liger_grpo_loss(logits_full, token_ids, advantages, mask, old_logprobs, ref_logprobs, *, beta, level):
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
-    loss, _ = triton_grpo_loss(logits_full, old_logprobs, ref_logprobs if beta else None, token_ids, advantages,
-                               mask, temperature=1.0, beta=beta, eps_low=EPSILON, eps_high=EPSILON, inplace=False,
-                               loss_type="dapo", importance_sampling_level=level, reduce=True)  # fmt: skip
+    loss, _ = triton_grpo_loss(
+        logits_full,
+        old_logprobs,
+        ref_logprobs if beta else None,
+        token_ids,
+        advantages,
+        mask,
+        temperature=1.0,
+        beta=beta,
+        eps_low=EPSILON,
+        eps_high=EPSILON,
+        inplace=False,
+        loss_type="dapo",
+        importance_sampling_level=level,
+        reduce=True,
+    )
     return loss
 
 
@@ -191,11 +238,25 @@ def _liger_fused_linear(hidden, weight, token_ids, advantages, mask, old_logprob
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     # compiled=True (Liger's default) on a GPU; on the CPU its torch.compile would dominate a short run
-    head = LigerFusedLinearGRPOLoss(beta=beta, use_ref_model=beta != 0, epsilon_low=EPSILON, epsilon_high=EPSILON,
-                                    loss_type="dapo", importance_sampling_level=level, temperature=1.0,
-                                    compiled=hidden.is_cuda)  # fmt: skip
-    loss, _ = head(hidden, weight, token_ids, mask, advantages, ref_per_token_logps=ref_logprobs if beta else None,
-                   old_per_token_logps=old_logprobs)  # fmt: skip
+    head = LigerFusedLinearGRPOLoss(
+        beta=beta,
+        use_ref_model=beta != 0,
+        epsilon_low=EPSILON,
+        epsilon_high=EPSILON,
+        loss_type="dapo",
+        importance_sampling_level=level,
+        temperature=1.0,
+        compiled=hidden.is_cuda,
+    )
+    loss, _ = head(
+        hidden,
+        weight,
+        token_ids,
+        mask,
+        advantages,
+        ref_per_token_logps=ref_logprobs if beta else None,
+        old_per_token_logps=old_logprobs,
+    )
     return loss
 
 
@@ -216,20 +277,35 @@ def _trl_grpo_loss(logits, token_ids, advantages, mask, old_logprobs, ref_logpro
     from trl.kernels import selective_log_softmax_and_entropy
 
     lp, _ = selective_log_softmax_and_entropy(logits, token_ids)
-    return eager.eager_loss_from_logprobs(lp, advantages, mask=mask, old_logprobs=old_logprobs,
-                                          ref_logprobs=ref_logprobs, beta=beta, epsilon_low=EPSILON,
-                                          importance_sampling_level=level)  # fmt: skip
+    return eager.eager_loss_from_logprobs(
+        lp,
+        advantages,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        beta=beta,
+        epsilon_low=EPSILON,
+        importance_sampling_level=level,
+    )
 
 
 def _trl_fused_linear(hidden, weight, token_ids, advantages, mask, old_logprobs, ref_logprobs, *, beta, level):
     from trl.kernels import ChunkedLogProbFunction
 
     b, t, h = hidden.shape
-    lp = ChunkedLogProbFunction.apply(hidden.reshape(b * t, h), weight, None, token_ids.reshape(-1), 1.0,
-                                      TRL_CHUNK_SIZE, None, 1.0, ())[0].view(b, t)  # fmt: skip
-    return eager.eager_loss_from_logprobs(lp, advantages, mask=mask, old_logprobs=old_logprobs,
-                                          ref_logprobs=ref_logprobs, beta=beta, epsilon_low=EPSILON,
-                                          importance_sampling_level=level)  # fmt: skip
+    lp = ChunkedLogProbFunction.apply(
+        hidden.reshape(b * t, h), weight, None, token_ids.reshape(-1), 1.0, TRL_CHUNK_SIZE, None, 1.0, ()
+    )[0].view(b, t)
+    return eager.eager_loss_from_logprobs(
+        lp,
+        advantages,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        beta=beta,
+        epsilon_low=EPSILON,
+        importance_sampling_level=level,
+    )
 
 
 # (provider, op) -> (objective, needs a Triton kernel on the device, module that must import)
@@ -303,8 +379,9 @@ def _fused_linear_reason(backend: str, device: torch.device) -> str | None:
     ids = torch.randint(0, 16, (1, 4), generator=g, device=device)
     ones = torch.ones(1, 4, device=device)
     try:
-        loss = _ours_fused_linear(hidden, weight, ids, ones[:, 0], ones, -ones, -ones, beta=0.0, level="token",
-                                  backend=backend)  # fmt: skip
+        loss = _ours_fused_linear(
+            hidden, weight, ids, ones[:, 0], ones, -ones, -ones, beta=0.0, level="token", backend=backend
+        )
         loss.backward()
     except Exception as e:  # noqa: BLE001 - the note names it; the real cases never run for this backend
         return f"fused_linear_grpo_loss(backend={backend!r}) failed on a tiny input: {type(e).__name__}: {e}"

@@ -44,8 +44,9 @@ FUSED_GOALS = (
     ("x_trl", 1.0, "x TRL fused LM head (above)"),
     ("x_liger", 1.0, "x LigerFusedLinearGRPOLoss (above)"),
 )
-FUSED_GOAL_CASE = dict(op="fused_linear_grpo_loss", tokens=16384, hidden=4096, vocab=151936,
-                       importance_sampling_level="token", beta=0.0)  # fmt: skip
+FUSED_GOAL_CASE = dict(
+    op="fused_linear_grpo_loss", tokens=16384, hidden=4096, vocab=151936, importance_sampling_level="token", beta=0.0
+)
 # Issue 17: the GPU goal counts the bytes of our design (jsd: the forward reads both rows twice); the CPU goal is
 # against torch.compile of the eager code (TRL's function), in time and in peak memory.
 DISTILL_GOALS = {
@@ -57,8 +58,14 @@ DISTILL_GOALS = {
 }
 DISTILL_GOAL_CASE = dict(op="distill_loss", tokens=16384, vocab=151936, divergence="jsd", beta=0.5)
 AT_MOST = ("floor_ratio", "memory_ratio", "memory_ratio_compile")
-SOFTWARE = (("Python", "python"), ("torch", "torch"), ("triton", "triton"), ("liger-kernel", "liger_kernel"),
-            ("trl", "trl"), ("transformers", "transformers"))  # fmt: skip
+SOFTWARE = (
+    ("Python", "python"),
+    ("torch", "torch"),
+    ("triton", "triton"),
+    ("liger-kernel", "liger_kernel"),
+    ("trl", "trl"),
+    ("transformers", "transformers"),
+)
 MIB = 2**20
 
 
@@ -71,16 +78,27 @@ def derive(results: dict) -> list[dict]:
     for m in results["measurements"]:
         case_info = results["cases"][m["case_id"]]
         ceilings = results["runs"][m["run"]]["ceilings"]
-        row = dict(m, case=Case(**case_info["case"]), bytes=case_info["bytes"], bytes_min=case_info["bytes_min"],
-                   flops=case_info["flops"])  # fmt: skip
+        row = dict(
+            m,
+            case=Case(**case_info["case"]),
+            bytes=case_info["bytes"],
+            bytes_min=case_info["bytes_min"],
+            flops=case_info["flops"],
+        )
         if m["status"] == "ok":
             seconds = m["median_ms"] * 1e-3
             copy, matmul = ceilings["copy"]["bytes_per_s"], ceilings["matmul"]["flop_per_s"]
-            row.update(gb_per_s=row["bytes"] / seconds / 1e9, pct_copy=100 * row["bytes"] / seconds / copy,
-                       pct_copy_min=100 * row["bytes_min"] / seconds / copy)  # fmt: skip
+            row.update(
+                gb_per_s=row["bytes"] / seconds / 1e9,
+                pct_copy=100 * row["bytes"] / seconds / copy,
+                pct_copy_min=100 * row["bytes_min"] / seconds / copy,
+            )
             if row["flops"]:
-                row.update(tflop_per_s=row["flops"] / seconds / 1e12, pct_matmul=100 * row["flops"] / seconds / matmul,
-                           floor_ratio=seconds / (row["flops"] / matmul))  # fmt: skip
+                row.update(
+                    tflop_per_s=row["flops"] / seconds / 1e12,
+                    pct_matmul=100 * row["flops"] / seconds / matmul,
+                    floor_ratio=seconds / (row["flops"] / matmul),
+                )
         rows.append(row)
     by_case = {}
     for row in rows:
@@ -114,7 +132,10 @@ def _case_columns(op: str) -> list[tuple[str, callable]]:
     if op in ("grpo_loss", "fused_linear_grpo_loss"):
         cols += [("IS", lambda c: c.importance_sampling_level), ("β", lambda c: f"{c.beta:g}")]
     if op == "distill_loss":
-        cols += [("divergence", lambda c: c.divergence), ("β", lambda c: f"{c.beta:g}" if c.divergence == "jsd" else "–")]
+        cols += [
+            ("divergence", lambda c: c.divergence),
+            ("β", lambda c: f"{c.beta:g}" if c.divergence == "jsd" else "–"),
+        ]
     return cols
 
 
@@ -171,11 +192,15 @@ def _traffic_line(op: str, results: dict) -> str:
     if case.op != "group_advantages":
         line += f" (s = {case.torch_dtype.itemsize} B, {case.dtype})"
     if case.op == "distill_loss":
-        line += (". GB/s and % copy count all of it (our design: the backward re-reads both rows, the jsd's forward "
-                 "reads them twice); min bytes = both rows read once and the gradient written once")  # fmt: skip
+        line += (
+            ". GB/s and % copy count all of it (our design: the backward re-reads both rows, the jsd's forward "
+            "reads them twice); min bytes = both rows read once and the gradient written once"
+        )
     elif info["bytes_min"] != info["bytes"]:
-        line += (". GB/s and % copy count all of it (3 passes over the logits); min bytes leaves out the backward's "
-                 "re-read (2 passes)")  # fmt: skip
+        line += (
+            ". GB/s and % copy count all of it (3 passes over the logits); min bytes leaves out the backward's "
+            "re-read (2 passes)"
+        )
     if info["flops"]:
         line += ". FLOPs: 6·N·H·V (logits, grad hidden, grad weight); × floor = time / (FLOPs / the matmul rate)"
     return line + "."
@@ -240,9 +265,11 @@ def _machine_line(info: dict) -> str:
     if info["device_type"] != "cuda":
         threads = f"{info['cpu_count']} logical CPUs, {info['torch_threads']} torch threads"
         return f"- Device: CPU {info['cpu_model']}, {threads}"
-    return (f"- Device: {info['device_name']} ({info['sm_count']} SMs, compute capability "
-            f"{info['compute_capability']}, {info['memory_bytes'] / 2**30:.0f} GiB), driver {info['driver']}, CUDA "
-            f"runtime {info['cuda_runtime']}; CPU {info['cpu_model']}")  # fmt: skip
+    return (
+        f"- Device: {info['device_name']} ({info['sm_count']} SMs, compute capability "
+        f"{info['compute_capability']}, {info['memory_bytes'] / 2**30:.0f} GiB), driver {info['driver']}, CUDA "
+        f"runtime {info['cuda_runtime']}; CPU {info['cpu_model']}"
+    )
 
 
 def markdown(results: dict) -> str:
@@ -256,10 +283,12 @@ def markdown(results: dict) -> str:
         commit = (info["git_commit"] or "unknown")[:12] + (" + uncommitted changes" if info["git_dirty"] else "")
         threads = f", {info['torch_threads']} threads" if info["device_type"] != "cuda" else ""
         copy, matmul = c["copy"], c["matmul"]
-        lines.append(f"- Run {i + 1}: {info['date_utc']}, commit {commit}, preset {run['preset']}{threads}; copy "
-                     f"{copy['bytes_per_s'] / 1e9:.1f} GB/s (a {copy['bytes'] / 2 / 2**20:.0f} MiB copy, read + "
-                     f"written), matmul {matmul['flop_per_s'] / 1e12:.2f} TFLOP/s ({matmul['dtype']}, n = "
-                     f"{matmul['n']})" + (f"; note: {run['note']}" if run["note"] else ""))  # fmt: skip
+        lines.append(
+            f"- Run {i + 1}: {info['date_utc']}, commit {commit}, preset {run['preset']}{threads}; copy "
+            f"{copy['bytes_per_s'] / 1e9:.1f} GB/s (a {copy['bytes'] / 2 / 2**20:.0f} MiB copy, read + "
+            f"written), matmul {matmul['flop_per_s'] / 1e12:.2f} TFLOP/s ({matmul['dtype']}, n = "
+            f"{matmul['n']})" + (f"; note: {run['note']}" if run["note"] else "")
+        )
     if first["device_type"] == "cuda":
         timer = "`triton.testing.do_bench` median (CUDA events, L2 flushed before each run)"
     else:
@@ -282,8 +311,16 @@ def markdown(results: dict) -> str:
     lines += _goals(rows, first["device_type"])
     for op in OPS:
         if any(r["op"] == op for r in rows):
-            lines += [f"## {TITLES[op]}", "", _traffic_line(op, results), "", *_op_table(op, rows), "",
-                      f"![{op}]({op}.png)", ""]  # fmt: skip
+            lines += [
+                f"## {TITLES[op]}",
+                "",
+                _traffic_line(op, results),
+                "",
+                *_op_table(op, rows),
+                "",
+                f"![{op}]({op}.png)",
+                "",
+            ]
     if results["skipped"]:
         lines += ["## Not measured", ""] + [f"- {key}: {reason}" for key, reason in sorted(results["skipped"].items())]
     return "\n".join(lines) + "\n"
@@ -369,14 +406,21 @@ def predictions(cases: list[Case], ceilings: dict[str, tuple[float, float]]) -> 
             if f:
                 floors.append(f"{f / rate * 1e3:.3g} (matmul)")
             elif case.op == "distill_loss":
-                floors.append(f"{t['bytes'] / bandwidth * 1e3:.3g} (ours), {t['bytes_min'] / bandwidth * 1e3:.3g} (min)")
+                floors.append(
+                    f"{t['bytes'] / bandwidth * 1e3:.3g} (ours), {t['bytes_min'] / bandwidth * 1e3:.3g} (min)"
+                )
             elif t["bytes_min"] != t["bytes"]:
                 floors.append(
                     f"{t['bytes'] / bandwidth * 1e3:.3g} (3 passes), {t['bytes_min'] / bandwidth * 1e3:.3g} (2)"
                 )
             else:
                 floors.append(f"{t['bytes'] / bandwidth * 1e3:.3g}")
-        cells = [case.op, " ".join(shape[:2] + ([case.divergence] if case.divergence else [])), f"{t['bytes'] / 1e9:.3g}", f"{t['bytes_min'] / 1e9:.3g}",
-                 f"{f / 1e12:.3g}" if f else "–"]  # fmt: skip
+        cells = [
+            case.op,
+            " ".join(shape[:2] + ([case.divergence] if case.divergence else [])),
+            f"{t['bytes'] / 1e9:.3g}",
+            f"{t['bytes_min'] / 1e9:.3g}",
+            f"{f / 1e12:.3g}" if f else "–",
+        ]
         lines.append("| " + " | ".join(cells + floors) + " |")
     return "\n".join(lines)

@@ -80,8 +80,14 @@ def measure_in_subprocess(case: Case, provider: str, timing: dict, threads: int)
     """:func:`measure_guarded` on the CPU in a fresh Python process (its own peak resident memory)."""
     spec = json.dumps(dict(case=case.as_dict(), provider=provider, timing=timing, threads=threads))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.report", "--worker", spec], cwd=ROOT, env=env,
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", "--worker", spec],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -146,11 +152,15 @@ def run_report(args: argparse.Namespace) -> Path:
     ceilings = dict(copy=copy_bandwidth(device, copy_bytes), matmul=matmul_rate(device, dtype, matmul_n))
     run_index = len(results["runs"])
     in_process = device.type == "cuda" or args.in_process
-    results["runs"].append(dict(info=info, ceilings=ceilings, preset=preset, argv=sys.argv[1:], note=args.note,
-                                in_process=in_process))  # fmt: skip
+    results["runs"].append(
+        dict(info=info, ceilings=ceilings, preset=preset, argv=sys.argv[1:], note=args.note, in_process=in_process)
+    )
     copy, matmul = ceilings["copy"], ceilings["matmul"]
-    print(f"copy {copy['bytes_per_s'] / 1e9:.1f} GB/s, matmul {matmul['flop_per_s'] / 1e12:.2f} TFLOP/s "
-          f"({matmul['dtype']})", flush=True)  # fmt: skip
+    print(
+        f"copy {copy['bytes_per_s'] / 1e9:.1f} GB/s, matmul {matmul['flop_per_s'] / 1e12:.2f} TFLOP/s "
+        f"({matmul['dtype']})",
+        flush=True,
+    )
 
     done = {(m["case_id"], m["provider"]) for m in results["measurements"] if m["status"] in ("ok", "oom")}
     timing = TIMING[preset]
@@ -176,8 +186,9 @@ def run_report(args: argparse.Namespace) -> Path:
             else:
                 m = measure_in_subprocess(case, provider, timing, args.threads)
             t = traffic(case)
-            results["cases"][case.id] = dict(case=case.as_dict(), terms=t["terms"], bytes=t["bytes"],
-                                             bytes_min=t["bytes_min"], flops=flops(case))  # fmt: skip
+            results["cases"][case.id] = dict(
+                case=case.as_dict(), terms=t["terms"], bytes=t["bytes"], bytes_min=t["bytes_min"], flops=flops(case)
+            )
             results["measurements"] = [
                 x for x in results["measurements"] if (x["case_id"], x["provider"]) != (case.id, provider)
             ]  # a retried error
@@ -215,10 +226,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", choices=tuple(PRESETS), help="case grid (default: gpu on CUDA, cpu otherwise)")
     parser.add_argument("--ops", type=lambda s: s.split(","), default=list(OPS), help=f"comma-separated, of {OPS}")
-    parser.add_argument("--providers", type=lambda s: s.split(","), default=list(PROVIDERS),
-                        help=f"comma-separated, of {PROVIDERS}")  # fmt: skip
-    parser.add_argument("--cases", type=lambda s: s.split(","), default=None,
-                        help="comma-separated case ids (e.g. the GPU run's headline cases); default: every case")  # fmt: skip
+    parser.add_argument(
+        "--providers", type=lambda s: s.split(","), default=list(PROVIDERS), help=f"comma-separated, of {PROVIDERS}"
+    )
+    parser.add_argument(
+        "--cases",
+        type=lambda s: s.split(","),
+        default=None,
+        help="comma-separated case ids (e.g. the GPU run's headline cases); default: every case",
+    )
     parser.add_argument("--results-root", default=str(DEFAULT_RESULTS_ROOT))
     parser.add_argument("--out", help="results folder (default: <results-root>/<device>-<date>)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")

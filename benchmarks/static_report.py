@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "static_report.md").write_text(text)
         generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        (out / "static_report.json").write_text(json.dumps(dict(generated_utc=generated, versions=versions,
-                                                                notes=notes, rows=rows), indent=1))  # fmt: skip
+        (out / "static_report.json").write_text(
+            json.dumps(dict(generated_utc=generated, versions=versions, notes=notes, rows=rows), indent=1)
+        )
 
 
 if __name__ == "__main__":

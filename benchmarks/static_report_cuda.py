@@ -185,14 +185,22 @@ def rows(cache: Path | str | None = None, targets=TARGETS, jobs: int | None = No
     for unit in compile_all(cache, targets, jobs):
         stats = parse_ptxas(unit.ptxas_log)
         if cuobjdump is not None:
-            sass = subprocess.run([cuobjdump, "-sass", str(unit.cubin)], capture_output=True, text=True, check=True).stdout
+            sass = subprocess.run(
+                [cuobjdump, "-sass", str(unit.cubin)], capture_output=True, text=True, check=True
+            ).stdout
             loads = widest_loads_sass(sass)
         else:
             loads = widest_loads_ptx(unit.ptx.read_text())
         names = _demangle(sorted(stats))
         for mangled in sorted(stats):
-            table.append(dict(kernel=names[mangled], target=unit.target, **stats[mangled],
-                              widest_global_load_bytes=loads.get(mangled, 0)))  # fmt: skip
+            table.append(
+                dict(
+                    kernel=names[mangled],
+                    target=unit.target,
+                    **stats[mangled],
+                    widest_global_load_bytes=loads.get(mangled, 0),
+                )
+            )
     return table
 
 
@@ -207,8 +215,10 @@ def main() -> None:
     print(f"{head[0]:<{width}}  " + "  ".join(f"{h:>{len(h)}}" for h in head[1:]))
     for r in table:
         print(f"{r['kernel']:<{width}}  " + "  ".join(f"{r[h]:>{len(h)}}" for h in head[1:]))
-    print(f"\nloads read from: {'SASS (cuobjdump)' if find_tool('cuobjdump') else 'PTX'}; the sm_90 2-pass kernel "
-          "loads the logits with cp.async.bulk (not an LDG), its widest LDG is a per-token input.")  # fmt: skip
+    print(
+        f"\nloads read from: {'SASS (cuobjdump)' if find_tool('cuobjdump') else 'PTX'}; the sm_90 2-pass kernel "
+        "loads the logits with cp.async.bulk (not an LDG), its widest LDG is a per-token input."
+    )
 
 
 if __name__ == "__main__":

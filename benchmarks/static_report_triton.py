@@ -41,8 +41,17 @@ _POINTER_TYPES = {
     "lse_ref64_ptr": "*fp64",
 }
 _FLOAT_ARGS = {
-    "inv_temperature", "beta", "clip_low", "clip_high", "eps_high", "delta", "dual_clip", "sapo_pos", "sapo_neg", "eps",
-}  # fmt: skip
+    "inv_temperature",
+    "beta",
+    "clip_low",
+    "clip_high",
+    "eps_high",
+    "delta",
+    "dual_clip",
+    "sapo_pos",
+    "sapo_neg",
+    "eps",
+}
 _LOGITS_ARGS = {"logits_ptr", "out_ptr", "student_ptr", "teacher_ptr", "out_student_ptr", "out_teacher_ptr"}
 
 
@@ -56,13 +65,37 @@ def _variants():
         block, warps = vocab_tiling(VOCAB, size)
         for entropy in (True, False):
             tag = f"{dtype},{'entropy' if entropy else 'lp only'}"
-            out.append((f"token_logprobs_fwd[{tag}]", logprobs._token_logprobs_fwd_kernel, dtype,
-                        dict(WITH_ENTROPY=entropy, BLOCK_V=block), warps))  # fmt: skip
-            out.append((f"token_logprobs_bwd[{tag}]", logprobs._token_logprobs_bwd_kernel, dtype,
-                        dict(HAS_ENTROPY_GRAD=entropy, BLOCK_V=block), warps))  # fmt: skip
+            out.append(
+                (
+                    f"token_logprobs_fwd[{tag}]",
+                    logprobs._token_logprobs_fwd_kernel,
+                    dtype,
+                    dict(WITH_ENTROPY=entropy, BLOCK_V=block),
+                    warps,
+                )
+            )
+            out.append(
+                (
+                    f"token_logprobs_bwd[{tag}]",
+                    logprobs._token_logprobs_bwd_kernel,
+                    dtype,
+                    dict(HAS_ENTROPY_GRAD=entropy, BLOCK_V=block),
+                    warps,
+                )
+            )
     block, warps = vocab_tiling(VOCAB, 2)
-    base = dict(FAMILY=0, ESTIMATOR=0, HAS_OLD=True, HAS_KL=True, HAS_IS_WEIGHTS=False, HAS_DELTA=False,
-                HAS_DUAL_CLIP=False, BIAS_CORRECTED=False, WITH_ENTROPY=False, BLOCK_V=block)  # fmt: skip
+    base = dict(
+        FAMILY=0,
+        ESTIMATOR=0,
+        HAS_OLD=True,
+        HAS_KL=True,
+        HAS_IS_WEIGHTS=False,
+        HAS_DELTA=False,
+        HAS_DUAL_CLIP=False,
+        BIAS_CORRECTED=False,
+        WITH_ENTROPY=False,
+        BLOCK_V=block,
+    )
     every_option = dict(ESTIMATOR=3, HAS_IS_WEIGHTS=True, HAS_DELTA=True, HAS_DUAL_CLIP=True, BIAS_CORRECTED=True)
     loss_variants = {
         "clip,k3": {},
@@ -74,23 +107,51 @@ def _variants():
     for tag, change in loss_variants.items():
         out.append((f"grpo_loss_fwd[bf16,{tag}]", grpo_loss._grpo_loss_fwd_kernel, "bf16", {**base, **change}, warps))
     group_variants = [("sum,group", 0, 0, "grpo"), ("sum,batch", 0, 1, "grpo"), ("normalize", 1, 0, "grpo")]
-    group_variants += [(name, 0, 0 if name == "grpo_passk" else 2, name) for name in advantages._ESTIMATOR if name != "grpo"]
+    group_variants += [
+        (name, 0, 0 if name == "grpo_passk" else 2, name) for name in advantages._ESTIMATOR if name != "grpo"
+    ]
     for tag, multi, scale, estimator in group_variants:
-        out.append((f"group_advantages[{tag}]", advantages._group_advantages_kernel, "fp32",
-                    dict(MULTI_REWARD=multi, SCALE=scale, ESTIMATOR=advantages._ESTIMATOR[estimator],
-                         WRITE_TOTALS=scale == 1 or multi == 1 or estimator == "gpg", BLOCK_B=16, BLOCK_R=4), 4))  # fmt: skip
+        out.append(
+            (
+                f"group_advantages[{tag}]",
+                advantages._group_advantages_kernel,
+                "fp32",
+                dict(
+                    MULTI_REWARD=multi,
+                    SCALE=scale,
+                    ESTIMATOR=advantages._ESTIMATOR[estimator],
+                    WRITE_TOTALS=scale == 1 or multi == 1 or estimator == "gpg",
+                    BLOCK_B=16,
+                    BLOCK_R=4,
+                ),
+                4,
+            )
+        )
     out.append(("batch_scale", advantages._batch_scale_kernel, "fp32", dict(CENTRE_ON_BATCH_MEAN=True, BLOCK=1024), 4))
     out.append(("gpg_scale", advantages._gpg_scale_kernel, "fp32", dict(BLOCK=1024), 4))
     out.append(("whiten", advantages._whiten_kernel, "fp32", dict(BLOCK=1024), 4))
     block, warps = divergence._tiling(VOCAB)  # student and teacher both bf16
     for kind, code in (("reverse_kl", 0), ("jsd", 2)):
         fwd_block, fwd_warps = divergence._tiling(VOCAB, forward_jsd=kind == "jsd")
-        out.append((f"divergence_fwd[bf16,{kind},lp]", divergence._divergence_fwd_kernel, "bf16",
-                    dict(KIND=code, WITH_LOGPROBS=True, BLOCK_V=fwd_block), fwd_warps))  # fmt: skip
+        out.append(
+            (
+                f"divergence_fwd[bf16,{kind},lp]",
+                divergence._divergence_fwd_kernel,
+                "bf16",
+                dict(KIND=code, WITH_LOGPROBS=True, BLOCK_V=fwd_block),
+                fwd_warps,
+            )
+        )
     for tag, code, teacher in (("reverse_kl,student+lp", 0, False), ("jsd,student+teacher+lp", 2, True)):
-        out.append((f"divergence_bwd[bf16,{tag}]", divergence._divergence_bwd_kernel, "bf16",
-                    dict(KIND=code, STUDENT_GRAD=True, TEACHER_GRAD=teacher, HAS_GRAD_LP=True, BLOCK_V=block),
-                    warps))  # fmt: skip
+        out.append(
+            (
+                f"divergence_bwd[bf16,{tag}]",
+                divergence._divergence_bwd_kernel,
+                "bf16",
+                dict(KIND=code, STUDENT_GRAD=True, TEACHER_GRAD=teacher, HAS_GRAD_LP=True, BLOCK_V=block),
+                warps,
+            )
+        )
     return out
 
 
@@ -182,9 +243,16 @@ def _rows_here() -> list[dict]:
             compiled = _compile(kernel, dtype, constexprs, num_warps, arch)
             ptx = compiled.asm["ptx"]
             registers, spills = _ptxas_usage(ptx, arch)
-            rows.append(dict(kernel=name, target=f"sm_{arch}", registers=registers, spill_bytes=spills,
-                             shared_mem_bytes=int(compiled.metadata.shared),
-                             widest_global_load_bytes=widest_global_load(ptx)))  # fmt: skip
+            rows.append(
+                dict(
+                    kernel=name,
+                    target=f"sm_{arch}",
+                    registers=registers,
+                    spill_bytes=spills,
+                    shared_mem_bytes=int(compiled.metadata.shared),
+                    widest_global_load_bytes=widest_global_load(ptx),
+                )
+            )
     return rows
 
 
@@ -204,8 +272,14 @@ def rows() -> list[dict]:
     root = Path(__file__).resolve().parent.parent
     path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": path}
-    run = subprocess.run([sys.executable, "-m", "benchmarks.static_report_triton", "--json"], cwd=root, env=env,
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.static_report_triton", "--json"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(run.stdout)
 
 

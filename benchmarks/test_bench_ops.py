@@ -41,9 +41,7 @@ def _inputs_and_reference(case):
     return _current["inputs"], _current["eager"]
 
 
-@pytest.mark.parametrize(
-    "case,provider", [pytest.param(c, p, id=f"{c.id}-{p}") for c in CASES for p in PROVIDERS]
-)  # fmt: skip
+@pytest.mark.parametrize("case,provider", [pytest.param(c, p, id=f"{c.id}-{p}") for c in CASES for p in PROVIDERS])
 def test_op(benchmark, case, provider):
     reason = unavailable_reason(provider, case, DEVICE)
     if reason is not None:
@@ -61,8 +59,9 @@ def test_op(benchmark, case, provider):
     call()
     t = traffic(case)
     benchmark.group = case.id
-    benchmark.extra_info.update(op=case.op, provider=provider, device=str(DEVICE), bytes=t["bytes"],
-                                bytes_min=t["bytes_min"], flops=flops(case))  # fmt: skip
+    benchmark.extra_info.update(
+        op=case.op, provider=provider, device=str(DEVICE), bytes=t["bytes"], bytes_min=t["bytes_min"], flops=flops(case)
+    )
     benchmark(call)
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["GB/s"] = t["bytes"] / benchmark.stats.stats.median / 1e9

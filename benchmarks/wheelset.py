@@ -13,8 +13,8 @@ each wheel's ``Requires-Dist`` (markers evaluated for CPython ``--python`` on x8
   not known, the requirement is printed for the GPU run to check (``benchmarks/gpu_run.sh`` prints those versions).
 
 ``--installed`` checks the same requirements against the distributions the running interpreter sees (run it there
-after the install, with the install folder on ``PYTHONPATH``). Exit status 1 when something is missing, duplicated or known to conflict. Only the standard library and
-``packaging`` are used (no torch).
+after the install, with the install folder on ``PYTHONPATH``). Exit status 1 when something is missing, duplicated
+or known to conflict. Only the standard library and ``packaging`` are used (no torch).
 """
 
 from __future__ import annotations
@@ -50,9 +50,17 @@ def wheel_requirements(path: Path) -> list[Requirement]:
 def target_environment(python: str) -> dict[str, str]:
     """Marker environment of CPython ``python`` ("3.12") on x86-64 Linux."""
     env = default_environment()
-    env.update(python_version=python, python_full_version=f"{python}.0", implementation_name="cpython",
-               platform_python_implementation="CPython", sys_platform="linux", platform_system="Linux",
-               os_name="posix", platform_machine="x86_64", extra="")  # fmt: skip
+    env.update(
+        python_version=python,
+        python_full_version=f"{python}.0",
+        implementation_name="cpython",
+        platform_python_implementation="CPython",
+        sys_platform="linux",
+        platform_system="Linux",
+        os_name="posix",
+        platform_machine="x86_64",
+        extra="",
+    )
     return env
 
 

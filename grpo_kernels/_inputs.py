@@ -181,11 +181,12 @@ def per_seq_or_token(name: str, x: Tensor, layout: str, num_seqs: int, seq_shape
 def check_cu_seqlens(cu_seqlens: Tensor, n: int, device, source: str = "logits") -> Tensor:
     check_tensor("cu_seqlens", cu_seqlens, device, source)
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.is_floating_point():
-        raise ValueError(f"cu_seqlens must be a 1-D integer tensor [S+1] with S >= 1, got {cu_seqlens.dtype} {_shape(cu_seqlens)}")
+        raise ValueError(
+            f"cu_seqlens must be a 1-D integer tensor [S+1] with S >= 1, got {cu_seqlens.dtype} {_shape(cu_seqlens)}"
+        )
     cu = cu_seqlens.long()
-    if not compiling():
-        if int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"cu_seqlens must start at 0, end at N={n} and never decrease, got {cu.tolist()[:8]}...")
+    if not compiling() and (int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu[1:] < cu[:-1]).any())):
+        raise ValueError(f"cu_seqlens must start at 0, end at N={n} and never decrease, got {cu.tolist()[:8]}...")
     return cu
 
 
@@ -241,7 +242,9 @@ def prepare_loss_inputs(
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):
             if num_items_in_batch.numel() != 1:
-                raise ValueError(f"num_items_in_batch must be a number or a 1-element tensor, got {_shape(num_items_in_batch)}")
+                raise ValueError(
+                    f"num_items_in_batch must be a number or a 1-element tensor, got {_shape(num_items_in_batch)}"
+                )
         else:
             check_number("num_items_in_batch", num_items_in_batch, low=0)
     name = resolve_backend(backend, device, float64=float64)
@@ -257,7 +260,11 @@ def prepare_loss_inputs(
         seq_ids = torch.arange(n, device=device) // max(seq_len, 1)
     else:
         layout = "packed"
-        cu = check_cu_seqlens(cu_seqlens, n, device, source) if cu_seqlens is not None else torch.tensor([0, n], device=device)
+        cu = (
+            check_cu_seqlens(cu_seqlens, n, device, source)
+            if cu_seqlens is not None
+            else torch.tensor([0, n], device=device)
+        )
         num_seqs = cu.shape[0] - 1
         seq_ids = torch.searchsorted(cu[1:], torch.arange(n, device=device), right=True)
     seq_shape = (num_seqs,)
@@ -265,7 +272,9 @@ def prepare_loss_inputs(
     ids = kernel_token_ids(token_ids, mask, ignore_index, vocab)
     valid = ids >= 0
     zero = torch.zeros((), dtype=acc, device=device)
-    m = torch.where(valid, mask.reshape(-1).to(acc) if mask is not None else torch.ones((), dtype=acc, device=device), zero)
+    m = torch.where(
+        valid, mask.reshape(-1).to(acc) if mask is not None else torch.ones((), dtype=acc, device=device), zero
+    )
     tokens_per_seq = segment_sum(m, cu)
     seq_weights = m / tokens_per_seq.clamp(min=1.0)[seq_ids]
     coef = aggregation_coef(m, seq_weights, num_seqs, config, num_items_in_batch)
@@ -284,9 +293,17 @@ def prepare_loss_inputs(
         w_is = per_token(per_seq_or_token("is_weights", is_weights, layout, num_seqs, seq_shape, token_shape, seq_ids))
 
     batch = TokenBatch(
-        ids, coef.contiguous(), adv, per_token(old_logprobs), per_token(ref_logprobs) if config.uses_reference else None, w_is,
-        cu, seq_ids, seq_weights.contiguous(), m.contiguous(),
-    )  # fmt: skip
+        ids,
+        coef.contiguous(),
+        adv,
+        per_token(old_logprobs),
+        per_token(ref_logprobs) if config.uses_reference else None,
+        w_is,
+        cu,
+        seq_ids,
+        seq_weights.contiguous(),
+        m.contiguous(),
+    )
     return LossInputs(name, batch, config, m, token_shape)
 
 
@@ -314,8 +331,9 @@ def loss_output(
         cast = lambda x: None if x is None else x.to(lp.dtype)  # noqa: E731
         old = cast(batch.old_logprobs)
         log_ratio = torch.where(ids >= 0, lp.detach() - (lp.detach() if old is None else old), 0.0)
-        phi_mean = masked_mean(vespo_weights(log_ratio, cast(batch.is_weights), cast(batch.advantages), batch,
-                                             inputs.config))  # fmt: skip
+        phi_mean = masked_mean(
+            vespo_weights(log_ratio, cast(batch.is_weights), cast(batch.advantages), batch, inputs.config)
+        )
     if inputs.config.loss_type in ("clip_cov", "kl_cov"):
         cov_selected = masked_mean((flags & COV_SELECTED) != 0)
     if compiling():  # an out-of-range id (dropped from the kernel) must not leave a plausible loss behind
@@ -334,5 +352,3 @@ def loss_output(
         phi_mean=phi_mean,
         cov_selected=cov_selected,
     )
-
-

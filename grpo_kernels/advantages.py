@@ -32,8 +32,9 @@ class GroupAdvantages(NamedTuple):
     ``group_mean``/``group_std`` are indexed by group (group ``i`` is rows ``i*G .. i*G+G-1`` for a fixed group
     size, or the ``i``-th smallest distinct value of ``group_ids``): the NaN-aware mean and Bessel-corrected std of
     the row totals (the weighted sum of the rewards; with normalize_then_sum, of their per-group z-scores), whatever
-    the estimator: not the leave-one-out or length-weighted baseline an estimator subtracts. ``group_std`` is NaN for a group with fewer than 2 valid rewards. ``frac_zero_std`` is the fraction of groups whose std is (close to) 0, TRL's
-    ``frac_reward_zero_std``.
+    the estimator: not the leave-one-out or length-weighted baseline an estimator subtracts. ``group_std`` is NaN
+    for a group with fewer than 2 valid rewards. ``frac_zero_std`` is the fraction of groups whose std is (close to)
+    0, TRL's ``frac_reward_zero_std``.
     """
 
     advantages: torch.Tensor  # [B] float32

@@ -76,8 +76,9 @@ def token_logprobs(
     name = resolve_backend(backend, device, float64=logits.dtype == torch.float64)
 
     ids = kernel_token_ids(token_ids, mask, ignore_index, logits.shape[-1])
-    lp, _, entropy = logprobs_op.token_logprobs(as_3d(logits), ids, temperature=temperature,
-                                                with_entropy=bool(return_entropy), backend=name)  # fmt: skip
+    lp, _, entropy = logprobs_op.token_logprobs(
+        as_3d(logits), ids, temperature=temperature, with_entropy=bool(return_entropy), backend=name
+    )
     lp = poison(lp, token_ids, ids, mask, ignore_index).view(token_ids.shape)
     if return_entropy:
         return lp, poison(entropy, token_ids, ids, mask, ignore_index).view(token_ids.shape)
@@ -278,19 +279,47 @@ def grpo_loss(
     """
     config = config_from(LossConfig, "grpo_loss", knobs)
     return _grpo_loss(
-        logits, token_ids, advantages, config, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-        is_weights=is_weights, num_items_in_batch=num_items_in_batch, cu_seqlens=cu_seqlens,
-        return_entropy=return_entropy, inplace_backward=inplace_backward, grad_in_forward=grad_in_forward,
-        loss_scale=loss_scale, backend=backend, ignore_index=ignore_index,
-    )  # fmt: skip
+        logits,
+        token_ids,
+        advantages,
+        config,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        is_weights=is_weights,
+        num_items_in_batch=num_items_in_batch,
+        cu_seqlens=cu_seqlens,
+        return_entropy=return_entropy,
+        inplace_backward=inplace_backward,
+        grad_in_forward=grad_in_forward,
+        loss_scale=loss_scale,
+        backend=backend,
+        ignore_index=ignore_index,
+    )
 
 
 with_knob_parameters(grpo_loss, LossConfig, after="ref_logprobs")
 
 
-def _grpo_loss(logits, token_ids, advantages, config: LossConfig, *, mask, old_logprobs, ref_logprobs, is_weights,
-               num_items_in_batch, cu_seqlens, return_entropy, inplace_backward, grad_in_forward, loss_scale, backend,
-               ignore_index) -> GRPOLossOutput:  # fmt: skip
+def _grpo_loss(
+    logits,
+    token_ids,
+    advantages,
+    config: LossConfig,
+    *,
+    mask,
+    old_logprobs,
+    ref_logprobs,
+    is_weights,
+    num_items_in_batch,
+    cu_seqlens,
+    return_entropy,
+    inplace_backward,
+    grad_in_forward,
+    loss_scale,
+    backend,
+    ignore_index,
+) -> GRPOLossOutput:
     """:func:`grpo_loss` once its configuration is built (:class:`GRPOLoss` builds it once, at construction)."""
     check_logits(logits)
     base = logits._base if logits._base is not None else logits
@@ -304,10 +333,23 @@ def _grpo_loss(logits, token_ids, advantages, config: LossConfig, *, mask, old_l
     if loss_scale == 0:
         raise ValueError("loss_scale must be != 0 (the backward divides the incoming gradient by it)")
     inputs = prepare_loss_inputs(
-        "logits", logits.shape[:-1], logits.shape[-1], logits.device, logits.dtype == torch.float64, token_ids,
-        advantages, config, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, is_weights=is_weights,
-        num_items_in_batch=num_items_in_batch, backend=backend, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
-    )  # fmt: skip
+        "logits",
+        logits.shape[:-1],
+        logits.shape[-1],
+        logits.device,
+        logits.dtype == torch.float64,
+        token_ids,
+        advantages,
+        config,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        is_weights=is_weights,
+        num_items_in_batch=num_items_in_batch,
+        backend=backend,
+        cu_seqlens=cu_seqlens,
+        ignore_index=ignore_index,
+    )
     inplace = bool(inplace_backward and logits.requires_grad)
     call = dict(batch=inputs.batch, config=config, with_entropy=bool(return_entropy), backend=inputs.backend)
     if grad_in_forward and logits.requires_grad and torch.is_grad_enabled():
@@ -315,8 +357,9 @@ def _grpo_loss(logits, token_ids, advantages, config: LossConfig, *, mask, old_l
     else:
         out = grpo_loss_op.grpo_loss(as_3d(logits), inplace_backward=inplace, **call)
     loss, lp, _, entropy, _, per_token_loss, kl, flags = out
-    return loss_output(inputs, token_ids, mask, ignore_index, loss, lp, entropy if return_entropy else None,
-                       per_token_loss, kl, flags)  # fmt: skip
+    return loss_output(
+        inputs, token_ids, mask, ignore_index, loss, lp, entropy if return_entropy else None, per_token_loss, kl, flags
+    )
 
 
 class ConfiguredLoss(nn.Module):
@@ -366,10 +409,16 @@ class GRPOLoss(ConfiguredLoss):
         **knobs,
     ):
         super().__init__(
-            "GRPOLoss", config, knobs, return_entropy=return_entropy, inplace_backward=inplace_backward,
-            grad_in_forward=grad_in_forward, loss_scale=check_number("loss_scale", loss_scale), backend=backend,
+            "GRPOLoss",
+            config,
+            knobs,
+            return_entropy=return_entropy,
+            inplace_backward=inplace_backward,
+            grad_in_forward=grad_in_forward,
+            loss_scale=check_number("loss_scale", loss_scale),
+            backend=backend,
             ignore_index=ignore_index,
-        )  # fmt: skip
+        )
 
     def forward(
         self,
@@ -385,10 +434,18 @@ class GRPOLoss(ConfiguredLoss):
         cu_seqlens: Tensor | None = None,
     ) -> GRPOLossOutput:
         return _grpo_loss(
-            logits, token_ids, advantages, self.loss_config, mask=mask, old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs, is_weights=is_weights, num_items_in_batch=num_items_in_batch,
-            cu_seqlens=cu_seqlens, **self.options,
-        )  # fmt: skip
+            logits,
+            token_ids,
+            advantages,
+            self.loss_config,
+            mask=mask,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            is_weights=is_weights,
+            num_items_in_batch=num_items_in_batch,
+            cu_seqlens=cu_seqlens,
+            **self.options,
+        )
 
 
 with_knob_parameters(GRPOLoss.__init__, LossConfig, after="ignore_index")

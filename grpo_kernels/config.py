@@ -27,9 +27,19 @@ AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
 # each loss type's own aggregation (the ``aggregation`` knob overrides it): TRL's for TRL's types, verl's default
 # ``loss_agg_mode`` ("token-mean" = bnpo) for gpg / clip_cov / kl_cov, and the mean over sequences for geo_mean
 # (verl ignores loss_agg_mode there)
-DEFAULT_AGGREGATION = {"grpo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "dapo": "dapo", "cispo": "dapo",
-                       "sapo": "grpo", "vespo": "dapo", "geo_mean": "grpo", "gpg": "bnpo", "clip_cov": "bnpo",
-                       "kl_cov": "bnpo"}  # fmt: skip
+DEFAULT_AGGREGATION = {
+    "grpo": "grpo",
+    "bnpo": "bnpo",
+    "dr_grpo": "dr_grpo",
+    "dapo": "dapo",
+    "cispo": "dapo",
+    "sapo": "grpo",
+    "vespo": "dapo",
+    "geo_mean": "grpo",
+    "gpg": "bnpo",
+    "clip_cov": "bnpo",
+    "kl_cov": "bnpo",
+}
 # loss types with a ratio of their own (verl's): the token-level ratio only, no delta / dual clip
 OWN_RATIO_LOSS_TYPES = ("geo_mean", "gpg", "clip_cov", "kl_cov")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
@@ -48,12 +58,28 @@ ADVANTAGE_ESTIMATORS = {
 ESTIMATORS_WITH_LENGTHS = ("opo", "reinforce_plus_plus_baseline")  # need completion_lengths
 
 
-def knob(default, help: str, *, choices=None, low=None, low_inclusive: bool = True, high=None,
-         high_inclusive: bool = True, checked: bool = True):  # fmt: skip
+def knob(
+    default,
+    help: str,
+    *,
+    choices=None,
+    low=None,
+    low_inclusive: bool = True,
+    high=None,
+    high_inclusive: bool = True,
+    checked: bool = True,
+):
     """A field of a configuration: its default, one line of help, and its check (``choices``, or a lower and/or an
     upper bound; ``checked=False`` for a field that a rule of ``__post_init__`` checks instead)."""
-    meta = {"help": help, "choices": choices, "low": low, "low_inclusive": low_inclusive, "high": high,
-            "high_inclusive": high_inclusive, "checked": checked}  # fmt: skip
+    meta = {
+        "help": help,
+        "choices": choices,
+        "low": low,
+        "low_inclusive": low_inclusive,
+        "high": high,
+        "high_inclusive": high_inclusive,
+        "checked": checked,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -65,38 +91,54 @@ class LossConfig:
     ``ValueError`` / ``TypeError`` naming the argument. ``epsilon_high=None`` resolves to ``epsilon_low``.
     """
 
-    loss_type: str = knob("dapo", "policy term and its default aggregation (docs/math.md sections 4, 6, 9)",
-                          choices=LOSS_TYPES)  # fmt: skip
+    loss_type: str = knob(
+        "dapo", "policy term and its default aggregation (docs/math.md sections 4, 6, 9)", choices=LOSS_TYPES
+    )
     beta: float = knob(0.0, "KL coefficient; > 0 needs the reference policy's log-probs", low=0)
     epsilon_low: float = knob(0.2, "lower clip range of the ratio", low=0)
-    epsilon_high: float | None = knob(None, "upper clip range (default: epsilon_low; cispo: the cap of the ratio)", low=0)
-    delta: float | None = knob(None, "two-sided clip: the ratio is capped at delta > 1 (INTELLECT-2)", low=1,
-                               low_inclusive=False)  # fmt: skip
-    dual_clip: float | None = knob(None, "dual-clip constant c > 1 for negative advantages (verl)", low=1,
-                                   low_inclusive=False)  # fmt: skip
-    temperature: float = knob(1.0, "divides the logits before the softmax (the sampling temperature)", low=0,
-                              low_inclusive=False)  # fmt: skip
+    epsilon_high: float | None = knob(
+        None, "upper clip range (default: epsilon_low; cispo: the cap of the ratio)", low=0
+    )
+    delta: float | None = knob(
+        None, "two-sided clip: the ratio is capped at delta > 1 (INTELLECT-2)", low=1, low_inclusive=False
+    )
+    dual_clip: float | None = knob(
+        None, "dual-clip constant c > 1 for negative advantages (verl)", low=1, low_inclusive=False
+    )
+    temperature: float = knob(
+        1.0, "divides the logits before the softmax (the sampling temperature)", low=0, low_inclusive=False
+    )
     importance_sampling_level: str = knob("token", "ratio per token, or per sequence (GSPO)", choices=IS_LEVELS)
     kl_estimator: str = knob("k3", "estimator of the KL to the reference policy", choices=KL_ESTIMATORS)
     bias_corrected_kl: bool = knob(False, "multiply the KL by the ratio (TRL's use_bias_correction_kl)")
     sapo_temperature_pos: float = knob(1.0, "SAPO temperature for positive advantages", low=0, low_inclusive=False)
     sapo_temperature_neg: float = knob(1.05, "SAPO temperature for negative advantages", low=0, low_inclusive=False)
-    max_completion_length: int | None = knob(None, "dr_grpo's normaliser: sum m L / (B * max_completion_length)",
-                                             checked=False)  # checked by the dr_grpo rule below  # fmt: skip
-    aggregation: str | None = knob(None, "c_t of another loss type's aggregation (default: loss_type's own)",
-                                   choices=AGGREGATIONS)  # fmt: skip
+    max_completion_length: int | None = knob(
+        None, "dr_grpo's normaliser: sum m L / (B * max_completion_length)", checked=False
+    )  # checked by the dr_grpo rule below
+    aggregation: str | None = knob(
+        None, "c_t of another loss type's aggregation (default: loss_type's own)", choices=AGGREGATIONS
+    )
     vespo_k_pos: float = knob(2.0, "VESPO power k of the gamma weight for A >= 0 (TRL)")
-    vespo_lambda_pos: float = knob(3.0, "VESPO decay lambda of the gamma weight for A >= 0 (TRL)", low=0,
-                                   low_inclusive=False)  # fmt: skip
+    vespo_lambda_pos: float = knob(
+        3.0, "VESPO decay lambda of the gamma weight for A >= 0 (TRL)", low=0, low_inclusive=False
+    )
     vespo_k_neg: float = knob(3.0, "VESPO power k of the gamma weight for A < 0 (TRL)")
-    vespo_lambda_neg: float = knob(2.0, "VESPO decay lambda of the gamma weight for A < 0 (TRL)", low=0,
-                                   low_inclusive=False)  # fmt: skip
-    clip_cov_ratio: float = knob(2e-4, "clip_cov: fraction of the tokens whose loss is dropped (verl)", low=0,
-                                 low_inclusive=False, high=1)  # fmt: skip
+    vespo_lambda_neg: float = knob(
+        2.0, "VESPO decay lambda of the gamma weight for A < 0 (TRL)", low=0, low_inclusive=False
+    )
+    clip_cov_ratio: float = knob(
+        2e-4, "clip_cov: fraction of the tokens whose loss is dropped (verl)", low=0, low_inclusive=False, high=1
+    )
     clip_cov_lb: float = knob(1.0, "clip_cov: lower bound of the covariance band of droppable tokens (verl)")
     clip_cov_ub: float = knob(5.0, "clip_cov: upper bound of that band, > clip_cov_lb (verl)")
-    kl_cov_ratio: float = knob(2e-4, "kl_cov: fraction of the tokens that get the |log-ratio| penalty (verl)", low=0,
-                               low_inclusive=False, high=1)  # fmt: skip
+    kl_cov_ratio: float = knob(
+        2e-4,
+        "kl_cov: fraction of the tokens that get the |log-ratio| penalty (verl)",
+        low=0,
+        low_inclusive=False,
+        high=1,
+    )
     ppo_kl_coef: float = knob(1.0, "kl_cov: coefficient of the |log-ratio| penalty (verl)", low=0)
 
     def __post_init__(self):
@@ -116,8 +158,10 @@ class LossConfig:
         if self.loss_type in OWN_RATIO_LOSS_TYPES + ("vespo",):
             for name in ("delta", "dual_clip"):
                 if getattr(self, name) is not None:
-                    raise ValueError(f"{name} applies to the clip family (grpo, bnpo, dr_grpo, dapo), not to "
-                                     f"loss_type={self.loss_type!r}; leave it None")  # fmt: skip
+                    raise ValueError(
+                        f"{name} applies to the clip family (grpo, bnpo, dr_grpo, dapo), not to "
+                        f"loss_type={self.loss_type!r}; leave it None"
+                    )
         if not torch.compiler.is_compiling() and not self.clip_cov_lb < self.clip_cov_ub:  # floats: eager only
             raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {self.clip_cov_lb} and {self.clip_cov_ub}")
 
@@ -161,12 +205,19 @@ class AdvantageConfig:
     """The settings of the group-relative advantages (docs/math.md section 2, section 10 for the estimators).
     Defaults are TRL 1.16's. ``scale=None`` resolves to the estimator's own (``ADVANTAGE_ESTIMATORS``)."""
 
-    scale: str | None = knob(None, "denominator: the group's std, the batch's std, or none (Dr. GRPO); default: the "
-                                   "estimator's own (group for grpo)", choices=ADVANTAGE_SCALES)  # fmt: skip
+    scale: str | None = knob(
+        None,
+        "denominator: the group's std, the batch's std, or none (Dr. GRPO); default: the "
+        "estimator's own (group for grpo)",
+        choices=ADVANTAGE_SCALES,
+    )
     eps: float = knob(1e-4, "added to the std (TRL 1e-4; verl 1e-6)", low=0)
     multi_reward: str = knob("sum_then_normalize", "how several reward columns combine", choices=MULTI_REWARD_MODES)
-    estimator: str = knob("grpo", "advantage estimator (verl's names; opo and reinforce_plus_plus_baseline read the "
-                                  "completion lengths)", choices=tuple(ADVANTAGE_ESTIMATORS))  # fmt: skip
+    estimator: str = knob(
+        "grpo",
+        "advantage estimator (verl's names; opo and reinforce_plus_plus_baseline read the completion lengths)",
+        choices=tuple(ADVANTAGE_ESTIMATORS),
+    )
 
     def __post_init__(self):
         check_fields(self)

@@ -5,7 +5,7 @@ Per position, with ``u = z / tau`` (student / policy) and ``u_r = z_ref / tau`` 
 
     reverse_kl  D = KL(p||q) = sum_v p_v (log p_v - log q_v)      dD/dz_v = p_v (log p_v - log q_v - D) / tau
     forward_kl  D = KL(q||p)                                       dD/dz_v = (p_v - q_v) / tau
-    jsd         m = beta q + (1 - beta) p                          dD/dz_v = (1 - beta) p_v (log p_v - log m_v - K) / tau
+    jsd         m = beta q + (1 - beta) p                          dD/dz_v = (1 - beta) p_v (log p_v - log m_v - K)/tau
                 D = beta KL(q||m) + (1 - beta) KL(p||m)            K = KL(p||m)
                 (TRL's generalized_jsd_loss; beta = 0 exactly is forward_kl, beta = 1 exactly is reverse_kl)
 
@@ -20,9 +20,10 @@ Traffic for ``N`` rows of ``V`` entries, student ``s`` and teacher ``t`` bytes p
 (jsd ``2 N V (s + t)``), backward ``N V (s + t)`` read + ``N V s`` written (+ ``N V t`` with the teacher's gradient).
 
 This file reads top to bottom: the kernel kinds, the custom ops (forward; backward into a new buffer or over the
-student's logits) with their fake implementations and autograd, then the public :func:`distill_loss`. The kernels are the backends'
-``divergence_forward`` / ``divergence_backward`` (``backends/torch/divergence.py``, ``backends/triton/divergence.py``);
-the CUDA backend has none and says so. The fused-linear form is in :mod:`grpo_kernels.fused_linear.divergence`.
+student's logits) with their fake implementations and autograd, then the public :func:`distill_loss`. The kernels
+are the backends' ``divergence_forward`` / ``divergence_backward`` (``backends/torch/divergence.py``,
+``backends/triton/divergence.py``); the CUDA backend has none and says so. The fused-linear form is in
+:mod:`grpo_kernels.fused_linear.divergence`.
 """
 
 from __future__ import annotations
@@ -40,12 +41,18 @@ from .config import check_option
 from .ops._define import struct_op
 
 _as_3d, _check_number, _check_same_shape, _check_tensor, _compiling, _kernel_token_ids = (
-    as_3d, check_number, check_same_shape, check_tensor, compiling, kernel_token_ids,
-)  # fmt: skip
+    as_3d,
+    check_number,
+    check_same_shape,
+    check_tensor,
+    compiling,
+    kernel_token_ids,
+)
 
 
 def _check_choice(name: str, value, choices) -> None:
     check_option(name, value, str, choices=choices)
+
 
 DIVERGENCES = ("jsd", "reverse_kl", "forward_kl")
 # What the kernels compute. TRL's special cases of the jsd (beta = 0: KL(q||p), beta = 1: KL(p||q)) are mapped
@@ -86,8 +93,9 @@ _ROWS = {  # the per-row state the forward keeps for the backward
     options={**_KIND, "with_logprobs": bool, "inplace_backward": bool, "backend": str},
     returns="(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def vocab_divergence(student, teacher, token_ids, kind, beta, temperature, with_logprobs, inplace_backward,
-                     backend) -> tuple[Tensor, ...]:  # fmt: skip
+def vocab_divergence(
+    student, teacher, token_ids, kind, beta, temperature, with_logprobs, inplace_backward, backend
+) -> tuple[Tensor, ...]:
     """-> divergence [N], lp [N] / [0], lse [N], lse_ref [N], kl_student [N], kl_teacher [N] (float32; float64 when
     either input is; ``lse`` and ``lse_ref`` always float64: a float32 log-sum-exp of ~40 is half an ulp, 2e-6, off,
     which the gradients amplify where they nearly cancel). ``kl_student`` is the KL in the student's gradient
@@ -114,22 +122,64 @@ def _(student, teacher, token_ids, kind, beta, temperature, with_logprobs, inpla
     options={**_KIND, "student_grad": bool, "teacher_grad": bool, "backend": str},
     returns="(Tensor, Tensor)",
 )
-def vocab_divergence_backward(student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div, grad_lp,
-                              kind, beta, temperature, student_grad, teacher_grad, backend) -> tuple[Tensor, Tensor]:  # fmt: skip
+def vocab_divergence_backward(
+    student,
+    teacher,
+    token_ids,
+    lse,
+    lse_ref,
+    kl_student,
+    kl_teacher,
+    grad_div,
+    grad_lp,
+    kind,
+    beta,
+    temperature,
+    student_grad,
+    teacher_grad,
+    backend,
+) -> tuple[Tensor, Tensor]:
     """-> dL/dstudent [B, T, V] (student's dtype) or [0], dL/dteacher [B, T, V] (teacher's dtype) or [0]."""
     out_s = _alloc.empty(student.shape, dtype=student.dtype, device=student.device) if student_grad else None
     out_t = _alloc.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if teacher_grad else None
     get_backend(backend).divergence_backward(
-        student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div, grad_lp, kind, beta,
-        temperature, out_s, out_t,
-    )  # fmt: skip
+        student,
+        teacher,
+        token_ids,
+        lse,
+        lse_ref,
+        kl_student,
+        kl_teacher,
+        grad_div,
+        grad_lp,
+        kind,
+        beta,
+        temperature,
+        out_s,
+        out_t,
+    )
     none = student.new_empty(0)
     return out_s if out_s is not None else none, out_t if out_t is not None else none
 
 
 @vocab_divergence_backward.register_fake
-def _(student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div, grad_lp, kind, beta,
-      temperature, student_grad, teacher_grad, backend):  # fmt: skip
+def _(
+    student,
+    teacher,
+    token_ids,
+    lse,
+    lse_ref,
+    kl_student,
+    kl_teacher,
+    grad_div,
+    grad_lp,
+    kind,
+    beta,
+    temperature,
+    student_grad,
+    teacher_grad,
+    backend,
+):
     return (
         torch.empty_like(student) if student_grad else student.new_empty(0),
         torch.empty_like(teacher) if teacher_grad else student.new_empty(0),
@@ -143,28 +193,77 @@ def _(student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_di
     returns="Tensor",
     mutates_args=("student",),
 )
-def vocab_divergence_backward_(student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div, grad_lp,
-                               kind, beta, temperature, teacher_grad, backend) -> Tensor:  # fmt: skip
+def vocab_divergence_backward_(
+    student,
+    teacher,
+    token_ids,
+    lse,
+    lse_ref,
+    kl_student,
+    kl_teacher,
+    grad_div,
+    grad_lp,
+    kind,
+    beta,
+    temperature,
+    teacher_grad,
+    backend,
+) -> Tensor:
     """The student's gradient written over the student's logits (each block is read before it is written; the
     teacher's gradient, when asked for, is computed from the same read) -> dL/dteacher [B, T, V] or [0]."""
     out_t = _alloc.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if teacher_grad else None
     get_backend(backend).divergence_backward(
-        student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div, grad_lp, kind, beta,
-        temperature, student, out_t,
-    )  # fmt: skip
+        student,
+        teacher,
+        token_ids,
+        lse,
+        lse_ref,
+        kl_student,
+        kl_teacher,
+        grad_div,
+        grad_lp,
+        kind,
+        beta,
+        temperature,
+        student,
+        out_t,
+    )
     return out_t if out_t is not None else student.new_empty(0)
 
 
 @vocab_divergence_backward_.register_fake
-def _(student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div, grad_lp, kind, beta,
-      temperature, teacher_grad, backend):  # fmt: skip
+def _(
+    student,
+    teacher,
+    token_ids,
+    lse,
+    lse_ref,
+    kl_student,
+    kl_teacher,
+    grad_div,
+    grad_lp,
+    kind,
+    beta,
+    temperature,
+    teacher_grad,
+    backend,
+):
     return torch.empty_like(teacher) if teacher_grad else student.new_empty(0)
 
 
 def _setup(ctx, args, output):
     _, _, lse, lse_ref, kl_student, kl_teacher = output
-    ctx.save_for_backward(args["student"], args["teacher"], args["token_ids"], lse, lse_ref, kl_student, kl_teacher,
-                          args["beta"], args["temperature"])  # fmt: skip
+    ctx.save_for_backward(
+        args["student"],
+        args["teacher"],
+        args["token_ids"],
+        lse,
+        lse_ref,
+        kl_student,
+        kl_teacher,
+        args["beta"],
+        args["temperature"],
+    )
     ctx.kind, ctx.backend, ctx.inplace = args["kind"], args["backend"], args["inplace_backward"]
     ctx.set_materialize_grads(False)
 
@@ -174,15 +273,23 @@ def _backward(ctx, grad_div, grad_lp, *unused):
     wants_student, wants_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_div is None:
         grad_div = torch.zeros_like(lse)
-    rows = dict(token_ids=token_ids, lse=lse, lse_ref=lse_ref, kl_student=kl_student, kl_teacher=kl_teacher,
-                grad_div=grad_div.contiguous(), grad_lp=None if grad_lp is None else grad_lp.contiguous())  # fmt: skip
+    rows = dict(
+        token_ids=token_ids,
+        lse=lse,
+        lse_ref=lse_ref,
+        kl_student=kl_student,
+        kl_teacher=kl_teacher,
+        grad_div=grad_div.contiguous(),
+        grad_lp=None if grad_lp is None else grad_lp.contiguous(),
+    )
     kind = dict(kind=ctx.kind, beta=beta, temperature=temperature, backend=ctx.backend)
     if ctx.inplace and wants_student:
         grad_t = vocab_divergence_backward_(student, teacher, *rows.values(), teacher_grad=wants_teacher, **kind)
         grad_s = student
     else:
-        grad_s, grad_t = vocab_divergence_backward(student, teacher, *rows.values(), student_grad=wants_student,
-                                                   teacher_grad=wants_teacher, **kind)  # fmt: skip
+        grad_s, grad_t = vocab_divergence_backward(
+            student, teacher, *rows.values(), student_grad=wants_student, teacher_grad=wants_teacher, **kind
+        )
     return grad_s if wants_student else None, grad_t if wants_teacher else None, None
 
 
@@ -242,7 +349,8 @@ def check_distill_args(divergence, beta, temperature, num_items_in_batch) -> Non
         if isinstance(num_items_in_batch, Tensor):
             if num_items_in_batch.numel() != 1:
                 raise ValueError(
-                    f"num_items_in_batch must be a number or a 1-element tensor, got shape {list(num_items_in_batch.shape)}"
+                    "num_items_in_batch must be a number or a 1-element tensor, got shape "
+                    f"{list(num_items_in_batch.shape)}"
                 )
         else:
             _check_number("num_items_in_batch", num_items_in_batch, low=0, low_inclusive=False)
@@ -372,10 +480,16 @@ def distill_loss(
     ids, weights = position_ids_and_weights(token_ids, mask, ignore_index, shape, vocab, device, acc)
 
     div, lp, *_ = vocab_divergence(
-        _as_3d(student_logits), _as_3d(teacher_logits), ids, kind=kernel_kind(divergence, beta), beta=beta,
-        temperature=temperature, with_logprobs=token_ids is not None,
-        inplace_backward=bool(inplace_backward and student_logits.requires_grad), backend=name,
-    )  # fmt: skip
+        _as_3d(student_logits),
+        _as_3d(teacher_logits),
+        ids,
+        kind=kernel_kind(divergence, beta),
+        beta=beta,
+        temperature=temperature,
+        with_logprobs=token_ids is not None,
+        inplace_backward=bool(inplace_backward and student_logits.requires_grad),
+        backend=name,
+    )
     loss = reduce_positions((div * weights).sum(), weights, num_items_in_batch)
     logprobs = None
     if token_ids is not None:

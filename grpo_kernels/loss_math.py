@@ -104,16 +104,16 @@ def aggregation_coef(
     if mode == "dr_grpo":
         return m / (max(num_seqs, 1) * config.max_completion_length)
     # dapo
-    items = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=m.dtype, device=m.device)
+    items = (
+        m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=m.dtype, device=m.device)
+    )
     return m / items.reshape(()).clamp(min=1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Per-token pieces with their derivatives
 # ----------------------------------------------------------------------------------------------------------------
-def kl_and_grad(
-    lp: torch.Tensor, ref: torch.Tensor, estimator: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kl_and_grad(lp: torch.Tensor, ref: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(K, dK/dlp, K + dK/dlp)`` for ``k = lp_ref - lp`` (docs/math.md section 5).
 
     ``K + dK/dlp`` is the token-level derivative of the bias-corrected ``rho K`` over ``rho``; it is returned in a
@@ -154,7 +154,9 @@ def policy_and_grads(
         return -capped * adv * lp, zero, -capped * adv
     if config.loss_type == "sapo":
         tau = torch.where(
-            adv > 0, torch.full_like(rho, config.sapo_temperature_pos), torch.full_like(rho, config.sapo_temperature_neg)
+            adv > 0,
+            torch.full_like(rho, config.sapo_temperature_pos),
+            torch.full_like(rho, config.sapo_temperature_neg),
         )
         x = tau * (rho - 1)
         s = torch.sigmoid(x)
@@ -192,8 +194,9 @@ LOG_1E8 = math.log(1e-8)  # TRL's lower clamp of vespo's log-weights
 _MASK32 = 0xFFFFFFFF
 
 
-def vespo_weights(log_ratio: torch.Tensor, is_weights: torch.Tensor | None, adv: torch.Tensor, batch: TokenBatch,
-                  config: LossConfig) -> torch.Tensor:  # fmt: skip
+def vespo_weights(
+    log_ratio: torch.Tensor, is_weights: torch.Tensor | None, adv: torch.Tensor, batch: TokenBatch, config: LossConfig
+) -> torch.Tensor:
     """VESPO's detached gamma weight ``phi_t`` ``[N]`` (TRL 1.16 ``GRPOTrainer.get_gamma_weights``; 0 where not
     taking part): ``log_ratio`` the token log-ratios ``lp - lp_old``, ``is_weights`` the token-level rollout IS
     ratios (their clamped logs join the sequence's sum), ``adv`` the advantages (their sign picks ``(k, lambda)``)."""
@@ -207,14 +210,16 @@ def vespo_weights(log_ratio: torch.Tensor, is_weights: torch.Tensor | None, adv:
     log_w = torch.clamp(seq, LOG_1E8, 20.0)[batch.seq_ids]
     nonneg = adv >= 0
     k = torch.where(nonneg, torch.full_like(zero, config.vespo_k_pos), torch.full_like(zero, config.vespo_k_neg))
-    lam = torch.where(nonneg, torch.full_like(zero, config.vespo_lambda_pos),
-                      torch.full_like(zero, config.vespo_lambda_neg)).clamp(min=1e-4)  # fmt: skip
+    lam = torch.where(
+        nonneg, torch.full_like(zero, config.vespo_lambda_pos), torch.full_like(zero, config.vespo_lambda_neg)
+    ).clamp(min=1e-4)
     phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
     return torch.where(valid, phi, zero)
 
 
-def geo_mean_terms(log_ratio: torch.Tensor, adv: torch.Tensor, is_weights: torch.Tensor | None, batch: TokenBatch,
-                   config: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def geo_mean_terms(
+    log_ratio: torch.Tensor, adv: torch.Tensor, is_weights: torch.Tensor | None, batch: TokenBatch, config: LossConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GMPO (verl's ``geo_mean``): ``(L, tau)``, both ``[N]``. ``L_t = L_s = -A_s exp(R_s) w_s`` for every token of
     sequence ``s``, with ``R_s = sum_t sigma_t d~_t`` the mean of the sign-clipped token log-ratios, ``A_s`` the
     sequence's mean advantage and ``w_s`` the geometric mean of its IS weights; ``tau_t = d d~_t / d lp_t``, so that
@@ -266,8 +271,9 @@ def _rank(order: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def clip_cov_selection(lp: torch.Tensor, adv: torch.Tensor, rho: torch.Tensor, batch: TokenBatch,
-                       config: LossConfig) -> torch.Tensor:  # fmt: skip
+def clip_cov_selection(
+    lp: torch.Tensor, adv: torch.Tensor, rho: torch.Tensor, batch: TokenBatch, config: LossConfig
+) -> torch.Tensor:
     """``[N]`` bool: the tokens whose clip_cov loss is dropped. Candidates: tokens that take part, are not clipped
     already (``-A clip(rho) > -A rho``) and whose covariance ``(A - <A>)(lp - <lp>)`` lies strictly inside
     ``(clip_cov_lb, clip_cov_ub)``; of those, the ``max(1, floor(clip_cov_ratio sum m))`` with the smallest
@@ -310,7 +316,12 @@ def loss_forward_from_logprobs(
     valid = batch.token_ids >= 0
     zero = torch.zeros_like(lp)
     cast = lambda x: None if x is None else x.to(lp.dtype)  # noqa: E731
-    adv, old, ref, w = cast(batch.advantages), cast(batch.old_logprobs), cast(batch.ref_logprobs), cast(batch.is_weights)
+    adv, old, ref, w = (
+        cast(batch.advantages),
+        cast(batch.old_logprobs),
+        cast(batch.ref_logprobs),
+        cast(batch.is_weights),
+    )
     coef = batch.coef.to(lp.dtype)
     sigma = batch.seq_weights.to(lp.dtype)
     kind = config.loss_type

@@ -519,12 +519,22 @@ def grpo_loss(
     # 4 and 9. Per-token policy loss, then IS weights (except vespo, geo_mean: inside their weight), then KL.
     phi = selected = None
     if loss_type == "vespo":
-        phi = vespo_phi(token_log_ratio, m, adv, w_is, valid, k_pos=vespo_k_pos, lambda_pos=vespo_lambda_pos,
-                        k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg)  # fmt: skip
+        phi = vespo_phi(
+            token_log_ratio,
+            m,
+            adv,
+            w_is,
+            valid,
+            k_pos=vespo_k_pos,
+            lambda_pos=vespo_lambda_pos,
+            k_neg=vespo_k_neg,
+            lambda_neg=vespo_lambda_neg,
+        )
         per_token_loss = -phi * adv * lp
     elif loss_type == "geo_mean":
-        per_token_loss = geo_mean_loss(token_log_ratio, m, adv, w_is, valid, epsilon_low=epsilon_low,
-                                       epsilon_high=epsilon_high).expand_as(lp)  # fmt: skip
+        per_token_loss = geo_mean_loss(
+            token_log_ratio, m, adv, w_is, valid, epsilon_low=epsilon_low, epsilon_high=epsilon_high
+        ).expand_as(lp)
     else:
         if loss_type == "kl_cov":
             selected = kl_cov_selected(lp, adv, valid, ratio_of_tokens=kl_cov_ratio)
@@ -545,9 +555,18 @@ def grpo_loss(
             )
         if loss_type == "clip_cov":
             selected = clip_cov_selected(
-                lp, adv, ratio, m, valid, old, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                ratio_of_tokens=clip_cov_ratio, lb=clip_cov_lb, ub=clip_cov_ub,
-            )  # fmt: skip
+                lp,
+                adv,
+                ratio,
+                m,
+                valid,
+                old,
+                epsilon_low=epsilon_low,
+                epsilon_high=epsilon_high,
+                ratio_of_tokens=clip_cov_ratio,
+                lb=clip_cov_lb,
+                ub=clip_cov_ub,
+            )
             per_token_loss = torch.where(selected, torch.zeros_like(per_token_loss), per_token_loss)
         if w_is is not None:
             per_token_loss = per_token_loss * w_is
@@ -748,9 +767,13 @@ def distill_loss(
     dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
     # Only the rows that take part are computed: NaN in an ignored row cannot reach the loss or a gradient.
     div_valid = vocab_divergence(
-        student_logits[valid], teacher_logits[valid], divergence=divergence, beta=beta, temperature=temperature,
+        student_logits[valid],
+        teacher_logits[valid],
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
         compute_in=compute_in,
-    )  # fmt: skip
+    )
     div = torch.zeros(shape, dtype=dtype, device=student_logits.device).masked_scatter(valid, div_valid)
     weights = torch.where(valid, mask.to(dtype) if mask is not None else torch.ones((), dtype=dtype), 0.0)
     total = (div * weights).sum()

@@ -6,6 +6,7 @@ import math
 
 import torch
 from conftest import DEVICE
+
 from grpo_kernels import reference as ref
 
 
@@ -66,8 +67,10 @@ def advantage_amplification(estimator, rewards, group, lengths, eps):
         return max([1.0] + [1.0 / (float(m.std()) + eps) for m in members if m.numel() > 1])
     if estimator == "reinforce_plus_plus_baseline":
         centred = torch.cat([m - m.mean() for m in members if m.numel() > 1] + [rewards[:0]])
-        weights = torch.cat([lengths[(group == g) & valid].double() for g in group.unique()
-                             if int(((group == g) & valid).sum()) > 1] + [rewards[:0]])  # fmt: skip
+        weights = torch.cat(
+            [lengths[(group == g) & valid].double() for g in group.unique() if int(((group == g) & valid).sum()) > 1]
+            + [rewards[:0]]
+        )
         total = float(weights.sum())
         if total <= 1:
             return 1.0
@@ -94,9 +97,17 @@ def vespo_tolerance(lp, old, adv, mask, is_weights, config) -> float:
     from grpo_kernels import reference as ref
 
     valid = mask > 0
-    phi = ref.vespo_phi(lp - (lp if old is None else old), mask, adv, is_weights, valid, k_pos=config.vespo_k_pos,
-                        lambda_pos=config.vespo_lambda_pos, k_neg=config.vespo_k_neg,
-                        lambda_neg=config.vespo_lambda_neg)  # fmt: skip
+    phi = ref.vespo_phi(
+        lp - (lp if old is None else old),
+        mask,
+        adv,
+        is_weights,
+        valid,
+        k_pos=config.vespo_k_pos,
+        lambda_pos=config.vespo_lambda_pos,
+        k_neg=config.vespo_k_neg,
+        lambda_neg=config.vespo_lambda_neg,
+    )
     seq = ((lp - (lp if old is None else old)).clamp(-20, 20) * mask).sum(-1, keepdim=True)
     if is_weights is not None:
         seq = seq + torch.where(valid, is_weights.log().clamp(math.log(1e-8), 20), 0.0).sum(-1, keepdim=True)

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import DEVICE, backend_params
 from helpers import rel_err
 

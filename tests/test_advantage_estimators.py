@@ -64,8 +64,14 @@ def test_fixed_groups_match_reference(backend, estimator, group_size, discrete, 
         pytest.skip("interpreted backend: continuous rewards with G = 4 only in the default run (all of them on a GPU)")
     r, lengths = _case(16, seed=group_size, discrete=discrete)
     kw = _lengths_kw(estimator, lengths)
-    out = group_advantages(r.float().to(DEVICE), group_size=group_size, estimator=estimator, backend=backend,
-                           return_stats=True, **{k: v.to(DEVICE) for k, v in kw.items()})  # fmt: skip
+    out = group_advantages(
+        r.float().to(DEVICE),
+        group_size=group_size,
+        estimator=estimator,
+        backend=backend,
+        return_stats=True,
+        **{k: v.to(DEVICE) for k, v in kw.items()},
+    )
     expect = ref.group_advantages(r, group_size=group_size, estimator=estimator, **kw)
     assert_advantages_close(out.advantages, expect.advantages, estimator, r, torch.arange(16) // group_size, lengths)
     # the statistics are those of the rewards whatever the estimator
@@ -83,14 +89,24 @@ def test_group_ids_in_any_order_match_reference(backend, estimator):
     ids = torch.tensor([7, 2, 7, 0, 2, 2, 9, 0, 7, 9, 9, 4, 0, 11, 2, 7, 0, 9, 13, 13, 2, 0, 7])
     r[ids == 13] = torch.tensor([math.nan, 0.5], dtype=torch.float64)  # group 13: one valid reward
     kw = _lengths_kw(estimator, lengths)
-    out = group_advantages(r.float().to(DEVICE), group_ids=ids.to(DEVICE), estimator=estimator, backend=backend,
-                           **{k: v.to(DEVICE) for k, v in kw.items()})  # fmt: skip
+    out = group_advantages(
+        r.float().to(DEVICE),
+        group_ids=ids.to(DEVICE),
+        estimator=estimator,
+        backend=backend,
+        **{k: v.to(DEVICE) for k, v in kw.items()},
+    )
     expect = ref.group_advantages(r, group_ids=ids, estimator=estimator, **kw)
     assert_advantages_close(out, expect.advantages, estimator, r, ids, lengths)
     assert out[ids == 4].item() == 0.0 and out[ids == 11].item() == 0.0 and bool((out[ids == 13] == 0).all())
     perm = torch.randperm(23, generator=torch.Generator().manual_seed(1))
-    shuffled = group_advantages(r.float()[perm].to(DEVICE), group_ids=ids[perm].to(DEVICE), estimator=estimator,
-                                backend=backend, **{k: v[perm].to(DEVICE) for k, v in kw.items()})  # fmt: skip
+    shuffled = group_advantages(
+        r.float()[perm].to(DEVICE),
+        group_ids=ids[perm].to(DEVICE),
+        estimator=estimator,
+        backend=backend,
+        **{k: v[perm].to(DEVICE) for k, v in kw.items()},
+    )
     assert_advantages_close(shuffled, expect.advantages[perm], estimator, r[perm], ids[perm], lengths[perm])
 
 
@@ -105,8 +121,13 @@ def test_groups_larger_than_one_block(backend, estimator):
     ids = torch.cat([torch.zeros(1500, dtype=torch.long), torch.arange(1, 31) // 3])
     lengths = torch.randint(1, 300, (1530,), generator=g)
     kw = _lengths_kw(estimator, lengths)
-    out = group_advantages(r.float().to(DEVICE), group_ids=ids.to(DEVICE), estimator=estimator, backend=backend,
-                           **{k: v.to(DEVICE) for k, v in kw.items()})  # fmt: skip
+    out = group_advantages(
+        r.float().to(DEVICE),
+        group_ids=ids.to(DEVICE),
+        estimator=estimator,
+        backend=backend,
+        **{k: v.to(DEVICE) for k, v in kw.items()},
+    )
     expect = ref.group_advantages(r, group_ids=ids, estimator=estimator, **kw).advantages
     assert_advantages_close(out, expect, estimator, r, ids, lengths)
 
@@ -136,8 +157,13 @@ def test_passk_ties(backend):
 def test_reinforce_plus_plus_baseline_of_constant_groups_is_zero(backend):
     """Binary rewards, every group constant: the centred rewards are exactly 0, and so is the whitened result."""
     r = torch.tensor([1.0] * 4 + [0.0] * 4 + [1.0] * 4, device=DEVICE)
-    out = group_advantages(r, group_size=4, estimator="reinforce_plus_plus_baseline", backend=backend,
-                           completion_lengths=torch.arange(12, device=DEVICE))  # fmt: skip
+    out = group_advantages(
+        r,
+        group_size=4,
+        estimator="reinforce_plus_plus_baseline",
+        backend=backend,
+        completion_lengths=torch.arange(12, device=DEVICE),
+    )
     assert bool((out == 0).all())
 
 
@@ -161,8 +187,14 @@ def test_multi_reward_columns_are_summed_first(backend, estimator):
     total = (r * w).nansum(dim=1)
     total[7] = math.nan
     kw = _lengths_kw(estimator, lengths)
-    out = group_advantages(r.float().to(DEVICE), group_size=3, reward_weights=w, estimator=estimator, backend=backend,
-                           **{k: v.to(DEVICE) for k, v in kw.items()})  # fmt: skip
+    out = group_advantages(
+        r.float().to(DEVICE),
+        group_size=3,
+        reward_weights=w,
+        estimator=estimator,
+        backend=backend,
+        **{k: v.to(DEVICE) for k, v in kw.items()},
+    )
     expect = ref.group_advantages(total, group_size=3, estimator=estimator, **kw).advantages
     assert_advantages_close(out, expect, estimator, total, torch.arange(12) // 3, lengths)
 
@@ -184,8 +216,9 @@ def test_compiles_without_graph_breaks(backend):
     r, lengths = _case(16, seed=2)
     fn = torch.compile(
         lambda r, n: group_advantages(r, group_size=4, estimator="opo", completion_lengths=n, backend=backend),
-        fullgraph=True, backend="aot_eager",
-    )  # fmt: skip
+        fullgraph=True,
+        backend="aot_eager",
+    )
     out = fn(r.float().to(DEVICE), lengths.to(DEVICE))
     expect = ref.group_advantages(r, group_size=4, estimator="opo", completion_lengths=lengths).advantages
     assert_advantages_close(out, expect, "opo", r, torch.arange(16) // 4, lengths)
@@ -254,8 +287,17 @@ def verl():
 
         return record
 
-    scope = {"torch": torch, "np": np, "defaultdict": defaultdict, "Enum": Enum, "Any": Any, "Optional": Optional,
-             "AlgoConfig": Any, "register_adv_est": register_adv_est, "verl_F": types.SimpleNamespace(**functional)}  # fmt: skip
+    scope = {
+        "torch": torch,
+        "np": np,
+        "defaultdict": defaultdict,
+        "Enum": Enum,
+        "Any": Any,
+        "Optional": Optional,
+        "AlgoConfig": Any,
+        "register_adv_est": register_adv_est,
+        "verl_F": types.SimpleNamespace(**functional),
+    }
     algos = root / "verl/trainer/ppo/core_algos.py"
     code = compile(_definitions(algos, ("AdvantageEstimator", *VERL_FUNCTIONS.values())), "verl_core_algos", "exec")
     exec(code, scope)  # noqa: S102
@@ -314,8 +356,14 @@ def test_backends_match_verl_in_float32(verl, backend_name, request):
     ids = torch.as_tensor([int(u.split("-")[1]) for u in uid])
     for estimator in ESTIMATORS:
         theirs = _run_verl(verl[estimator], estimator, r, mask, uid)
-        ours = group_advantages(r.to(DEVICE), group_ids=ids.to(DEVICE), estimator=estimator, eps=1e-6,
-                                backend=backend_name, **{k: v.to(DEVICE) for k, v in _lengths_kw(estimator, lengths).items()})  # fmt: skip
+        ours = group_advantages(
+            r.to(DEVICE),
+            group_ids=ids.to(DEVICE),
+            estimator=estimator,
+            eps=1e-6,
+            backend=backend_name,
+            **{k: v.to(DEVICE) for k, v in _lengths_kw(estimator, lengths).items()},
+        )
         torch.testing.assert_close(ours.cpu()[:, None] * mask, theirs, rtol=2e-5, atol=2e-5, msg=estimator)
 
 
@@ -326,8 +374,10 @@ def test_verl_divergences_are_the_documented_ones(verl):
     ids = torch.tensor([0, 0, 0, 0, 1])
     lengths = torch.tensor([3, 5, 2, 4, 6])
     mask = (torch.arange(6)[None, :] < lengths[:, None]).to(torch.float64)
-    ours = {e: ref.group_advantages(r, group_ids=ids, estimator=e, eps=1e-6, **_lengths_kw(e, lengths)).advantages
-            for e in ESTIMATORS}  # fmt: skip
+    ours = {
+        e: ref.group_advantages(r, group_ids=ids, estimator=e, eps=1e-6, **_lengths_kw(e, lengths)).advantages
+        for e in ESTIMATORS
+    }
     verl_row = {e: _run_verl(verl[e], e, r, mask, uid)[4, 0].item() for e in ESTIMATORS if e != "grpo_passk"}
     # A group of one: here every member gets 0; verl passes the raw score through (grpo: over 1 + eps; gpg: times
     # alpha = B / #nonzero), and for reinforce_plus_plus_baseline whitens it with the rest.

@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
-
 from conftest import DEVICE
+from helpers import make_batch, rel_err
+from reliability_helpers import INTERPRETED, assert_matches, grad_of
+
 from grpo_kernels import GRPOLoss, group_advantages, grpo_loss, token_logprobs
 from grpo_kernels import reference as ref
 from grpo_kernels.config import LossConfig
 from grpo_kernels.loss_math import segment_sum
-from helpers import make_batch, rel_err
-from reliability_helpers import INTERPRETED, assert_matches, grad_of
 
 B, T, V = 3, 4, 11
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
@@ -50,46 +50,163 @@ def _z(**kw):  # fresh logits of shape [B, T, V] built another way
 
 LOSS_REJECTS = [
     # logits
-    ("logits-0d", dict(logits=torch.tensor(1.0)), ValueError, r"logits must be \[B, T, V\] or packed \[N, V\], got shape \[\]"),
-    ("logits-bool", dict(logits=lambda d: d["logits"] > 0), TypeError, "logits must be float16, bfloat16, float32 or float64, got torch.bool"),
+    (
+        "logits-0d",
+        dict(logits=torch.tensor(1.0)),
+        ValueError,
+        r"logits must be \[B, T, V\] or packed \[N, V\], got shape \[\]",
+    ),
+    (
+        "logits-bool",
+        dict(logits=lambda d: d["logits"] > 0),
+        TypeError,
+        "logits must be float16, bfloat16, float32 or float64, got torch.bool",
+    ),
     ("logits-complex", dict(logits=lambda d: d["logits"].to(torch.complex64)), TypeError, "got torch.complex64"),
     ("logits-empty-vocab", dict(logits=lambda d: d["logits"][..., :0]), ValueError, "vocabulary of at least 1 entry"),
-    ("logits-transposed", dict(logits=lambda d: torch.randn(B, V, T, device=DEVICE).transpose(1, 2)), ValueError, r"stride 1\), got strides \[44, 1, 4\]"),
+    (
+        "logits-transposed",
+        dict(logits=lambda d: torch.randn(B, V, T, device=DEVICE).transpose(1, 2)),
+        ValueError,
+        r"stride 1\), got strides \[44, 1, 4\]",
+    ),
     # token_ids
-    ("ids-bool", dict(token_ids=lambda d: d["token_ids"] > 0), TypeError, "token_ids must be an integer tensor, got torch.bool"),
-    ("ids-3d", dict(token_ids=lambda d: d["token_ids"][..., None]), ValueError, r"token_ids must have the shape of logits without the last dim \[3, 4\]"),
-    ("ids-flat-with-3d-logits", dict(token_ids=lambda d: d["token_ids"].reshape(-1)), ValueError, r"token_ids must have the shape .* \[3, 4\], got \[12\]"),
-    ("ids-ignore-index-mismatch", dict(token_ids=lambda d: d["token_ids"].fill_(-100), ignore_index=-1), ValueError, r"or equal ignore_index=-1\) where mask != 0; got -100"),
+    (
+        "ids-bool",
+        dict(token_ids=lambda d: d["token_ids"] > 0),
+        TypeError,
+        "token_ids must be an integer tensor, got torch.bool",
+    ),
+    (
+        "ids-3d",
+        dict(token_ids=lambda d: d["token_ids"][..., None]),
+        ValueError,
+        r"token_ids must have the shape of logits without the last dim \[3, 4\]",
+    ),
+    (
+        "ids-flat-with-3d-logits",
+        dict(token_ids=lambda d: d["token_ids"].reshape(-1)),
+        ValueError,
+        r"token_ids must have the shape .* \[3, 4\], got \[12\]",
+    ),
+    (
+        "ids-ignore-index-mismatch",
+        dict(token_ids=lambda d: d["token_ids"].fill_(-100), ignore_index=-1),
+        ValueError,
+        r"or equal ignore_index=-1\) where mask != 0; got -100",
+    ),
     # tensors on another device than the logits
-    ("ids-on-meta", dict(token_ids=lambda d: d["token_ids"].to(META)), ValueError, "token_ids is on meta but logits are on"),
+    (
+        "ids-on-meta",
+        dict(token_ids=lambda d: d["token_ids"].to(META)),
+        ValueError,
+        "token_ids is on meta but logits are on",
+    ),
     ("mask-on-meta", dict(mask=torch.ones(B, T, device=META)), ValueError, "mask is on meta but logits are on"),
     ("adv-on-meta", dict(advantages=torch.ones(B, device=META)), ValueError, "advantages is on meta but logits are on"),
     ("old-on-meta", dict(old_logprobs=torch.zeros(B, T, device=META)), ValueError, "old_logprobs is on meta"),
     ("ref-on-meta", dict(ref_logprobs=torch.zeros(B, T, device=META), beta=0.1), ValueError, "ref_logprobs is on meta"),
     ("isw-on-meta", dict(is_weights=torch.ones(B, device=META)), ValueError, "is_weights is on meta"),
-    ("cu-on-meta", dict(**{"logits": lambda d: d["logits"].reshape(-1, V), "token_ids": lambda d: d["token_ids"].reshape(-1)},
-                        cu_seqlens=torch.tensor([0, 12], device=META)), ValueError, "cu_seqlens is on meta"),
+    (
+        "cu-on-meta",
+        dict(
+            **{"logits": lambda d: d["logits"].reshape(-1, V), "token_ids": lambda d: d["token_ids"].reshape(-1)},
+            cu_seqlens=torch.tensor([0, 12], device=META),
+        ),
+        ValueError,
+        "cu_seqlens is on meta",
+    ),
     # per-sequence / per-token shapes: an exact shape match, never broadcasting
-    ("adv-0d", dict(advantages=torch.tensor(1.0, device=DEVICE)), ValueError, r"advantages must be per sequence \[B\]=\[3\] / \[B, 1\] or per token \[B, T\]=\[3, 4\], got \[\]"),
-    ("adv-length-T", dict(advantages=torch.ones(T, device=DEVICE)), ValueError, r"per token \[B, T\]=\[3, 4\], got \[4\]"),
+    (
+        "adv-0d",
+        dict(advantages=torch.tensor(1.0, device=DEVICE)),
+        ValueError,
+        r"advantages must be per sequence \[B\]=\[3\] / \[B, 1\] or per token \[B, T\]=\[3, 4\], got \[\]",
+    ),
+    (
+        "adv-length-T",
+        dict(advantages=torch.ones(T, device=DEVICE)),
+        ValueError,
+        r"per token \[B, T\]=\[3, 4\], got \[4\]",
+    ),
     ("adv-1-broadcast", dict(advantages=torch.ones(1, device=DEVICE)), ValueError, r"got \[1\]"),
     ("adv-B-T-1", dict(advantages=torch.ones(B, T, 1, device=DEVICE)), ValueError, r"got \[3, 4, 1\]"),
     ("adv-T-B", dict(advantages=torch.ones(T, B, device=DEVICE)), ValueError, r"got \[4, 3\]"),
-    ("isw-length-T", dict(is_weights=torch.ones(T, device=DEVICE)), ValueError, r"is_weights must be per sequence \[B\]=\[3\]"),
-    ("old-per-sequence", dict(old_logprobs=torch.zeros(B, 1, device=DEVICE)), ValueError, r"old_logprobs must have the shape of token_ids \[3, 4\], got \[3, 1\]"),
-    ("mask-transposed", dict(mask=torch.ones(T, B, device=DEVICE)), ValueError, r"mask must have the shape of token_ids \[3, 4\], got \[4, 3\]"),
+    (
+        "isw-length-T",
+        dict(is_weights=torch.ones(T, device=DEVICE)),
+        ValueError,
+        r"is_weights must be per sequence \[B\]=\[3\]",
+    ),
+    (
+        "old-per-sequence",
+        dict(old_logprobs=torch.zeros(B, 1, device=DEVICE)),
+        ValueError,
+        r"old_logprobs must have the shape of token_ids \[3, 4\], got \[3, 1\]",
+    ),
+    (
+        "mask-transposed",
+        dict(mask=torch.ones(T, B, device=DEVICE)),
+        ValueError,
+        r"mask must have the shape of token_ids \[3, 4\], got \[4, 3\]",
+    ),
     # dtypes of the per-token inputs
-    ("old-int", dict(old_logprobs=torch.zeros(B, T, dtype=torch.long, device=DEVICE)), TypeError, "old_logprobs must be a floating-point tensor"),
-    ("ref-int", dict(ref_logprobs=torch.zeros(B, T, dtype=torch.int32, device=DEVICE), beta=0.1), TypeError, "ref_logprobs must be a floating-point"),
-    ("isw-int", dict(is_weights=torch.ones(B, dtype=torch.long, device=DEVICE)), TypeError, "is_weights must be a floating-point"),
-    ("adv-bool", dict(advantages=torch.ones(B, dtype=torch.bool, device=DEVICE)), TypeError, "advantages must be a floating-point"),
+    (
+        "old-int",
+        dict(old_logprobs=torch.zeros(B, T, dtype=torch.long, device=DEVICE)),
+        TypeError,
+        "old_logprobs must be a floating-point tensor",
+    ),
+    (
+        "ref-int",
+        dict(ref_logprobs=torch.zeros(B, T, dtype=torch.int32, device=DEVICE), beta=0.1),
+        TypeError,
+        "ref_logprobs must be a floating-point",
+    ),
+    (
+        "isw-int",
+        dict(is_weights=torch.ones(B, dtype=torch.long, device=DEVICE)),
+        TypeError,
+        "is_weights must be a floating-point",
+    ),
+    (
+        "adv-bool",
+        dict(advantages=torch.ones(B, dtype=torch.bool, device=DEVICE)),
+        TypeError,
+        "advantages must be a floating-point",
+    ),
     ("adv-list", dict(advantages=[1.0, 2.0, 3.0]), TypeError, "advantages must be a torch.Tensor, got list"),
     # packed layout
-    ("packed-adv-N-1", dict(**_packed(_inputs()) | {"advantages": torch.ones(12, 1, device=DEVICE)}), ValueError, r"per sequence \[S\]=\[2\] or per token \[N\]=\[12\] for packed logits, got \[12, 1\]"),
-    ("packed-adv-S+1", dict(**_packed(_inputs()) | {"advantages": torch.ones(3, device=DEVICE)}), ValueError, r"got \[3\]"),
-    ("cu-float", dict(**_packed(_inputs()) | {"cu_seqlens": torch.tensor([0.0, 5.0, 12.0], device=DEVICE)}), ValueError, "cu_seqlens must be a 1-D integer tensor"),
-    ("cu-2d", dict(**_packed(_inputs()) | {"cu_seqlens": torch.tensor([[0, 12]], device=DEVICE)}), ValueError, r"cu_seqlens must be a 1-D integer tensor \[S\+1\] with S >= 1"),
-    ("cu-no-sequence", dict(**_packed(_inputs()) | {"cu_seqlens": torch.tensor([0], device=DEVICE)}), ValueError, "with S >= 1"),
+    (
+        "packed-adv-N-1",
+        dict(**_packed(_inputs()) | {"advantages": torch.ones(12, 1, device=DEVICE)}),
+        ValueError,
+        r"per sequence \[S\]=\[2\] or per token \[N\]=\[12\] for packed logits, got \[12, 1\]",
+    ),
+    (
+        "packed-adv-S+1",
+        dict(**_packed(_inputs()) | {"advantages": torch.ones(3, device=DEVICE)}),
+        ValueError,
+        r"got \[3\]",
+    ),
+    (
+        "cu-float",
+        dict(**_packed(_inputs()) | {"cu_seqlens": torch.tensor([0.0, 5.0, 12.0], device=DEVICE)}),
+        ValueError,
+        "cu_seqlens must be a 1-D integer tensor",
+    ),
+    (
+        "cu-2d",
+        dict(**_packed(_inputs()) | {"cu_seqlens": torch.tensor([[0, 12]], device=DEVICE)}),
+        ValueError,
+        r"cu_seqlens must be a 1-D integer tensor \[S\+1\] with S >= 1",
+    ),
+    (
+        "cu-no-sequence",
+        dict(**_packed(_inputs()) | {"cu_seqlens": torch.tensor([0], device=DEVICE)}),
+        ValueError,
+        "with S >= 1",
+    ),
     ("cu-decreasing", dict(**_packed(_inputs(), cu=(0, 7, 5, 12))), ValueError, "never decrease"),
     ("cu-not-from-0", dict(**_packed(_inputs(), cu=(1, 5, 12))), ValueError, "cu_seqlens must start at 0"),
     # scalars
@@ -102,37 +219,136 @@ LOSS_REJECTS = [
     ("dual-clip-1", dict(dual_clip=1), ValueError, "dual_clip must be > 1, got 1"),
     ("beta-inf", dict(beta=math.inf, ref_logprobs=torch.zeros(B, T, device=DEVICE)), ValueError, "beta must be finite"),
     ("sapo-tau-zero", dict(loss_type="sapo", sapo_temperature_pos=0.0), ValueError, "sapo_temperature_pos must be > 0"),
-    ("sapo-tau-negative", dict(loss_type="sapo", sapo_temperature_neg=-1.0), ValueError, "sapo_temperature_neg must be > 0"),
-    ("dr-grpo-length-zero", dict(loss_type="dr_grpo", max_completion_length=0), ValueError, "needs max_completion_length, a positive int; got 0"),
-    ("dr-grpo-length-float", dict(loss_type="dr_grpo", max_completion_length=4.0), ValueError, "a positive int; got 4.0"),
-    ("dr-grpo-length-bool", dict(loss_type="dr_grpo", max_completion_length=True), ValueError, "a positive int; got True"),
+    (
+        "sapo-tau-negative",
+        dict(loss_type="sapo", sapo_temperature_neg=-1.0),
+        ValueError,
+        "sapo_temperature_neg must be > 0",
+    ),
+    (
+        "dr-grpo-length-zero",
+        dict(loss_type="dr_grpo", max_completion_length=0),
+        ValueError,
+        "needs max_completion_length, a positive int; got 0",
+    ),
+    (
+        "dr-grpo-length-float",
+        dict(loss_type="dr_grpo", max_completion_length=4.0),
+        ValueError,
+        "a positive int; got 4.0",
+    ),
+    (
+        "dr-grpo-length-bool",
+        dict(loss_type="dr_grpo", max_completion_length=True),
+        ValueError,
+        "a positive int; got True",
+    ),
     ("num-items-nan", dict(num_items_in_batch=math.nan), ValueError, "num_items_in_batch must be finite"),
-    ("num-items-2-elements", dict(num_items_in_batch=torch.ones(2)), ValueError, r"num_items_in_batch must be a number or a 1-element tensor, got \[2\]"),
+    (
+        "num-items-2-elements",
+        dict(num_items_in_batch=torch.ones(2)),
+        ValueError,
+        r"num_items_in_batch must be a number or a 1-element tensor, got \[2\]",
+    ),
     ("num-items-string", dict(num_items_in_batch="12"), TypeError, "num_items_in_batch must be a number, got str"),
-    ("loss-type-case", dict(loss_type="GRPO"), ValueError, r"loss_type must be one of \['grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', 'vespo', 'geo_mean', 'gpg', 'clip_cov', 'kl_cov'\], got 'GRPO'"),
+    (
+        "loss-type-case",
+        dict(loss_type="GRPO"),
+        ValueError,
+        r"loss_type must be one of \['grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', 'vespo', 'geo_mean', 'gpg', "
+        r"'clip_cov', 'kl_cov'\], got 'GRPO'",
+    ),
     ("backend-none", dict(backend=None), ValueError, "backend must be one of"),
     # the knobs of docs/math.md section 9
-    ("vespo-lambda-zero", dict(loss_type="vespo", vespo_lambda_pos=0.0), ValueError, "vespo_lambda_pos must be > 0, got 0.0"),
-    ("vespo-lambda-negative", dict(loss_type="vespo", vespo_lambda_neg=-1.0), ValueError, "vespo_lambda_neg must be > 0, got -1.0"),
+    (
+        "vespo-lambda-zero",
+        dict(loss_type="vespo", vespo_lambda_pos=0.0),
+        ValueError,
+        "vespo_lambda_pos must be > 0, got 0.0",
+    ),
+    (
+        "vespo-lambda-negative",
+        dict(loss_type="vespo", vespo_lambda_neg=-1.0),
+        ValueError,
+        "vespo_lambda_neg must be > 0, got -1.0",
+    ),
     ("vespo-k-nan", dict(loss_type="vespo", vespo_k_pos=math.nan), ValueError, "vespo_k_pos must be finite, got nan"),
     ("vespo-k-string", dict(loss_type="vespo", vespo_k_neg="3"), TypeError, "vespo_k_neg must be a number, got str"),
-    ("vespo-per-sequence-isw", dict(loss_type="vespo", is_weights=torch.ones(B, device=DEVICE)), ValueError, r"loss_type='vespo' takes token-level is_weights \(the shape of token_ids \[3, 4\]\)"),
-    ("vespo-delta", dict(loss_type="vespo", delta=1.5), ValueError, r"delta applies to the clip family .* not to loss_type='vespo'"),
-    ("clip-cov-ratio-zero", dict(loss_type="clip_cov", clip_cov_ratio=0.0), ValueError, "clip_cov_ratio must be > 0, got 0.0"),
-    ("clip-cov-ratio-above-1", dict(loss_type="clip_cov", clip_cov_ratio=1.5), ValueError, "clip_cov_ratio must be <= 1, got 1.5"),
-    ("clip-cov-band-empty", dict(loss_type="clip_cov", clip_cov_lb=5.0, clip_cov_ub=1.0), ValueError, "clip_cov_lb must be < clip_cov_ub, got 5.0 and 1.0"),
+    (
+        "vespo-per-sequence-isw",
+        dict(loss_type="vespo", is_weights=torch.ones(B, device=DEVICE)),
+        ValueError,
+        r"loss_type='vespo' takes token-level is_weights \(the shape of token_ids \[3, 4\]\)",
+    ),
+    (
+        "vespo-delta",
+        dict(loss_type="vespo", delta=1.5),
+        ValueError,
+        r"delta applies to the clip family .* not to loss_type='vespo'",
+    ),
+    (
+        "clip-cov-ratio-zero",
+        dict(loss_type="clip_cov", clip_cov_ratio=0.0),
+        ValueError,
+        "clip_cov_ratio must be > 0, got 0.0",
+    ),
+    (
+        "clip-cov-ratio-above-1",
+        dict(loss_type="clip_cov", clip_cov_ratio=1.5),
+        ValueError,
+        "clip_cov_ratio must be <= 1, got 1.5",
+    ),
+    (
+        "clip-cov-band-empty",
+        dict(loss_type="clip_cov", clip_cov_lb=5.0, clip_cov_ub=1.0),
+        ValueError,
+        "clip_cov_lb must be < clip_cov_ub, got 5.0 and 1.0",
+    ),
     ("clip-cov-ub-inf", dict(loss_type="clip_cov", clip_cov_ub=math.inf), ValueError, "clip_cov_ub must be finite"),
-    ("kl-cov-ratio-negative", dict(loss_type="kl_cov", kl_cov_ratio=-0.1), ValueError, "kl_cov_ratio must be > 0, got -0.1"),
+    (
+        "kl-cov-ratio-negative",
+        dict(loss_type="kl_cov", kl_cov_ratio=-0.1),
+        ValueError,
+        "kl_cov_ratio must be > 0, got -0.1",
+    ),
     ("kl-cov-ratio-above-1", dict(loss_type="kl_cov", kl_cov_ratio=2), ValueError, "kl_cov_ratio must be <= 1, got 2"),
-    ("ppo-kl-coef-negative", dict(loss_type="kl_cov", ppo_kl_coef=-1.0), ValueError, "ppo_kl_coef must be >= 0, got -1.0"),
-    ("geo-mean-sequence-level", dict(loss_type="geo_mean", importance_sampling_level="sequence"), ValueError, r"loss_type='geo_mean' uses the token-level ratio .* importance_sampling_level must be 'token'"),
+    (
+        "ppo-kl-coef-negative",
+        dict(loss_type="kl_cov", ppo_kl_coef=-1.0),
+        ValueError,
+        "ppo_kl_coef must be >= 0, got -1.0",
+    ),
+    (
+        "geo-mean-sequence-level",
+        dict(loss_type="geo_mean", importance_sampling_level="sequence"),
+        ValueError,
+        r"loss_type='geo_mean' uses the token-level ratio .* importance_sampling_level must be 'token'",
+    ),
     ("gpg-dual-clip", dict(loss_type="gpg", dual_clip=3.0), ValueError, r"dual_clip applies to the clip family"),
-    ("aggregation-verl-name", dict(loss_type="gpg", aggregation="token-mean"), ValueError, r"aggregation must be one of \['grpo', 'bnpo', 'dr_grpo', 'dapo'\], got 'token-mean'"),
-    ("aggregation-dr-grpo-no-length", dict(loss_type="kl_cov", aggregation="dr_grpo"), ValueError, "aggregation='dr_grpo' needs max_completion_length, a positive int; got None"),
+    (
+        "aggregation-verl-name",
+        dict(loss_type="gpg", aggregation="token-mean"),
+        ValueError,
+        r"aggregation must be one of \['grpo', 'bnpo', 'dr_grpo', 'dapo'\], got 'token-mean'",
+    ),
+    (
+        "aggregation-dr-grpo-no-length",
+        dict(loss_type="kl_cov", aggregation="dr_grpo"),
+        ValueError,
+        "aggregation='dr_grpo' needs max_completion_length, a positive int; got None",
+    ),
     # in-place backward over a leaf (its .grad would alias its data): a view of a leaf is refused too
-    ("inplace-view-of-leaf", dict(logits=lambda d: d["logits"].requires_grad_(True)[:, :-1], token_ids=lambda d: d["token_ids"][:, :-1],
-                                  inplace_backward=True), ValueError, "leaf tensor that requires grad \\(or a view of one\\)"),
-]  # fmt: skip
+    (
+        "inplace-view-of-leaf",
+        dict(
+            logits=lambda d: d["logits"].requires_grad_(True)[:, :-1],
+            token_ids=lambda d: d["token_ids"][:, :-1],
+            inplace_backward=True,
+        ),
+        ValueError,
+        "leaf tensor that requires grad \\(or a view of one\\)",
+    ),
+]
 
 
 def _apply(d: dict, changes: dict) -> dict:
@@ -151,20 +367,55 @@ def test_grpo_loss_rejects(backend, case, changes, exc, match):
 
 
 LOGPROB_REJECTS = [
-    ("logits-1d", dict(logits=lambda d: d["logits"].reshape(-1)), ValueError, r"logits must be \[B, T, V\] or packed \[N, V\]"),
-    ("logits-int", dict(logits=lambda d: d["logits"].long()), TypeError, "logits must be float16, bfloat16, float32 or float64"),
-    ("logits-strided-vocab", dict(logits=lambda d: torch.randn(B, T, 2 * V, device=DEVICE)[..., ::2]), ValueError, "contiguous in the vocabulary dimension"),
-    ("ids-float", dict(token_ids=lambda d: d["token_ids"].double()), TypeError, "token_ids must be an integer tensor, got torch.float64"),
-    ("ids-shape", dict(token_ids=lambda d: d["token_ids"].T), ValueError, r"token_ids must have the shape .* \[3, 4\], got \[4, 3\]"),
-    ("ids-equal-V", dict(token_ids=lambda d: d["token_ids"].fill_(V)), ValueError, r"token_ids must lie in \[0, 11\) .* got 11 at flat position 0"),
-    ("ids-negative", dict(token_ids=lambda d: d["token_ids"].fill_(-1)), ValueError, r"or equal ignore_index=-100\) where mask != 0; got -1"),
+    (
+        "logits-1d",
+        dict(logits=lambda d: d["logits"].reshape(-1)),
+        ValueError,
+        r"logits must be \[B, T, V\] or packed \[N, V\]",
+    ),
+    (
+        "logits-int",
+        dict(logits=lambda d: d["logits"].long()),
+        TypeError,
+        "logits must be float16, bfloat16, float32 or float64",
+    ),
+    (
+        "logits-strided-vocab",
+        dict(logits=lambda d: torch.randn(B, T, 2 * V, device=DEVICE)[..., ::2]),
+        ValueError,
+        "contiguous in the vocabulary dimension",
+    ),
+    (
+        "ids-float",
+        dict(token_ids=lambda d: d["token_ids"].double()),
+        TypeError,
+        "token_ids must be an integer tensor, got torch.float64",
+    ),
+    (
+        "ids-shape",
+        dict(token_ids=lambda d: d["token_ids"].T),
+        ValueError,
+        r"token_ids must have the shape .* \[3, 4\], got \[4, 3\]",
+    ),
+    (
+        "ids-equal-V",
+        dict(token_ids=lambda d: d["token_ids"].fill_(V)),
+        ValueError,
+        r"token_ids must lie in \[0, 11\) .* got 11 at flat position 0",
+    ),
+    (
+        "ids-negative",
+        dict(token_ids=lambda d: d["token_ids"].fill_(-1)),
+        ValueError,
+        r"or equal ignore_index=-100\) where mask != 0; got -1",
+    ),
     ("ids-on-meta", dict(token_ids=lambda d: d["token_ids"].to(META)), ValueError, "token_ids is on meta"),
     ("mask-on-meta", dict(mask=torch.ones(B, T, device=META)), ValueError, "mask is on meta"),
     ("temperature-negative", dict(temperature=-0.5), ValueError, "temperature must be > 0, got -0.5"),
     ("temperature-nan", dict(temperature=math.nan), ValueError, "temperature must be finite, got nan"),
     ("temperature-inf", dict(temperature=math.inf), ValueError, "temperature must be finite, got inf"),
     ("backend-unknown", dict(backend="tpu"), ValueError, "backend must be one of"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("case,changes,exc,match", LOGPROB_REJECTS, ids=[c[0] for c in LOGPROB_REJECTS])
@@ -177,41 +428,212 @@ def test_token_logprobs_rejects(backend, case, changes, exc, match):
 
 ADV_REJECTS = [
     ("rewards-list", dict(rewards=[1.0, 2.0], group_size=2), TypeError, "rewards must be a torch.Tensor, got list"),
-    ("rewards-0d", dict(rewards=torch.tensor(1.0), group_size=1), ValueError, r"rewards must be \[B\] or \[B, R\], got shape \[\]"),
-    ("rewards-bool", dict(rewards=torch.ones(4, dtype=torch.bool), group_size=2), TypeError, "rewards must be a floating-point"),
-    ("group-size-float", dict(rewards=torch.zeros(4), group_size=2.0), ValueError, "group_size must be a positive int, got 2.0"),
-    ("group-size-bool", dict(rewards=torch.zeros(4), group_size=True), ValueError, "group_size must be a positive int, got True"),
-    ("group-size-larger-than-B", dict(rewards=torch.zeros(4), group_size=8), ValueError, "group_size=8 must divide the batch size B=4"),
-    ("group-ids-2d", dict(rewards=torch.zeros(4), group_ids=torch.zeros(4, 1, dtype=torch.long)), ValueError, r"group_ids must have shape \[B\]=\[4\], got \[4, 1\]"),
-    ("group-ids-too-long", dict(rewards=torch.zeros(4), group_ids=torch.zeros(5, dtype=torch.long)), ValueError, r"got \[5\]"),
-    ("group-ids-bool", dict(rewards=torch.zeros(4), group_ids=torch.zeros(4, dtype=torch.bool)), TypeError, "group_ids must be an integer"),
-    ("group-ids-list", dict(rewards=torch.zeros(4), group_ids=[0, 0, 1, 1]), TypeError, "group_ids must be an integer torch.Tensor"),
-    ("group-ids-on-meta", dict(rewards=torch.zeros(4), group_ids=torch.zeros(4, dtype=torch.long, device=META)), ValueError, "group_ids is on meta but rewards are on"),
-    ("weights-2d", dict(rewards=torch.zeros(4, 2), group_size=2, reward_weights=torch.ones(2, 1)), ValueError, r"reward_weights must have shape \[R\]=\[2\], got \[2, 1\]"),
-    ("weights-for-1-column", dict(rewards=torch.zeros(4), group_size=2, reward_weights=[1.0, 1.0]), ValueError, r"\[R\]=\[1\], got \[2\]"),
-    ("weights-inf", dict(rewards=torch.zeros(4, 2), group_size=2, reward_weights=[math.inf, 1.0]), ValueError, "reward_weights must be finite"),
+    (
+        "rewards-0d",
+        dict(rewards=torch.tensor(1.0), group_size=1),
+        ValueError,
+        r"rewards must be \[B\] or \[B, R\], got shape \[\]",
+    ),
+    (
+        "rewards-bool",
+        dict(rewards=torch.ones(4, dtype=torch.bool), group_size=2),
+        TypeError,
+        "rewards must be a floating-point",
+    ),
+    (
+        "group-size-float",
+        dict(rewards=torch.zeros(4), group_size=2.0),
+        ValueError,
+        "group_size must be a positive int, got 2.0",
+    ),
+    (
+        "group-size-bool",
+        dict(rewards=torch.zeros(4), group_size=True),
+        ValueError,
+        "group_size must be a positive int, got True",
+    ),
+    (
+        "group-size-larger-than-B",
+        dict(rewards=torch.zeros(4), group_size=8),
+        ValueError,
+        "group_size=8 must divide the batch size B=4",
+    ),
+    (
+        "group-ids-2d",
+        dict(rewards=torch.zeros(4), group_ids=torch.zeros(4, 1, dtype=torch.long)),
+        ValueError,
+        r"group_ids must have shape \[B\]=\[4\], got \[4, 1\]",
+    ),
+    (
+        "group-ids-too-long",
+        dict(rewards=torch.zeros(4), group_ids=torch.zeros(5, dtype=torch.long)),
+        ValueError,
+        r"got \[5\]",
+    ),
+    (
+        "group-ids-bool",
+        dict(rewards=torch.zeros(4), group_ids=torch.zeros(4, dtype=torch.bool)),
+        TypeError,
+        "group_ids must be an integer",
+    ),
+    (
+        "group-ids-list",
+        dict(rewards=torch.zeros(4), group_ids=[0, 0, 1, 1]),
+        TypeError,
+        "group_ids must be an integer torch.Tensor",
+    ),
+    (
+        "group-ids-on-meta",
+        dict(rewards=torch.zeros(4), group_ids=torch.zeros(4, dtype=torch.long, device=META)),
+        ValueError,
+        "group_ids is on meta but rewards are on",
+    ),
+    (
+        "weights-2d",
+        dict(rewards=torch.zeros(4, 2), group_size=2, reward_weights=torch.ones(2, 1)),
+        ValueError,
+        r"reward_weights must have shape \[R\]=\[2\], got \[2, 1\]",
+    ),
+    (
+        "weights-for-1-column",
+        dict(rewards=torch.zeros(4), group_size=2, reward_weights=[1.0, 1.0]),
+        ValueError,
+        r"\[R\]=\[1\], got \[2\]",
+    ),
+    (
+        "weights-inf",
+        dict(rewards=torch.zeros(4, 2), group_size=2, reward_weights=[math.inf, 1.0]),
+        ValueError,
+        "reward_weights must be finite",
+    ),
     ("eps-nan", dict(rewards=torch.zeros(4), group_size=2, eps=math.nan), ValueError, "eps must be finite"),
-    ("reward-minus-inf", dict(rewards=torch.tensor([0.0, 1.0, -math.inf, 2.0]), group_size=2), ValueError, "rewards must be finite, or NaN for 'no score'; got -inf at row 2"),
-    ("reward-inf-in-a-column", dict(rewards=torch.tensor([[0.0, 1.0], [math.inf, 2.0]]), group_size=2), ValueError, r"got \[inf, 2.0\] at row 1"),
+    (
+        "reward-minus-inf",
+        dict(rewards=torch.tensor([0.0, 1.0, -math.inf, 2.0]), group_size=2),
+        ValueError,
+        "rewards must be finite, or NaN for 'no score'; got -inf at row 2",
+    ),
+    (
+        "reward-inf-in-a-column",
+        dict(rewards=torch.tensor([[0.0, 1.0], [math.inf, 2.0]]), group_size=2),
+        ValueError,
+        r"got \[inf, 2.0\] at row 1",
+    ),
     # estimators (docs/math.md section 10)
-    ("estimator-unknown", dict(rewards=torch.zeros(4), group_size=2, estimator="ppo"), ValueError, r"estimator must be one of \['grpo', 'rloo', 'grpo_passk', 'reinforce_plus_plus_baseline', 'opo', 'gpg'\], got 'ppo'"),
-    ("scale-unknown", dict(rewards=torch.zeros(4), group_size=2, scale="std"), ValueError, r"scale must be one of \['group', 'batch', 'none'\], got 'std'"),
-    ("rloo-scale-group", dict(rewards=torch.zeros(4), group_size=2, estimator="rloo", scale="group"), ValueError, r"scale must be one of \['none'\] with estimator='rloo', got 'group'"),
-    ("passk-scale-batch", dict(rewards=torch.zeros(4), group_size=2, estimator="grpo_passk", scale="batch"), ValueError, r"scale must be one of \['group', 'none'\] with estimator='grpo_passk', got 'batch'"),
-    ("gpg-normalize-then-sum", dict(rewards=torch.zeros(4, 2), group_size=2, estimator="gpg", multi_reward="normalize_then_sum"), ValueError, "multi_reward='normalize_then_sum' is defined for estimator='grpo' only, got 'gpg'"),
-    ("opo-without-lengths", dict(rewards=torch.zeros(4), group_size=2, estimator="opo"), ValueError, r"estimator='opo' needs completion_lengths \[B\], the tokens of each completion$"),
-    ("rf++-without-lengths", dict(rewards=torch.zeros(4), group_size=2, estimator="reinforce_plus_plus_baseline"), ValueError, r"needs completion_lengths \[B\], the tokens of each completion \(torch.ones\(B\) whitens over completions"),
-    ("lengths-for-grpo", dict(rewards=torch.zeros(4), group_size=2, completion_lengths=torch.ones(4)), ValueError, "completion_lengths is read only by estimator opo / reinforce_plus_plus_baseline, not 'grpo'"),
-    ("lengths-for-rloo", dict(rewards=torch.zeros(4), group_size=2, estimator="rloo", completion_lengths=torch.ones(4)), ValueError, "not 'rloo'"),
-    ("lengths-2d", dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.ones(4, 1)), ValueError, r"completion_lengths must have shape \[B\]=\[4\], got \[4, 1\]"),
-    ("lengths-too-short", dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.ones(3)), ValueError, r"got \[3\]"),
-    ("lengths-bool", dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.ones(4, dtype=torch.bool)), TypeError, "completion_lengths must be an integer or float torch.Tensor, got torch.bool"),
-    ("lengths-list", dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=[1, 2, 3, 4]), TypeError, "completion_lengths must be an integer or float torch.Tensor, got list"),
-    ("lengths-negative", dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.tensor([3, 1, -1, 2])), ValueError, r"completion_lengths must be finite and >= 0, got -1.0 at row 2"),
-    ("lengths-nan", dict(rewards=torch.zeros(4), group_size=2, estimator="reinforce_plus_plus_baseline", completion_lengths=torch.tensor([3.0, math.nan, 1.0, 2.0])), ValueError, "got nan at row 1"),
-    ("lengths-inf", dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.tensor([3.0, 1.0, 1.0, math.inf])), ValueError, "got inf at row 3"),
-    ("lengths-on-meta", dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.ones(4, device=META)), ValueError, "completion_lengths is on meta but rewards are on"),
-]  # fmt: skip
+    (
+        "estimator-unknown",
+        dict(rewards=torch.zeros(4), group_size=2, estimator="ppo"),
+        ValueError,
+        r"estimator must be one of \['grpo', 'rloo', 'grpo_passk', 'reinforce_plus_plus_baseline', 'opo', 'gpg'\], "
+        r"got 'ppo'",
+    ),
+    (
+        "scale-unknown",
+        dict(rewards=torch.zeros(4), group_size=2, scale="std"),
+        ValueError,
+        r"scale must be one of \['group', 'batch', 'none'\], got 'std'",
+    ),
+    (
+        "rloo-scale-group",
+        dict(rewards=torch.zeros(4), group_size=2, estimator="rloo", scale="group"),
+        ValueError,
+        r"scale must be one of \['none'\] with estimator='rloo', got 'group'",
+    ),
+    (
+        "passk-scale-batch",
+        dict(rewards=torch.zeros(4), group_size=2, estimator="grpo_passk", scale="batch"),
+        ValueError,
+        r"scale must be one of \['group', 'none'\] with estimator='grpo_passk', got 'batch'",
+    ),
+    (
+        "gpg-normalize-then-sum",
+        dict(rewards=torch.zeros(4, 2), group_size=2, estimator="gpg", multi_reward="normalize_then_sum"),
+        ValueError,
+        "multi_reward='normalize_then_sum' is defined for estimator='grpo' only, got 'gpg'",
+    ),
+    (
+        "opo-without-lengths",
+        dict(rewards=torch.zeros(4), group_size=2, estimator="opo"),
+        ValueError,
+        r"estimator='opo' needs completion_lengths \[B\], the tokens of each completion$",
+    ),
+    (
+        "rf++-without-lengths",
+        dict(rewards=torch.zeros(4), group_size=2, estimator="reinforce_plus_plus_baseline"),
+        ValueError,
+        r"needs completion_lengths \[B\], the tokens of each completion \(torch.ones\(B\) whitens over completions",
+    ),
+    (
+        "lengths-for-grpo",
+        dict(rewards=torch.zeros(4), group_size=2, completion_lengths=torch.ones(4)),
+        ValueError,
+        "completion_lengths is read only by estimator opo / reinforce_plus_plus_baseline, not 'grpo'",
+    ),
+    (
+        "lengths-for-rloo",
+        dict(rewards=torch.zeros(4), group_size=2, estimator="rloo", completion_lengths=torch.ones(4)),
+        ValueError,
+        "not 'rloo'",
+    ),
+    (
+        "lengths-2d",
+        dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.ones(4, 1)),
+        ValueError,
+        r"completion_lengths must have shape \[B\]=\[4\], got \[4, 1\]",
+    ),
+    (
+        "lengths-too-short",
+        dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.ones(3)),
+        ValueError,
+        r"got \[3\]",
+    ),
+    (
+        "lengths-bool",
+        dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.ones(4, dtype=torch.bool)),
+        TypeError,
+        "completion_lengths must be an integer or float torch.Tensor, got torch.bool",
+    ),
+    (
+        "lengths-list",
+        dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=[1, 2, 3, 4]),
+        TypeError,
+        "completion_lengths must be an integer or float torch.Tensor, got list",
+    ),
+    (
+        "lengths-negative",
+        dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.tensor([3, 1, -1, 2])),
+        ValueError,
+        r"completion_lengths must be finite and >= 0, got -1.0 at row 2",
+    ),
+    (
+        "lengths-nan",
+        dict(
+            rewards=torch.zeros(4),
+            group_size=2,
+            estimator="reinforce_plus_plus_baseline",
+            completion_lengths=torch.tensor([3.0, math.nan, 1.0, 2.0]),
+        ),
+        ValueError,
+        "got nan at row 1",
+    ),
+    (
+        "lengths-inf",
+        dict(
+            rewards=torch.zeros(4),
+            group_size=2,
+            estimator="opo",
+            completion_lengths=torch.tensor([3.0, 1.0, 1.0, math.inf]),
+        ),
+        ValueError,
+        "got inf at row 3",
+    ),
+    (
+        "lengths-on-meta",
+        dict(rewards=torch.zeros(4), group_size=2, estimator="opo", completion_lengths=torch.ones(4, device=META)),
+        ValueError,
+        "completion_lengths is on meta but rewards are on",
+    ),
+]
 
 
 @pytest.mark.parametrize("case,kwargs,exc,match", ADV_REJECTS, ids=[c[0] for c in ADV_REJECTS])
@@ -253,8 +675,16 @@ def test_empty_batch(backend, shape, packed_cu, level):
     ids = torch.zeros(shape, dtype=torch.long, device=DEVICE)
     num_seqs = shape[0] if len(shape) == 2 else (len(packed_cu) - 1 if packed_cu else 1)
     cu = None if packed_cu is None else torch.tensor(packed_cu, device=DEVICE)
-    out = grpo_loss(z, ids, torch.randn(num_seqs, device=DEVICE), cu_seqlens=cu, old_logprobs=torch.randn(shape, device=DEVICE),
-                    importance_sampling_level=level, return_entropy=True, backend=backend)  # fmt: skip
+    out = grpo_loss(
+        z,
+        ids,
+        torch.randn(num_seqs, device=DEVICE),
+        cu_seqlens=cu,
+        old_logprobs=torch.randn(shape, device=DEVICE),
+        importance_sampling_level=level,
+        return_entropy=True,
+        backend=backend,
+    )
     assert out.loss.item() == 0.0 and out.logprobs.shape == shape and out.entropy.shape == shape
     for key in ("kl_mean", "clip_low", "clip_high", "clip_region", "entropy_mean", "logprob_mean"):
         assert getattr(out, key).item() == 0.0, key
@@ -275,13 +705,32 @@ def test_empty_rewards(backend, by_ids):
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_vocabulary_of_one(backend, level):
-    """V = 1: every log-prob and entropy is exactly 0 and the logits get a zero gradient; the loss is the reference's."""
+    """V = 1: every log-prob and entropy is exactly 0 and the logits get a zero gradient; the loss is the
+    reference's."""
     d = make_batch(3, 4, 1, seed=3)
     z = d["logits"].requires_grad_(True)
-    out = grpo_loss(z, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.1,
-                    importance_sampling_level=level, return_entropy=True, backend=backend)  # fmt: skip
-    expect = ref.grpo_loss(z.detach().double(), d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"],
-                           ref_logprobs=d["ref"], beta=0.1, importance_sampling_level=level)  # fmt: skip
+    out = grpo_loss(
+        z,
+        d["ids"],
+        d["adv"],
+        mask=d["mask"],
+        old_logprobs=d["old"],
+        ref_logprobs=d["ref"],
+        beta=0.1,
+        importance_sampling_level=level,
+        return_entropy=True,
+        backend=backend,
+    )
+    expect = ref.grpo_loss(
+        z.detach().double(),
+        d["ids"],
+        d["adv"],
+        mask=d["mask"],
+        old_logprobs=d["old"],
+        ref_logprobs=d["ref"],
+        beta=0.1,
+        importance_sampling_level=level,
+    )
     assert torch.equal(out.logprobs, torch.zeros_like(out.logprobs))
     assert torch.equal(out.entropy, torch.zeros_like(out.entropy))
     assert rel_err(out.loss, expect.loss) < 1e-6

@@ -36,7 +36,7 @@ def test_gpu_grid_is_the_issue_grid():
     grpo = build_cases("gpu", ("grpo_loss",))
     assert {(c.tokens, c.vocab) for c in grpo} == {(n, v) for n in (4096, 16384) for v in (32000, 128256, 151936)}
     assert {(c.importance_sampling_level, c.beta) for c in grpo} == {
-        (l, b) for l in ("token", "sequence") for b in (0.0, 0.04)
+        (level, b) for level in ("token", "sequence") for b in (0.0, 0.04)
     }
     assert {c.dtype for c in grpo} == {"bfloat16"}
 
@@ -45,8 +45,21 @@ def test_gpu_grid_is_the_issue_grid():
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_report_at_a_tiny_size_writes_json_markdown_and_plots(tmp_path, device):
     out = tmp_path / "run"
-    argv = ["--preset", "smoke", "--device", device, "--threads", "1", "--in-process", "--out", str(out),
-            "--providers", "torch,triton,cuda,eager", "--note", "smoke test"]  # fmt: skip
+    argv = [
+        "--preset",
+        "smoke",
+        "--device",
+        device,
+        "--threads",
+        "1",
+        "--in-process",
+        "--out",
+        str(out),
+        "--providers",
+        "torch,triton,cuda,eager",
+        "--note",
+        "smoke test",
+    ]
     report.main(argv)
     results = json.loads((out / "results.json").read_text())
     measured = {(m["op"], m["provider"]) for m in results["measurements"]}
@@ -93,8 +106,16 @@ def test_baselines_compute_what_eager_computes(provider, op):
         [("token", 0.04), ("sequence", 0.0)] if op in ("grpo_loss", "fused_linear_grpo_loss") else [("token", 0.0)]
     )
     for level, beta in variants:
-        case = Case(op=op, dtype="float32", tokens=24, seq_len=12, vocab=50, hidden=8 if op.startswith("fused") else 0,
-                    importance_sampling_level=level, beta=beta)  # fmt: skip
+        case = Case(
+            op=op,
+            dtype="float32",
+            tokens=24,
+            seq_len=12,
+            vocab=50,
+            hidden=8 if op.startswith("fused") else 0,
+            importance_sampling_level=level,
+            beta=beta,
+        )
         reason = providers.unavailable_reason(provider, case, DEVICE, interpreter=True)
         if reason is not None:
             pytest.skip(reason)
@@ -108,8 +129,16 @@ def test_baselines_compute_what_eager_computes(provider, op):
 
 def test_static_report_combines_sources_and_names_missing_ones(monkeypatch):
     fake = types.ModuleType("benchmarks.fake_static_source")
-    fake.rows = lambda: [dict(kernel="grpo_loss_fwd", target="sm_90", registers=40, spill_bytes=0,
-                              shared_mem_bytes=1024, widest_global_load_bytes=16)]  # fmt: skip
+    fake.rows = lambda: [
+        dict(
+            kernel="grpo_loss_fwd",
+            target="sm_90",
+            registers=40,
+            spill_bytes=0,
+            shared_mem_bytes=1024,
+            widest_global_load_bytes=16,
+        )
+    ]
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
     sources = (("triton", fake.__name__), ("cuda", "benchmarks.no_such_static_source"))
     rows, notes = static_report.collect(sources)

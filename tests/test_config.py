@@ -7,11 +7,11 @@ import logging
 
 import pytest
 import torch
+from helpers import make_batch
 
 import grpo_kernels as gk
 from grpo_kernels import backends
 from grpo_kernels.config import KNOBS, LossConfig
-from helpers import make_batch
 
 
 def test_defaults_checks_and_normalisation():
@@ -53,8 +53,11 @@ def test_op_schemas_are_generated_from_the_config():
     """Every field of LossConfig and TokenBatch is an argument of the loss ops; a float knob travels as a tensor."""
     from grpo_kernels.loss_math import TokenBatch
 
-    for op in (torch.ops.grpo_kernels.grpo_loss, torch.ops.grpo_kernels.grpo_loss_with_grad,
-               torch.ops.grpo_kernels.fused_linear_grpo_loss):  # fmt: skip
+    for op in (
+        torch.ops.grpo_kernels.grpo_loss,
+        torch.ops.grpo_kernels.grpo_loss_with_grad,
+        torch.ops.grpo_kernels.fused_linear_grpo_loss,
+    ):
         arguments = {a.name: str(a.type) for a in op.default._schema.arguments}
         assert set(KNOBS) | set(TokenBatch._fields) <= set(arguments), op
         assert arguments["beta"] == "Tensor" and arguments["delta"] == "Optional[Tensor]"
@@ -67,8 +70,16 @@ def test_module_checks_once_and_calls_with_its_config():
     assert module.config["beta"] == 0.04 and module.config["backend"] == "torch"
     d = make_batch(2, 3, 7, seed=1)
     out = module(d["logits"], d["ids"], d["adv"], mask=d["mask"], ref_logprobs=d["ref"])
-    same = gk.grpo_loss(d["logits"], d["ids"], d["adv"], mask=d["mask"], ref_logprobs=d["ref"], beta=0.04,
-                        loss_type="grpo", backend="torch")  # fmt: skip
+    same = gk.grpo_loss(
+        d["logits"],
+        d["ids"],
+        d["adv"],
+        mask=d["mask"],
+        ref_logprobs=d["ref"],
+        beta=0.04,
+        loss_type="grpo",
+        backend="torch",
+    )
     assert torch.equal(out.loss, same.loss)
 
 
@@ -83,10 +94,20 @@ def test_trl_defaults():
     from grpo_kernels.integrations.trl import TRL_KNOBS
 
     args = trl.GRPOConfig(output_dir="unused", report_to=[], use_cpu=True, bf16=False)
-    trainer = type("T", (), {"args": args, "loss_type": args.loss_type, "beta": args.beta, "epsilon_low": args.epsilon,
-                             "epsilon_high": args.epsilon_high if args.epsilon_high is not None else args.epsilon,
-                             "temperature": args.temperature, "max_completion_length": None,
-                             "importance_sampling_level": args.importance_sampling_level})()  # fmt: skip
+    trainer = type(
+        "T",
+        (),
+        {
+            "args": args,
+            "loss_type": args.loss_type,
+            "beta": args.beta,
+            "epsilon_low": args.epsilon,
+            "epsilon_high": args.epsilon_high if args.epsilon_high is not None else args.epsilon,
+            "temperature": args.temperature,
+            "max_completion_length": None,
+            "importance_sampling_level": args.importance_sampling_level,
+        },
+    )()
     from_trl = {knob: read(trainer) for knob, read in TRL_KNOBS.items()}
     ours = dataclasses.asdict(LossConfig())
     assert {k: v for k, v in from_trl.items() if k not in DIFFERS_FROM_TRL} == {
@@ -105,8 +126,18 @@ def test_float_knobs_do_not_recompile():
     d = make_batch(2, 4, 13, seed=2)
 
     def step(z, beta, eps, tau):
-        out = gk.grpo_loss(z, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
-                           beta=beta, epsilon_low=eps, temperature=tau, backend="torch")  # fmt: skip
+        out = gk.grpo_loss(
+            z,
+            d["ids"],
+            d["adv"],
+            mask=d["mask"],
+            old_logprobs=d["old"],
+            ref_logprobs=d["ref"],
+            beta=beta,
+            epsilon_low=eps,
+            temperature=tau,
+            backend="torch",
+        )
         return out.loss
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -143,8 +174,16 @@ def fake_gpu(monkeypatch):
 
 
 def _run(backend):
-    return {"backend": backend, "arch": "sm_90", "device": "H200", "date": "2026-12-01", "torch": "2.11",
-            "triton": "3.6", "cuda": "13.0", "tests": "tests/test_gpu.py"}  # fmt: skip
+    return {
+        "backend": backend,
+        "arch": "sm_90",
+        "device": "H200",
+        "date": "2026-12-01",
+        "torch": "2.11",
+        "triton": "3.6",
+        "cuda": "13.0",
+        "tests": "tests/test_gpu.py",
+    }
 
 
 def test_auto_prefers_verified_backends(fake_gpu):

@@ -37,20 +37,59 @@ def _token_logprobs_backward(logits, ids, lse, entropy, grad_lp, grad_entropy, t
     TORCH.token_logprobs_backward(logits, ids, lse, entropy, grad_lp, grad_entropy, temperature, out)
 
 
-def _grpo_loss_forward(logits, ids, coef, adv, old, ref, w, loss_type, kl_estimator, beta, eps_low, eps_high, delta,
-                       dual_clip, temperature, tau_pos, tau_neg, bias_corrected, lp, lse, entropy, grad_lp,
-                       per_token_loss, kl, flags, loss_scale, grad_logits):  # fmt: skip
+def _grpo_loss_forward(
+    logits,
+    ids,
+    coef,
+    adv,
+    old,
+    ref,
+    w,
+    loss_type,
+    kl_estimator,
+    beta,
+    eps_low,
+    eps_high,
+    delta,
+    dual_clip,
+    temperature,
+    tau_pos,
+    tau_neg,
+    bias_corrected,
+    lp,
+    lse,
+    entropy,
+    grad_lp,
+    per_token_loss,
+    kl,
+    flags,
+    loss_scale,
+    grad_logits,
+):
     n = ids.shape[0]  # the op is token level: the sequence fields are not read
     batch = TokenBatch(ids, coef, adv, old, ref, w, torch.tensor([0, n]), torch.zeros(n, dtype=torch.long), coef)
-    config = LossConfig(loss_type, beta, eps_low, eps_high, delta, dual_clip, temperature, "token", kl_estimator,
-                        bias_corrected, tau_pos, tau_neg)  # fmt: skip
+    config = LossConfig(
+        loss_type,
+        beta,
+        eps_low,
+        eps_high,
+        delta,
+        dual_clip,
+        temperature,
+        "token",
+        kl_estimator,
+        bias_corrected,
+        tau_pos,
+        tau_neg,
+    )
     fwd = TORCH.grpo_loss_forward(logits, batch, config, entropy.numel() != 0)
     for dst, src in zip((lp, lse, entropy, grad_lp, per_token_loss, kl, flags), fwd[1:]):
         dst.copy_(src)
     if grad_logits is None:
         return 1
-    TORCH.token_logprobs_backward(logits, ids, fwd.lse, fwd.entropy, fwd.grad_logprobs * loss_scale, None, temperature,
-                                  grad_logits)  # fmt: skip
+    TORCH.token_logprobs_backward(
+        logits, ids, fwd.lse, fwd.entropy, fwd.grad_logprobs * loss_scale, None, temperature, grad_logits
+    )
     return 3
 
 
@@ -119,10 +158,26 @@ def test_grpo_loss(cuda_on_cpu, level, grad_in_forward):
     results = []
     for backend in ("cuda", "torch"):
         z = d["logits"].clone().requires_grad_(True)
-        out = grpo_loss(z, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.1,
-                        kl_estimator="low_var_kl", delta=1.5, dual_clip=2.5, is_weights=w, loss_type="grpo", epsilon_high=0.28,
-                        importance_sampling_level=level, return_entropy=True, grad_in_forward=grad_in_forward,
-                        loss_scale=0.5, backend=backend)  # fmt: skip
+        out = grpo_loss(
+            z,
+            d["ids"],
+            d["adv"],
+            mask=d["mask"],
+            old_logprobs=d["old"],
+            ref_logprobs=d["ref"],
+            beta=0.1,
+            kl_estimator="low_var_kl",
+            delta=1.5,
+            dual_clip=2.5,
+            is_weights=w,
+            loss_type="grpo",
+            epsilon_high=0.28,
+            importance_sampling_level=level,
+            return_entropy=True,
+            grad_in_forward=grad_in_forward,
+            loss_scale=0.5,
+            backend=backend,
+        )
         (out.loss * 0.5).backward()
         results.append((out.loss, out.logprobs, out.entropy, out.per_token_loss, out.kl_mean, out.clip_region, z.grad))
     for ours, theirs in zip(*results):
@@ -150,9 +205,24 @@ def test_routed_loss_types(cuda_on_cpu, monkeypatch, loss_type, grad_in_forward)
     results = []
     for backend in ("cuda", "torch"):
         z = d["logits"].clone().requires_grad_(True)
-        out = grpo_loss(z, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.1,
-                        is_weights=w, loss_type=loss_type, clip_cov_ratio=0.3, clip_cov_lb=-1.0, kl_cov_ratio=0.3,
-                        return_entropy=True, grad_in_forward=grad_in_forward, loss_scale=0.5, backend=backend)  # fmt: skip
+        out = grpo_loss(
+            z,
+            d["ids"],
+            d["adv"],
+            mask=d["mask"],
+            old_logprobs=d["old"],
+            ref_logprobs=d["ref"],
+            beta=0.1,
+            is_weights=w,
+            loss_type=loss_type,
+            clip_cov_ratio=0.3,
+            clip_cov_lb=-1.0,
+            kl_cov_ratio=0.3,
+            return_entropy=True,
+            grad_in_forward=grad_in_forward,
+            loss_scale=0.5,
+            backend=backend,
+        )
         (out.loss * 0.5).backward()
         results.append((out.loss, out.logprobs, out.entropy, out.per_token_loss, out.kl_mean, out.clip_region, z.grad))
     for ours, theirs in zip(*results):

@@ -12,7 +12,9 @@ import pytest
 
 from benchmarks import static_report_cuda as report
 
-pytestmark = pytest.mark.skipif(report.find_tool("nvcc") is None, reason="nvcc not found: the CUDA kernels cannot be compiled")
+pytestmark = pytest.mark.skipif(
+    report.find_tool("nvcc") is None, reason="nvcc not found: the CUDA kernels cannot be compiled"
+)
 
 KEYS = {"kernel", "target", "registers", "spill_bytes", "shared_mem_bytes", "widest_global_load_bytes"}
 
@@ -26,7 +28,10 @@ def cache(tmp_path_factory) -> Path:
 def table(cache):
     start = time.perf_counter()
     rows = report.rows(cache)
-    print(f"\ncompiled {len(report.KERNEL_SOURCES)} units x {len(report.TARGETS)} targets in {time.perf_counter() - start:.1f} s")
+    print(
+        f"\ncompiled {len(report.KERNEL_SOURCES)} units x {len(report.TARGETS)} targets in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
     return rows
 
 
@@ -34,9 +39,17 @@ def test_every_kernel_compiles_for_every_target_without_spills(table):
     assert table and all(set(row) == KEYS for row in table)
     for target in report.TARGETS:
         kernels = {row["kernel"] for row in table if row["target"] == target}
-        for name in ("row_forward_kernel", "row_backward_kernel", "scale_gradient_kernel", "grpo_loss_two_pass_kernel",
-                     "group_stats_kernel", "row_totals_kernel", "group_sums_kernel", "batch_summary_kernel",
-                     "advantages_kernel"):  # fmt: skip
+        for name in (
+            "row_forward_kernel",
+            "row_backward_kernel",
+            "scale_gradient_kernel",
+            "grpo_loss_two_pass_kernel",
+            "group_stats_kernel",
+            "row_totals_kernel",
+            "group_sums_kernel",
+            "batch_summary_kernel",
+            "advantages_kernel",
+        ):
             assert any(k.startswith(name) for k in kernels), (name, target)
     spilled = [(row["kernel"], row["target"], row["spill_bytes"]) for row in table if row["spill_bytes"] > 0]
     assert not spilled, f"spill stores: {spilled}"
@@ -58,8 +71,13 @@ def _entry_ptx(ptx: str, kernel: str) -> str:
 def test_two_pass_kernel_uses_clusters_and_bulk_copies_on_sm90_only(cache):
     units = {(u.source, u.target): u for u in report.compile_all(cache)}
     hopper = _entry_ptx(units["grpo_loss.cu", "sm_90"].ptx.read_text(), "grpo_loss_two_pass_kernel")
-    for instruction in ("cp.async.bulk.shared::cluster.global", "mbarrier.try_wait.parity", "barrier.cluster.wait",
-                        "mapa", "st.global.cs.v4"):  # fmt: skip
+    for instruction in (
+        "cp.async.bulk.shared::cluster.global",
+        "mbarrier.try_wait.parity",
+        "barrier.cluster.wait",
+        "mapa",
+        "st.global.cs.v4",
+    ):
         assert instruction in hopper, instruction
     ampere = _entry_ptx(units["grpo_loss.cu", "sm_80"].ptx.read_text(), "grpo_loss_two_pass_kernel")
     assert "cp.async.bulk" not in ampere and "ld.global" not in ampere  # compiled out below sm_90
@@ -108,7 +126,17 @@ def test_torch_binding_compiles(tmp_path):
     if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").is_file() for p in includes):
         (shim / "c10/cuda/impl").mkdir(parents=True)
         (shim / "c10/cuda/impl/cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    cmd = [report.find_tool("nvcc"), "-std=c++17", "-arch=sm_90", f"-I{report.CSRC / 'include'}", f"-I{shim}",
-           *(f"-I{p}" for p in includes), "-c", str(report.CSRC / "torch_binding.cu"), "-o", str(tmp_path / "b.o")]  # fmt: skip
+    cmd = [
+        report.find_tool("nvcc"),
+        "-std=c++17",
+        "-arch=sm_90",
+        f"-I{report.CSRC / 'include'}",
+        f"-I{shim}",
+        *(f"-I{p}" for p in includes),
+        "-c",
+        str(report.CSRC / "torch_binding.cu"),
+        "-o",
+        str(tmp_path / "b.o"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -33,8 +33,18 @@ def host_math(tmp_path_factory) -> Path:
     if cxx is None:
         pytest.skip("no host C++ compiler (g++/c++) on PATH")
     exe = tmp_path_factory.mktemp("cuda_host_math") / "host_math"
-    cmd = [cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc' / 'include'}",
-           str(ROOT / "tests" / "cuda" / "host_math.cpp"), "-o", str(exe)]  # fmt: skip
+    cmd = [
+        cxx,
+        "-std=c++17",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        f"-I{ROOT / 'csrc' / 'include'}",
+        str(ROOT / "tests" / "cuda" / "host_math.cpp"),
+        "-o",
+        str(exe),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return exe
 
@@ -127,8 +137,9 @@ POLICIES = {  # name -> LossConfig fields of the policy term
     "clip-asym": dict(loss_type="grpo", epsilon_high=0.28),
     "clip-delta": dict(loss_type="bnpo", delta=1.5),
     "clip-dual": dict(loss_type="dapo", dual_clip=3.0),
-    "clip-delta-dual": dict(loss_type="dr_grpo", delta=1.4, dual_clip=2.0, epsilon_low=0.1, epsilon_high=0.3,
-                            max_completion_length=8),  # (dr_grpo needs it: a LossConfig field since 0.2)
+    "clip-delta-dual": dict(
+        loss_type="dr_grpo", delta=1.4, dual_clip=2.0, epsilon_low=0.1, epsilon_high=0.3, max_completion_length=8
+    ),  # (dr_grpo needs it: a LossConfig field since 0.2)
     "cispo": dict(loss_type="cispo", epsilon_high=4.0),
     "sapo": dict(loss_type="sapo", sapo_temperature_pos=1.3, sapo_temperature_neg=0.7),
 }
@@ -136,10 +147,20 @@ POLICIES = {  # name -> LossConfig fields of the policy term
 
 def _params(config: LossConfig) -> list[str]:
     form = "cispo" if config.loss_type == "cispo" else "sapo" if config.loss_type == "sapo" else "clip"
-    return [str(POLICY_CODES[form]), str(KL_CODES[config.kl_estimator]), _hex(config.beta), _hex(config.epsilon_low),
-            _hex(config.epsilon_high), str(int(config.delta is not None)), _hex(config.delta or 0.0),
-            str(int(config.dual_clip is not None)), _hex(config.dual_clip or 0.0), _hex(config.sapo_temperature_pos),
-            _hex(config.sapo_temperature_neg), str(int(config.bias_corrected_kl))]  # fmt: skip
+    return [
+        str(POLICY_CODES[form]),
+        str(KL_CODES[config.kl_estimator]),
+        _hex(config.beta),
+        _hex(config.epsilon_low),
+        _hex(config.epsilon_high),
+        str(int(config.delta is not None)),
+        _hex(config.delta or 0.0),
+        str(int(config.dual_clip is not None)),
+        _hex(config.dual_clip or 0.0),
+        _hex(config.sapo_temperature_pos),
+        _hex(config.sapo_temperature_neg),
+        str(int(config.bias_corrected_kl)),
+    ]
 
 
 def _special_ratios(config: LossConfig) -> list[float]:
@@ -164,7 +185,15 @@ def test_policy_terms_match_loss_math(host_math, policy):
     specials = _special_ratios(config)
     extra_rho = torch.tensor([r for r in specials for _ in range(3)])
     extra_adv = torch.tensor([-1.5, 0.7, 0.0] * len(specials))
-    rho, adv = torch.cat([rho, extra_rho]), torch.cat([adv, extra_adv, ])
+    rho, adv = (
+        torch.cat([rho, extra_rho]),
+        torch.cat(
+            [
+                adv,
+                extra_adv,
+            ]
+        ),
+    )
     lp = torch.cat([lp, -torch.rand(extra_rho.numel(), generator=g)])
     adv[5], lp[6] = math.nan, math.nan  # NaN at a token that takes part propagates
     lines = [" ".join(["POLICY", *_params(config), _hex(r), _hex(a), _hex(x)]) for r, a, x in zip(rho, adv, lp)]
@@ -204,20 +233,32 @@ def test_token_epilogue_matches_loss_forward(host_math, policy, beta, estimator,
         old = (lp + 0.4 * torch.randn(n, generator=g)) if use_old else None
         w = (0.5 + torch.rand(n, generator=g)) if use_w else None
         batch = TokenBatch(
-            token_ids=torch.zeros(n, dtype=torch.long), coef=torch.rand(n, generator=g) / n,
-            advantages=torch.randn(n, generator=g), old_logprobs=old,
-            ref_logprobs=lp + torch.randn(n, generator=g) if beta else None, is_weights=w,
-            cu_seqlens=torch.tensor([0, n]), seq_ids=torch.zeros(n, dtype=torch.long), seq_weights=torch.full((n,), 1 / n),
-        )  # fmt: skip
+            token_ids=torch.zeros(n, dtype=torch.long),
+            coef=torch.rand(n, generator=g) / n,
+            advantages=torch.randn(n, generator=g),
+            old_logprobs=old,
+            ref_logprobs=lp + torch.randn(n, generator=g) if beta else None,
+            is_weights=w,
+            cu_seqlens=torch.tensor([0, n]),
+            seq_ids=torch.zeros(n, dtype=torch.long),
+            seq_weights=torch.full((n,), 1 / n),
+        )
         expect = loss_forward_from_logprobs(lp, lp, lp[:0], batch, config)
         log_ratio = lp - old if use_old else torch.zeros(n)
         ref_lp = batch.ref_logprobs if beta else torch.zeros(n)
         weights = w if use_w else torch.ones(n)
         lines = [
-            " ".join(["TOKEN", *_params(config), *map(_hex, (lp[i], log_ratio[i], batch.advantages[i], ref_lp[i], weights[i])),
-                      str(int(use_w)), _hex(batch.coef[i])])
+            " ".join(
+                [
+                    "TOKEN",
+                    *_params(config),
+                    *map(_hex, (lp[i], log_ratio[i], batch.advantages[i], ref_lp[i], weights[i])),
+                    str(int(use_w)),
+                    _hex(batch.coef[i]),
+                ]
+            )
             for i in range(n)
-        ]  # fmt: skip
+        ]
         ours = torch.tensor(_run(host_math, lines), dtype=torch.float64)
         loss, kl, flags, grad = ours.T
         # exp(k) - k - 1 cancels near k = 0: a 1-ulp difference between two libms' exp(k) ~ 1 is 1.2e-7 absolute.
@@ -240,8 +281,18 @@ def advantage_math(tmp_path_factory) -> Path:
     if cxx is None:
         pytest.skip("no host C++ compiler (g++/c++) on PATH")
     exe = tmp_path_factory.mktemp("cuda_advantage_math") / "advantage_math"
-    cmd = [cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc' / 'include'}",
-           str(ROOT / "tests" / "cuda" / "advantage_math.cpp"), "-o", str(exe)]  # fmt: skip
+    cmd = [
+        cxx,
+        "-std=c++17",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        f"-I{ROOT / 'csrc' / 'include'}",
+        str(ROOT / "tests" / "cuda" / "advantage_math.cpp"),
+        "-o",
+        str(exe),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return exe
 
@@ -265,8 +316,17 @@ def test_advantage_math_matches_reference(advantage_math, estimator, scale):
     lengths = torch.where(torch.rand(batch, generator=g) < 0.2, 0.0, torch.rand(batch, generator=g) * 50).float()
     lengths[-2:] = 0.0  # the last group has no tokens
     cu = torch.cumsum(torch.tensor(sizes), 0).tolist()
-    fields = ["ADV", str(ESTIMATOR_CODES[estimator]), str(SCALE_CODES[scale]), _hex(_f32(1e-4)), str(batch),
-              str(len(sizes)), *map(str, cu), *map(_hex, t.tolist()), *map(_hex, lengths.tolist())]  # fmt: skip
+    fields = [
+        "ADV",
+        str(ESTIMATOR_CODES[estimator]),
+        str(SCALE_CODES[scale]),
+        _hex(_f32(1e-4)),
+        str(batch),
+        str(len(sizes)),
+        *map(str, cu),
+        *map(_hex, t.tolist()),
+        *map(_hex, lengths.tolist()),
+    ]
     (ours,) = _run(advantage_math, [" ".join(fields)])
     group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     kw = {"completion_lengths": lengths.double()} if estimator in ref.ESTIMATORS_WITH_LENGTHS else {}

@@ -8,20 +8,36 @@ import zlib
 
 import pytest
 import torch
-
 from conftest import DEVICE
-from grpo_kernels import _alloc, group_advantages, grpo_loss, token_logprobs
 from helpers import make_batch
 from reliability_helpers import INTERPRETED
+
+from grpo_kernels import _alloc, group_advantages, grpo_loss, token_logprobs
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
 # docs/math.md section 9: token level only, but for vespo
 CASES = list(itertools.product(LOSS_TYPES, ["token", "sequence"])) + [
-    ("vespo", "token"), ("vespo", "sequence"), ("geo_mean", "token"), ("gpg", "token"), ("clip_cov", "token"),
+    ("vespo", "token"),
+    ("vespo", "sequence"),
+    ("geo_mean", "token"),
+    ("gpg", "token"),
+    ("clip_cov", "token"),
     ("kl_cov", "token"),
-]  # fmt: skip
-OUTPUTS = ["loss", "logprobs", "entropy", "per_token_loss", "kl_mean", "clip_low", "clip_high", "clip_region",
-           "entropy_mean", "logprob_mean", "phi_mean", "cov_selected"]  # fmt: skip
+]
+OUTPUTS = [
+    "loss",
+    "logprobs",
+    "entropy",
+    "per_token_loss",
+    "kl_mean",
+    "clip_low",
+    "clip_high",
+    "clip_region",
+    "entropy_mean",
+    "logprob_mean",
+    "phi_mean",
+    "cov_selected",
+]
 
 
 def _shape(backend):
@@ -53,10 +69,25 @@ def test_grpo_loss_is_bitwise_reproducible(backend, loss_type, level, inplace):
     def run():
         weight = torch.ones((), device=DEVICE, requires_grad=True)
         z = d["logits"] * weight  # a non-leaf, so that in-place backward is allowed
-        out = grpo_loss(z, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.04,
-                        is_weights=w_is, loss_type=loss_type, importance_sampling_level=level, max_completion_length=64,
-                        clip_cov_ratio=0.05, clip_cov_lb=-0.5, kl_cov_ratio=0.05, return_entropy=True,
-                        inplace_backward=inplace, backend=backend)  # fmt: skip
+        out = grpo_loss(
+            z,
+            d["ids"],
+            d["adv"],
+            mask=d["mask"],
+            old_logprobs=d["old"],
+            ref_logprobs=d["ref"],
+            beta=0.04,
+            is_weights=w_is,
+            loss_type=loss_type,
+            importance_sampling_level=level,
+            max_completion_length=64,
+            clip_cov_ratio=0.05,
+            clip_cov_lb=-0.5,
+            kl_cov_ratio=0.05,
+            return_entropy=True,
+            inplace_backward=inplace,
+            backend=backend,
+        )
         (grad,) = torch.autograd.grad(out.loss - 0.01 * out.entropy.sum(), z)
         return [None if getattr(out, key) is None else getattr(out, key).detach() for key in OUTPUTS] + [grad.clone()]
 
@@ -78,20 +109,37 @@ def test_token_logprobs_is_bitwise_reproducible(backend, temperature):
     _assert_identical(*_twice(run), ["lp", "entropy", "grad"])
 
 
-@pytest.mark.parametrize("scale,mode", [("group", "sum_then_normalize"), ("batch", "sum_then_normalize"),
-                                        ("none", "sum_then_normalize"), ("group", "normalize_then_sum")])  # fmt: skip
+@pytest.mark.parametrize(
+    "scale,mode",
+    [
+        ("group", "sum_then_normalize"),
+        ("batch", "sum_then_normalize"),
+        ("none", "sum_then_normalize"),
+        ("group", "normalize_then_sum"),
+    ],
+)
 @pytest.mark.parametrize("by_ids", [False, True], ids=["group_size", "group_ids"])
 def test_group_advantages_are_bitwise_reproducible(backend, scale, mode, by_ids):
     batch = 64 if backend in INTERPRETED else 8192
     g = torch.Generator().manual_seed(3)
     rewards = (torch.randint(0, 3, (batch, 2), generator=g) + 0.1 * torch.randn(batch, 2, generator=g)).to(DEVICE)
     rewards[::7, 0] = float("nan")
-    groups = (dict(group_ids=torch.randint(0, batch // 5, (batch,), generator=g).to(DEVICE)) if by_ids
-              else dict(group_size=16))  # fmt: skip
+    groups = (
+        dict(group_ids=torch.randint(0, batch // 5, (batch,), generator=g).to(DEVICE))
+        if by_ids
+        else dict(group_size=16)
+    )
 
     def run():
-        out = group_advantages(rewards, scale=scale, multi_reward=mode, reward_weights=[1.0, 0.5], return_stats=True,
-                               backend=backend, **groups)  # fmt: skip
+        out = group_advantages(
+            rewards,
+            scale=scale,
+            multi_reward=mode,
+            reward_weights=[1.0, 0.5],
+            return_stats=True,
+            backend=backend,
+            **groups,
+        )
         return list(out)
 
     first, second = _twice(run)

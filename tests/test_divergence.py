@@ -142,9 +142,15 @@ def trl_jsd():
 
 @pytest.mark.parametrize(
     "beta,temperature,normaliser",
-    [(0.0, 1.0, "batchmean"), (0.25, 0.5, "num_items_int"), (0.5, 1.0, "num_items_tensor"), (0.5, 0.5, "batchmean"),
-     (1.0, 0.5, "batchmean"), (1.0, 1.0, "num_items_int")],
-)  # fmt: skip
+    [
+        (0.0, 1.0, "batchmean"),
+        (0.25, 0.5, "num_items_int"),
+        (0.5, 1.0, "num_items_tensor"),
+        (0.5, 0.5, "batchmean"),
+        (1.0, 0.5, "batchmean"),
+        (1.0, 1.0, "num_items_int"),
+    ],
+)
 def test_equals_trl_generalized_jsd_loss(backend, trl_jsd, beta, temperature, normaliser):
     d = make_batch(3, 6, 40, seed=21)
     labels = torch.where(d["mask"] != 0, d["ids"], -100)  # TRL's convention: -100 where masked
@@ -203,7 +209,9 @@ def _low_precision(backend, dtype, teacher_dtype, spec):
         )
         assert low_precision_ok(ours, theirs), (name, ours, theirs)
     w_lp = _weights(d["ids"].shape, 2)
-    (g,), (g64,), (ge,) = (torch.autograd.grad(_loss_with_logprobs(o, w_lp), x) for o, x in ((out, z), (expect, z64), (eager, ze)))  # fmt: skip
+    (g,), (g64,), (ge,) = (
+        torch.autograd.grad(_loss_with_logprobs(o, w_lp), x) for o, x in ((out, z), (expect, z64), (eager, ze))
+    )
     assert g.dtype == dtype
     assert low_precision_ok(rel_err(g, g64), rel_err(ge, g64), floor=1e-3)
 
@@ -377,8 +385,9 @@ def test_gradcheck_float64_torch_backend(spec):
     zt = _teacher(z, seed=62).requires_grad_(True)
 
     def f(a, b):
-        out = distill_loss(a, b, d["ids"], divergence=spec[0], beta=spec[1], temperature=0.9, mask=d["mask"],
-                           backend="torch")  # fmt: skip
+        out = distill_loss(
+            a, b, d["ids"], divergence=spec[0], beta=spec[1], temperature=0.9, mask=d["mask"], backend="torch"
+        )
         return out.loss, out.divergence, out.logprobs
 
     assert torch.autograd.gradcheck(f, (z, zt))
@@ -386,9 +395,12 @@ def test_gradcheck_float64_torch_backend(spec):
 
 def _property_settings(backend):
     return settings(
-        max_examples=40 if backend == "torch" else 3, derandomize=True, database=None, deadline=None,
+        max_examples=40 if backend == "torch" else 3,
+        derandomize=True,
+        database=None,
+        deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-    )  # fmt: skip
+    )
 
 
 def test_divergences_are_nonnegative_and_zero_exactly_for_shifted_rows(backend):
@@ -460,8 +472,9 @@ def test_torch_compile_fullgraph(backend):
     zt = _teacher(d["logits"], seed=66)
 
     def step(z, zt, ids, mask):
-        out = distill_loss(z, zt, ids, mask=mask, divergence="jsd", beta=0.3, temperature=0.8, num_items_in_batch=7,
-                           backend=backend)  # fmt: skip
+        out = distill_loss(
+            z, zt, ids, mask=mask, divergence="jsd", beta=0.3, temperature=0.8, num_items_in_batch=7, backend=backend
+        )
         return out.loss + 0.1 * out.logprobs.sum(), out.divergence
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -520,8 +533,9 @@ def test_backend_row_outputs_and_in_place_backward(backend, kind):
 # ----------------------------------------------------------------------------------------------------------------
 # the fused-linear form
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec", [("jsd", 0.3), ("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 1.0)],
-                         ids=["jsd", "rkl", "fkl", "jsd-1"])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec", [("jsd", 0.3), ("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 1.0)], ids=["jsd", "rkl", "fkl", "jsd-1"]
+)
 def test_fused_linear_matches_reference_on_materialised_logits(backend, spec):
     divergence, beta = spec
     g = torch.Generator().manual_seed(81)
@@ -538,16 +552,28 @@ def test_fused_linear_matches_reference_on_materialised_logits(backend, spec):
         leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
         t_weight.requires_grad_(True)  # a teacher's parameter: must get no gradient
         out = fused_linear_distill_loss(
-            leaves[0], leaves[1], t_hidden, t_weight, ids, student_bias=leaves[2], divergence=divergence, beta=beta,
-            temperature=0.8, mask=mask, num_items_in_batch=6, chunk_tokens=3, backend=backend,
-        )  # fmt: skip
+            leaves[0],
+            leaves[1],
+            t_hidden,
+            t_weight,
+            ids,
+            student_bias=leaves[2],
+            divergence=divergence,
+            beta=beta,
+            temperature=0.8,
+            mask=mask,
+            num_items_in_batch=6,
+            chunk_tokens=3,
+            backend=backend,
+        )
         out.loss.backward()
         assert t_weight.grad is None
         leaves64 = [x.detach().double().requires_grad_(True) for x in (hidden, weight, bias)]
         z = leaves64[0] @ leaves64[1].T + leaves64[2]
         zt = t_hidden.double() @ t_weight.detach().double().T
-        expect = ref.distill_loss(z, zt, ids, divergence=divergence, beta=beta, temperature=0.8, mask=mask,
-                                  num_items_in_batch=6)  # fmt: skip
+        expect = ref.distill_loss(
+            z, zt, ids, divergence=divergence, beta=beta, temperature=0.8, mask=mask, num_items_in_batch=6
+        )
         expect.loss.backward()
         tol = 1e-10 if dtype == torch.float64 else 1e-5
         assert rel_err(out.loss, expect.loss) < tol
@@ -613,14 +639,19 @@ def _bad_calls():
         ("num_items_in_batch", ValueError, lambda: distill_loss(z, zt, num_items_in_batch=0)),
         ("num_items_in_batch", ValueError, lambda: distill_loss(z, zt, num_items_in_batch=torch.ones(2))),
         ("backend", ValueError, lambda: distill_loss(z, zt, backend="cpu")),
-        ("teacher_weight", ValueError,
-         lambda: fused_linear_distill_loss(z, torch.randn(9, 5), zt, torch.randn(8, 5))),
+        ("teacher_weight", ValueError, lambda: fused_linear_distill_loss(z, torch.randn(9, 5), zt, torch.randn(8, 5))),
         ("student_weight", ValueError, lambda: fused_linear_distill_loss(z, torch.randn(9, 4), zt, torch.randn(9, 5))),
-        ("teacher_hidden", ValueError,
-         lambda: fused_linear_distill_loss(z, torch.randn(9, 5), zt[:, :2], torch.randn(9, 5))),
-        ("chunk_tokens", ValueError,
-         lambda: fused_linear_distill_loss(z, torch.randn(9, 5), zt, torch.randn(9, 5), chunk_tokens=0)),
-    ]  # fmt: skip
+        (
+            "teacher_hidden",
+            ValueError,
+            lambda: fused_linear_distill_loss(z, torch.randn(9, 5), zt[:, :2], torch.randn(9, 5)),
+        ),
+        (
+            "chunk_tokens",
+            ValueError,
+            lambda: fused_linear_distill_loss(z, torch.randn(9, 5), zt, torch.randn(9, 5), chunk_tokens=0),
+        ),
+    ]
 
 
 @pytest.mark.parametrize("case", range(len(_bad_calls())))

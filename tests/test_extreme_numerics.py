@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import DEVICE
-from grpo_kernels import group_advantages, grpo_loss, token_logprobs
-from grpo_kernels import reference as ref
 from helpers import low_precision_ok, make_batch, rel_err
 from reliability_helpers import INTERPRETED, assert_matches, grad_of
+
+from grpo_kernels import group_advantages, grpo_loss, token_logprobs
+from grpo_kernels import reference as ref
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
 LOW = [torch.bfloat16, torch.float16]
@@ -176,8 +176,15 @@ def _far_logprobs(d, magnitude, seed):
 def _far_run(backend, loss_type, level, magnitude, option):
     d = make_batch(3, 6, 40, seed=13)
     old, lref = _far_logprobs(d, magnitude, seed=14)
-    kw = dict(mask=d["mask"], old_logprobs=old, ref_logprobs=lref, loss_type=loss_type, importance_sampling_level=level,
-              max_completion_length=6, **RATIO_OPTIONS[option])  # fmt: skip
+    kw = dict(
+        mask=d["mask"],
+        old_logprobs=old,
+        ref_logprobs=lref,
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        max_completion_length=6,
+        **RATIO_OPTIONS[option],
+    )
     z, z64 = d["logits"].clone().requires_grad_(True), d["logits"].double().requires_grad_(True)
     out, exact = grpo_loss(z, d["ids"], d["adv"], backend=backend, **kw), ref.grpo_loss(z64, d["ids"], d["adv"], **kw)
     return out, exact, grad_of(out.loss, z), grad_of(exact.loss, z64)
@@ -252,9 +259,20 @@ def test_all_masked_batch(backend, loss_type, level):
     z = d["logits"].clone()
     z[1, 2] = math.nan
     z.requires_grad_(True)
-    out = grpo_loss(z, d["ids"], d["adv"], mask=torch.zeros_like(d["mask"]), old_logprobs=d["old"], ref_logprobs=d["ref"],
-                    beta=0.04, loss_type=loss_type, importance_sampling_level=level, max_completion_length=5,
-                    return_entropy=True, backend=backend)  # fmt: skip
+    out = grpo_loss(
+        z,
+        d["ids"],
+        d["adv"],
+        mask=torch.zeros_like(d["mask"]),
+        old_logprobs=d["old"],
+        ref_logprobs=d["ref"],
+        beta=0.04,
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        max_completion_length=5,
+        return_entropy=True,
+        backend=backend,
+    )
     assert out.loss.item() == 0.0
     for key in ("logprobs", "entropy", "per_token_loss"):
         assert torch.equal(getattr(out, key), torch.zeros_like(getattr(out, key))), key

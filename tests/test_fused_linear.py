@@ -6,8 +6,9 @@ import zlib
 
 import pytest
 import torch
-
 from conftest import DEVICE
+from helpers import low_precision_ok, make_batch, rel_err
+
 from grpo_kernels import reference as ref
 from grpo_kernels.fused_linear import (
     FusedLinearGRPOLoss,
@@ -18,7 +19,6 @@ from grpo_kernels.fused_linear import (
     fused_linear_token_logprobs,
 )
 from grpo_kernels.fused_linear.tiles import plan_tiles as _plan_tiles
-from helpers import low_precision_ok, make_batch, rel_err
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
 LEVELS = ["token", "sequence"]
@@ -27,13 +27,19 @@ OPTIONS = {
     "plain": dict(),
     "k3-bias": dict(beta=0.04, bias=True),
     "softcap-scale-k1bc-tau-isw": dict(
-        logit_softcap=3.0, logit_scale=0.7, beta=0.1, kl_estimator="k1", bias_corrected_kl=True, temperature=0.8,
-        is_weights=True, bias=True,
+        logit_softcap=3.0,
+        logit_scale=0.7,
+        beta=0.1,
+        kl_estimator="k1",
+        bias_corrected_kl=True,
+        temperature=0.8,
+        is_weights=True,
+        bias=True,
     ),
     "scale-k2-dual-delta": dict(
         logit_scale=1.3, beta=0.1, kl_estimator="k2", dual_clip=3.0, delta=1.5, epsilon_high=0.28
     ),
-}  # fmt: skip
+}
 B, T, H, V = 3, 7, 16, 37  # N = 21 tokens: not a multiple of the tiles below
 
 
@@ -88,8 +94,14 @@ def _split(option):
 
 def _both(h, w, b, d, head, use_isw, loss_kwargs, grad_out=1.0, **fused_kwargs):
     """(fused output, its grads), (reference output on float64 logits, its grads); grads w.r.t. (h, w, b)."""
-    kw = dict(mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], is_weights=d["isw"] if use_isw else None,
-              max_completion_length=9, **loss_kwargs)  # fmt: skip
+    kw = dict(
+        mask=d["mask"],
+        old_logprobs=d["old"],
+        ref_logprobs=d["ref"],
+        is_weights=d["isw"] if use_isw else None,
+        max_completion_length=9,
+        **loss_kwargs,
+    )
     leaves = [_leaf(x) for x in (h, w, b)]
     out = fused_linear_grpo_loss(*leaves[:2], d["ids"], d["adv"], bias=leaves[2], **head, **kw, **fused_kwargs)
     (out.loss * grad_out).backward()
@@ -124,8 +136,18 @@ def test_matches_reference(backend, loss_type, level, option, poisoned):
     h, w, b = _head(seed, dtype, bias=use_bias)
     d = _data(seed, h, w, b, head)
     # 5-token tiles: 21 positions, tiles straddle sequences (and the sequence level runs two passes)
-    ours, expect = _both(h, w, b, d, head, use_isw, dict(loss_type=loss_type, importance_sampling_level=level, **opt),
-                         chunk_tokens=5, backend=backend, return_entropy=True)  # fmt: skip
+    ours, expect = _both(
+        h,
+        w,
+        b,
+        d,
+        head,
+        use_isw,
+        dict(loss_type=loss_type, importance_sampling_level=level, **opt),
+        chunk_tokens=5,
+        backend=backend,
+        return_entropy=True,
+    )
     assert ours[0].loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert ours[1][0].dtype == dtype and ours[1][1].dtype == dtype
     _assert_close(ours, expect, _tolerance(dtype), entropy=True)
@@ -168,8 +190,19 @@ def test_gradient_accumulation(backend):
     _assert_close(ours, expect, _tolerance(dtype))
     wl = _leaf(w)
     for _ in range(2):
-        out = fused_linear_grpo_loss(h, wl, d["ids"], d["adv"], bias=b, mask=d["mask"], old_logprobs=d["old"],
-                                     ref_logprobs=d["ref"], chunk_tokens=4, backend=backend, **kw)  # fmt: skip
+        out = fused_linear_grpo_loss(
+            h,
+            wl,
+            d["ids"],
+            d["adv"],
+            bias=b,
+            mask=d["mask"],
+            old_logprobs=d["old"],
+            ref_logprobs=d["ref"],
+            chunk_tokens=4,
+            backend=backend,
+            **kw,
+        )
         (out.loss * 0.5).backward()
     assert rel_err(wl.grad, expect[1][1] / 0.37) < _tolerance(dtype)
 
@@ -258,13 +291,32 @@ def test_masked_positions_are_never_read(backend):
     h_nan = h.clone()
     h_nan[masked] = float("nan")
     hl, wl = _leaf(h_nan), _leaf(w)
-    out = fused_linear_grpo_loss(hl, wl, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], chunk_tokens=4,
-                                 importance_sampling_level="sequence", loss_type="grpo", backend=backend)  # fmt: skip
+    out = fused_linear_grpo_loss(
+        hl,
+        wl,
+        d["ids"],
+        d["adv"],
+        mask=d["mask"],
+        old_logprobs=d["old"],
+        chunk_tokens=4,
+        importance_sampling_level="sequence",
+        loss_type="grpo",
+        backend=backend,
+    )
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(wl.grad).all() and torch.isfinite(hl.grad).all()
     assert (hl.grad[masked] == 0).all() and (out.logprobs[masked] == 0).all()
-    ours, expect = _both(h, w, b, d, {}, False, dict(loss_type="grpo", importance_sampling_level="sequence"),
-                         chunk_tokens=4, backend=backend)  # fmt: skip
+    ours, expect = _both(
+        h,
+        w,
+        b,
+        d,
+        {},
+        False,
+        dict(loss_type="grpo", importance_sampling_level="sequence"),
+        chunk_tokens=4,
+        backend=backend,
+    )
     assert rel_err(out.loss, expect[0].loss) < _tolerance(dtype)
     assert rel_err(wl.grad, expect[1][1]) < _tolerance(dtype)
 
@@ -275,8 +327,7 @@ def test_all_masked_and_empty(backend):
     ids = torch.randint(0, V, (B, T), device=DEVICE)
     hl, wl, bl = (_leaf(x) for x in (h, w, b))
     nothing = torch.zeros(B, T, device=DEVICE)
-    out = fused_linear_grpo_loss(hl, wl, ids, torch.ones(B, device=DEVICE), bias=bl, mask=nothing,
-                                 backend=backend)  # fmt: skip
+    out = fused_linear_grpo_loss(hl, wl, ids, torch.ones(B, device=DEVICE), bias=bl, mask=nothing, backend=backend)
     out.loss.backward()
     assert out.loss.item() == 0 and (out.logprobs == 0).all()
     assert all((x.grad == 0).all() for x in (hl, wl, bl))
@@ -300,8 +351,16 @@ def test_packed_cu_seqlens(backend):
     padded = fused_linear_grpo_loss(
         h, w, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], **kw
     )
-    packed = fused_linear_grpo_loss(pick(h), w, pick(d["ids"]), d["adv"], old_logprobs=pick(d["old"]),
-                                    ref_logprobs=pick(d["ref"]), cu_seqlens=cu, **kw)  # fmt: skip
+    packed = fused_linear_grpo_loss(
+        pick(h),
+        w,
+        pick(d["ids"]),
+        d["adv"],
+        old_logprobs=pick(d["old"]),
+        ref_logprobs=pick(d["ref"]),
+        cu_seqlens=cu,
+        **kw,
+    )
     assert rel_err(packed.loss, padded.loss) < _tolerance(dtype)
     assert rel_err(packed.logprobs, pick(padded.logprobs)) < _tolerance(dtype)
 
@@ -312,8 +371,7 @@ def test_entropy_output_and_entropy_coef(backend):
     dtype = _dtype(backend)
     h, w, b = _head(18, dtype)
     d = _data(18, h, w, b, {})
-    out = fused_linear_grpo_loss(_leaf(h), w, d["ids"], d["adv"], mask=d["mask"],
-                                 return_entropy=True, backend=backend)  # fmt: skip
+    out = fused_linear_grpo_loss(_leaf(h), w, d["ids"], d["adv"], mask=d["mask"], return_entropy=True, backend=backend)
     with pytest.raises(RuntimeError, match="entropy_coef"):
         (out.loss + out.entropy.sum()).backward()
 
@@ -324,9 +382,18 @@ def test_entropy_output_and_entropy_coef(backend):
         ("dr_grpo", lambda x: (x * m).sum() / (B * 9)),
     ):
         hl, wl = _leaf(h), _leaf(w)
-        out = fused_linear_grpo_loss(hl, wl, d["ids"], d["adv"], mask=d["mask"], loss_type=loss_type,
-                                     max_completion_length=9,
-                                     entropy_coef=0.05, chunk_tokens=4, backend=backend)  # fmt: skip
+        out = fused_linear_grpo_loss(
+            hl,
+            wl,
+            d["ids"],
+            d["adv"],
+            mask=d["mask"],
+            loss_type=loss_type,
+            max_completion_length=9,
+            entropy_coef=0.05,
+            chunk_tokens=4,
+            backend=backend,
+        )
         out.loss.backward()
         h64, w64 = _leaf(h, torch.float64), _leaf(w, torch.float64)
         expect = ref.grpo_loss(
@@ -349,12 +416,28 @@ def test_entropy_weights(backend, level, chunk_tokens):
     g = torch.Generator().manual_seed(25)
     weights = (torch.rand(d["ids"].shape, generator=g) * 0.1).to(DEVICE)
     weights = weights.masked_fill(d["mask"] == 0, float("nan"))
-    kw = dict(mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.04, loss_type="grpo",
-              importance_sampling_level=level, temperature=0.9)  # fmt: skip
+    kw = dict(
+        mask=d["mask"],
+        old_logprobs=d["old"],
+        ref_logprobs=d["ref"],
+        beta=0.04,
+        loss_type="grpo",
+        importance_sampling_level=level,
+        temperature=0.9,
+    )
     leaves = [_leaf(x) for x in (h, w, b)]
-    out = fused_linear_grpo_loss(*leaves[:2], d["ids"], d["adv"], bias=leaves[2], entropy_coef=0.03,
-                                 entropy_weights=weights, logit_softcap=3.0, chunk_tokens=chunk_tokens,
-                                 backend=backend, **kw)  # fmt: skip
+    out = fused_linear_grpo_loss(
+        *leaves[:2],
+        d["ids"],
+        d["adv"],
+        bias=leaves[2],
+        entropy_coef=0.03,
+        entropy_weights=weights,
+        logit_softcap=3.0,
+        chunk_tokens=chunk_tokens,
+        backend=backend,
+        **kw,
+    )
     out.loss.backward()
     leaves64 = [_leaf(x, torch.float64) for x in (h, w, b)]
     expect = ref.grpo_loss(_logits(*leaves64, logit_softcap=3.0), d["ids"], d["adv"], **kw)
@@ -384,11 +467,22 @@ def test_token_logprobs(backend, head):
     h, w, b = _head(19, dtype)
     d = _data(19, h, w, b, head)
     hl = _leaf(h)
-    lp, entropy = fused_linear_token_logprobs(hl, w, d["ids"], bias=b, mask=d["mask"], temperature=0.7,
-                                              return_entropy=True, chunk_tokens=4, backend=backend, **head)  # fmt: skip
+    lp, entropy = fused_linear_token_logprobs(
+        hl,
+        w,
+        d["ids"],
+        bias=b,
+        mask=d["mask"],
+        temperature=0.7,
+        return_entropy=True,
+        chunk_tokens=4,
+        backend=backend,
+        **head,
+    )
     assert not lp.requires_grad and not entropy.requires_grad and lp.shape == d["ids"].shape
-    lp64, entropy64 = ref.token_logprobs(_logits(h.double(), w.double(), b.double(), **head), d["ids"], mask=d["mask"],
-                                         temperature=0.7)  # fmt: skip
+    lp64, entropy64 = ref.token_logprobs(
+        _logits(h.double(), w.double(), b.double(), **head), d["ids"], mask=d["mask"], temperature=0.7
+    )
     assert rel_err(lp, lp64) < _tolerance(dtype) and rel_err(entropy, entropy64) < _tolerance(dtype)
 
 
@@ -398,8 +492,20 @@ def test_module_form(backend):
     d = _data(20, h, w, b, {})
     module = FusedLinearGRPOLoss(beta=0.04, loss_type="grpo", logit_softcap=4.0, chunk_tokens=5, backend=backend)
     out = module(h, w, d["ids"], d["adv"], bias=b, mask=d["mask"], ref_logprobs=d["ref"])
-    expect = fused_linear_grpo_loss(h, w, d["ids"], d["adv"], bias=b, mask=d["mask"], ref_logprobs=d["ref"], beta=0.04,
-                                    loss_type="grpo", logit_softcap=4.0, chunk_tokens=5, backend=backend)  # fmt: skip
+    expect = fused_linear_grpo_loss(
+        h,
+        w,
+        d["ids"],
+        d["adv"],
+        bias=b,
+        mask=d["mask"],
+        ref_logprobs=d["ref"],
+        beta=0.04,
+        loss_type="grpo",
+        logit_softcap=4.0,
+        chunk_tokens=5,
+        backend=backend,
+    )
     assert torch.equal(out.loss, expect.loss)
     assert "logit_softcap=4.0" in repr(module)
     with pytest.raises(TypeError, match="inplace_backward"):
@@ -412,9 +518,18 @@ def test_torch_compile_fullgraph(backend):
     d = _data(21, h, w, b, {})
 
     def step(hidden, weight, bias):
-        out = fused_linear_grpo_loss(hidden, weight, d["ids"], d["adv"], bias=bias, mask=d["mask"],
-                                     old_logprobs=d["old"],
-                                     importance_sampling_level="sequence", chunk_tokens=4, backend=backend)  # fmt: skip
+        out = fused_linear_grpo_loss(
+            hidden,
+            weight,
+            d["ids"],
+            d["adv"],
+            bias=bias,
+            mask=d["mask"],
+            old_logprobs=d["old"],
+            importance_sampling_level="sequence",
+            chunk_tokens=4,
+            backend=backend,
+        )
         return out.loss * 2, out.clip_region
 
     leaves = [[_leaf(x) for x in (h, w, b)] for _ in range(2)]
@@ -441,13 +556,17 @@ VALIDATION = [
     ("chunk-zero", dict(chunk_tokens=0), ValueError, "chunk_tokens must be a positive int"),
     ("loss-type", dict(loss_type="ppo"), ValueError, "loss_type must be one of"),
     ("inplace", dict(inplace_backward=True), TypeError, "inplace_backward"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("case,change,exc,match", VALIDATION, ids=[c[0] for c in VALIDATION])
 def test_rejects(case, change, exc, match):
-    args = dict(hidden=torch.randn(B, T, H), weight=torch.randn(V, H), token_ids=torch.zeros(B, T, dtype=torch.long),
-                advantages=torch.ones(B))  # fmt: skip
+    args = dict(
+        hidden=torch.randn(B, T, H),
+        weight=torch.randn(V, H),
+        token_ids=torch.zeros(B, T, dtype=torch.long),
+        advantages=torch.ones(B),
+    )
     kwargs = {}
     for key, value in change.items():
         (args if key in args else kwargs)[key] = value.to(DEVICE) if isinstance(value, torch.Tensor) else value
@@ -475,8 +594,15 @@ def _tiny_model(name, dtype):
         if cls not in transformers.CONFIG_MAPPING:
             pytest.skip(f"transformers {transformers.__version__} has no {cls} model")
         cls = transformers.CONFIG_MAPPING[cls]
-    sizes = dict(vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=8)  # fmt: skip
+    sizes = dict(
+        vocab_size=61,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
     config = cls(**sizes, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
     torch.manual_seed(22)
     return transformers.AutoModelForCausalLM.from_config(config).to(dtype).to(DEVICE)
@@ -499,11 +625,30 @@ def test_causal_lm_helper(backend, name):
     adv = torch.randn(batch, generator=g).to(DEVICE)
     kw = dict(loss_type="grpo", temperature=0.9, beta=0.04)
 
-    old = causal_lm_token_logprobs(model, input_ids, attention_mask, completion, completion_mask=completion_mask,
-                                   temperature=0.9, chunk_tokens=4, backend=backend)  # fmt: skip
+    old = causal_lm_token_logprobs(
+        model,
+        input_ids,
+        attention_mask,
+        completion,
+        completion_mask=completion_mask,
+        temperature=0.9,
+        chunk_tokens=4,
+        backend=backend,
+    )
     ref_lp = old + 0.1 * torch.randn(old.shape, generator=g).to(DEVICE)
-    out = causal_lm_grpo_loss(model, input_ids, attention_mask, completion, adv, completion_mask=completion_mask,
-                              old_logprobs=old, ref_logprobs=ref_lp, chunk_tokens=4, backend=backend, **kw)  # fmt: skip
+    out = causal_lm_grpo_loss(
+        model,
+        input_ids,
+        attention_mask,
+        completion,
+        adv,
+        completion_mask=completion_mask,
+        old_logprobs=old,
+        ref_logprobs=ref_lp,
+        chunk_tokens=4,
+        backend=backend,
+        **kw,
+    )
     names, params = zip(*model.named_parameters())
     grads = torch.autograd.grad(out.loss, params)
 

@@ -42,7 +42,8 @@ TWO_31 = 2**31
 
 
 def _params(group: str | None = None):
-    """(size, backend) params: ``gpu`` x every backend (skipped with the reason where it cannot run), ``cpu`` x torch."""
+    """(size, backend) params: ``gpu`` x every backend (skipped with the reason where it cannot run), ``cpu`` x
+    torch."""
     params = []
     for name in BACKENDS:
         marks = [pytest.mark.gpu] + ([pytest.mark.xdist_group(name=group)] if group else [])
@@ -65,8 +66,16 @@ def _release_cuda_memory():
         torch.cuda.empty_cache()  # the next large case gets the memory back, also in a long-lived xdist worker
 
 
-def _batch(b: int, t: int, v: int, dtype: torch.dtype, device: torch.device, seed: int, extra_position: bool = False,
-           last_full: bool = False):  # fmt: skip
+def _batch(
+    b: int,
+    t: int,
+    v: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+    extra_position: bool = False,
+    last_full: bool = False,
+):
     """Random logits ``[B, T(+1), V]`` (std 2, drawn on the device), ids, a mask with ragged tails and one empty row
     (when B > 2; with ``last_full`` the last sequence takes part whole instead), advantages ``[B]``, and old / ref
     log-probs near the current policy's (so that ratios straddle the clip range)."""
@@ -90,13 +99,21 @@ def _batch(b: int, t: int, v: int, dtype: torch.dtype, device: torch.device, see
 def _logprobs_by_row(z: torch.Tensor, ids: torch.Tensor, rows: int = 256) -> torch.Tensor:
     """float32 log-probs of ``ids`` under ``z`` ``[B, T, V]``, a few rows at a time (bounded temporary memory)."""
     flat, flat_ids = z.reshape(-1, z.shape[-1]), ids.reshape(-1)
-    parts = [flat[i : i + rows].float().log_softmax(-1).gather(-1, flat_ids[i : i + rows, None])[:, 0]
-             for i in range(0, flat.shape[0], rows)]  # fmt: skip
+    parts = [
+        flat[i : i + rows].float().log_softmax(-1).gather(-1, flat_ids[i : i + rows, None])[:, 0]
+        for i in range(0, flat.shape[0], rows)
+    ]
     return torch.cat(parts).view(ids.shape)
 
 
-def _check(ours: torch.Tensor, exact: torch.Tensor, eager: torch.Tensor | None, dtype: torch.dtype, what: str,
-           floor: float = 1e-6) -> None:  # fmt: skip
+def _check(
+    ours: torch.Tensor,
+    exact: torch.Tensor,
+    eager: torch.Tensor | None,
+    dtype: torch.dtype,
+    what: str,
+    floor: float = 1e-6,
+) -> None:
     """A tensor of per-token values or a gradient. float32 inputs: within 1e-5 of float64; bf16/fp16: within 2x
     eager's error in that dtype (+ ``floor``)."""
     err = rel_err(ours, exact)
@@ -156,8 +173,10 @@ def test_real_vocab_logprobs_and_loss(size, backend, vocab, dtype):
         lp, h = token_logprobs(leaves[0][:, :-1], ids, mask=mask, return_entropy=True, backend=backend)
     lp64, h64 = ref.token_logprobs(leaves[1][:, :-1], ids, mask=mask)
     lpe, he = ref.token_logprobs(leaves[2][:, :-1], ids, mask=mask, compute_in=dtype)
-    grads = [torch.autograd.grad((a * w_lp).sum() + (c * w_h).sum(), x)[0]
-             for (a, c), x in zip(((lp, h), (lp64, h64), (lpe, he)), leaves)]  # fmt: skip
+    grads = [
+        torch.autograd.grad((a * w_lp).sum() + (c * w_h).sum(), x)[0]
+        for (a, c), x in zip(((lp, h), (lp64, h64), (lpe, he)), leaves)
+    ]
     assert grads[0].dtype == dtype and torch.equal(grads[0][:, -1], torch.zeros_like(grads[0][:, -1]))
     _check(lp, lp64, lpe, dtype, "logprobs")
     _check(h, h64, he, dtype, "entropy")
@@ -168,8 +187,11 @@ def test_real_vocab_logprobs_and_loss(size, backend, vocab, dtype):
         {"loss_type": "grpo", "importance_sampling_level": "sequence"},
     ):
         kw.update(mask=mask, old_logprobs=old)
-        leaves = [full.detach().clone().requires_grad_(True), full.detach().double().requires_grad_(True),
-                  full.detach().clone().requires_grad_(True)]  # fmt: skip
+        leaves = [
+            full.detach().clone().requires_grad_(True),
+            full.detach().double().requires_grad_(True),
+            full.detach().clone().requires_grad_(True),
+        ]
         with _alloc.poisoned_outputs():
             out = grpo_loss(leaves[0][:, :-1], ids, adv, backend=backend, **kw)
         exact = ref.grpo_loss(leaves[1][:, :-1], ids, adv, **kw)
@@ -213,15 +235,25 @@ def test_dense_beyond_2_31_elements(size, backend, layout):
     total = mask.sum()
     rows = lambda x: x.reshape(n, *x.shape[2:])
     zf, gf = rows(z.detach()), rows(grad)
-    per_token = {"ids": rows(ids), "mask": rows(mask), "adv": adv[:, None].expand(b, t).reshape(n), "old": rows(old),
-                     "ref": rows(ref_lp)}  # fmt: skip
+    per_token = {
+        "ids": rows(ids),
+        "mask": rows(mask),
+        "adv": adv[:, None].expand(b, t).reshape(n),
+        "old": rows(old),
+        "ref": rows(ref_lp),
+    }
     far = torch.arange(n, device=device) * v >= (TWO_31 if size == "gpu" else (n - 2) * v)  # rows beyond 2^31
     sq = {"ours": 0.0, "eager": 0.0, "exact": 0.0, "ours_far": 0.0, "eager_far": 0.0, "exact_far": 0.0}
     loss64, lp64_parts, scale = 0.0, [], 0.0
     for r0 in range(0, n, chunk_rows):
         r1 = min(n, r0 + chunk_rows)
-        kw = {"mask": per_token["mask"][None, r0:r1], "old_logprobs": per_token["old"][None, r0:r1],
-                  "ref_logprobs": per_token["ref"][None, r0:r1], "beta": 0.04, "num_items_in_batch": total}  # fmt: skip
+        kw = {
+            "mask": per_token["mask"][None, r0:r1],
+            "old_logprobs": per_token["old"][None, r0:r1],
+            "ref_logprobs": per_token["ref"][None, r0:r1],
+            "beta": 0.04,
+            "num_items_in_batch": total,
+        }
         args = (per_token["ids"][None, r0:r1], per_token["adv"][None, r0:r1])
         z64 = zf[None, r0:r1].double().requires_grad_(True)
         exact = ref.grpo_loss(z64, *args, **kw)
@@ -269,16 +301,31 @@ def expected_cluster(vocab: int, element_size: int, capability: tuple[int, int] 
 
 
 GIF_CASES = [  # (V, dtype): the cluster size on sm_90 in the id
-    (4096, "bfloat16"), (65536, "bfloat16"), (32000, "float32"), (151936, "bfloat16"), (151936, "float16"),
-    (151936, "float32"), (262144, "bfloat16"), (262144, "float32"), (151943, "bfloat16"),
-]  # fmt: skip
+    (4096, "bfloat16"),
+    (65536, "bfloat16"),
+    (32000, "float32"),
+    (151936, "bfloat16"),
+    (151936, "float16"),
+    (151936, "float32"),
+    (262144, "bfloat16"),
+    (262144, "float32"),
+    (151943, "bfloat16"),
+]
 
 
 def test_expected_cluster_rule():
     got = {(v, d): expected_cluster(v, DTYPES[d].itemsize) for v, d in GIF_CASES}
-    assert got == {(4096, "bfloat16"): 1, (65536, "bfloat16"): 2, (32000, "float32"): 2, (151936, "bfloat16"): 4,
-                   (151936, "float16"): 4, (151936, "float32"): 8, (262144, "bfloat16"): 8,
-                   (262144, "float32"): 0, (151943, "bfloat16"): 0}  # fmt: skip
+    assert got == {
+        (4096, "bfloat16"): 1,
+        (65536, "bfloat16"): 2,
+        (32000, "float32"): 2,
+        (151936, "bfloat16"): 4,
+        (151936, "float16"): 4,
+        (151936, "float32"): 8,
+        (262144, "bfloat16"): 8,
+        (262144, "float32"): 0,
+        (151943, "bfloat16"): 0,
+    }
     assert expected_cluster(151936, 2, capability=(8, 0)) == 0
 
 
@@ -305,8 +352,9 @@ def test_grad_in_forward_cluster_sizes(size, backend, vocab, dtype, inplace):
     z = x.clone()  # a model's output: a non-leaf (in place, its memory takes the gradient)
     scale, grad_output = 0.25, (0.25 if inplace else 1.0)
     with _alloc.poisoned_outputs():
-        out = grpo_loss(z, ids, adv, grad_in_forward=True, loss_scale=scale, inplace_backward=inplace, backend=backend,
-                        **kw)  # fmt: skip
+        out = grpo_loss(
+            z, ids, adv, grad_in_forward=True, loss_scale=scale, inplace_backward=inplace, backend=backend, **kw
+        )
     (out.loss * grad_output).backward()
     x64, xe = logits.double().requires_grad_(True), logits.clone().requires_grad_(True)
     exact, eager = ref.grpo_loss(x64, ids, adv, **kw), ref.grpo_loss(xe, ids, adv, compute_in=dtype, **kw)
@@ -354,11 +402,12 @@ def test_fused_linear_real_head(size, backend, dtype):
     # float32: the matmuls' rounding over H = 4096 terms also enters, so the same 2x-eager rule holds there, with the
     # project's float32 tolerance as its floor
     floors = (FP32_TOL, FP32_TOL) if dtype == torch.float32 else (1e-6, GRAD_FLOOR)
-    for name, ours, e64, ee, floor in (("logprobs", out.logprobs, exact.logprobs, eager.logprobs, floors[0]),
-                                       ("per_token_loss", out.per_token_loss, exact.per_token_loss,
-                                        eager.per_token_loss, floors[0]),
-                                       ("d hidden", hl.grad, h64.grad, he.grad, floors[1]),
-                                       ("d weight", wl.grad, w64.grad, we.grad, floors[1])):  # fmt: skip
+    for name, ours, e64, ee, floor in (
+        ("logprobs", out.logprobs, exact.logprobs, eager.logprobs, floors[0]),
+        ("per_token_loss", out.per_token_loss, exact.per_token_loss, eager.per_token_loss, floors[0]),
+        ("d hidden", hl.grad, h64.grad, he.grad, floors[1]),
+        ("d weight", wl.grad, w64.grad, we.grad, floors[1]),
+    ):
         err, eager_err = rel_err(ours, e64), rel_err(ee, e64)
         assert low_precision_ok(err, eager_err, floor), (name, err, eager_err)
     _check_loss(out, exact, eager, mask, "dapo", computed_in_fp32=False)  # the tiles' logits are rounded to dtype

@@ -4,6 +4,7 @@ backward composition, the CUDA backend its own kernels (2 passes on sm_90); a te
 backend's own methods are the ones called."""
 
 import zlib
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -32,8 +33,19 @@ def _model_logits(d, seed):
 
 
 def _loss(logits, d, loss_type, level, opts, **kw):
-    return grpo_loss(logits, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
-                     loss_type=loss_type, importance_sampling_level=level, max_completion_length=9, **opts, **kw)  # fmt: skip
+    return grpo_loss(
+        logits,
+        d["ids"],
+        d["adv"],
+        mask=d["mask"],
+        old_logprobs=d["old"],
+        ref_logprobs=d["ref"],
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        max_completion_length=9,
+        **opts,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("loss_type,level,opts", CASES)
@@ -43,14 +55,32 @@ def test_matches_reference_gradient(backend, loss_type, level, opts, inplace, lo
     d = make_batch(3, 6, 41, seed=zlib.crc32(f"{loss_type}{level}".encode()) % 1000)
     w, hidden = _model_logits(d, 1)
     logits = hidden @ w.T
-    out = _loss(logits, d, loss_type, level, opts, grad_in_forward=True, loss_scale=loss_scale, inplace_backward=inplace,
-                backend=backend)  # fmt: skip
+    out = _loss(
+        logits,
+        d,
+        loss_type,
+        level,
+        opts,
+        grad_in_forward=True,
+        loss_scale=loss_scale,
+        inplace_backward=inplace,
+        backend=backend,
+    )
     (out.loss * grad_output).backward()
 
     w64 = w.detach().double().requires_grad_(True)
-    expect = ref.grpo_loss(hidden.double() @ w64.T, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"],
-                           ref_logprobs=d["ref"], loss_type=loss_type, importance_sampling_level=level,
-                           max_completion_length=9, **opts)  # fmt: skip
+    expect = ref.grpo_loss(
+        hidden.double() @ w64.T,
+        d["ids"],
+        d["adv"],
+        mask=d["mask"],
+        old_logprobs=d["old"],
+        ref_logprobs=d["ref"],
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        max_completion_length=9,
+        **opts,
+    )
     (expect.loss * grad_output).backward()
     assert rel_err(out.loss, expect.loss) < 1e-5
     assert rel_err(out.per_token_loss, expect.per_token_loss) < 1e-5
@@ -63,7 +93,9 @@ def test_inplace_writes_the_scaled_gradient_in_the_forward(backend):
     logits = hidden @ w.T
     z64 = logits.detach().double().requires_grad_(True)
     (grad64,) = torch.autograd.grad(_loss(z64, d, "dapo", "token", {}, backend="torch").loss, z64)
-    out = _loss(logits, d, "dapo", "token", {}, grad_in_forward=True, loss_scale=0.5, inplace_backward=True, backend=backend)
+    out = _loss(
+        logits, d, "dapo", "token", {}, grad_in_forward=True, loss_scale=0.5, inplace_backward=True, backend=backend
+    )
     assert rel_err(logits.detach(), 0.5 * grad64) < 1e-5  # the logits now hold the gradient
     (out.loss * 0.5).backward()
     assert torch.isfinite(w.grad).all()
@@ -101,8 +133,16 @@ class _RecordingBackend(TorchBackend):
     def grpo_loss_forward_with_grad(self, logits, batch, config, with_entropy, loss_scale, grad_out):
         self.calls.append(("forward_with_grad", loss_scale, grad_out is logits))
         fwd = self.grpo_loss_forward(logits, batch, config, with_entropy)
-        self.token_logprobs_backward(logits, batch.token_ids, fwd.lse, fwd.entropy, fwd.grad_logprobs * loss_scale,
-                                     None, config.temperature, grad_out)  # fmt: skip
+        self.token_logprobs_backward(
+            logits,
+            batch.token_ids,
+            fwd.lse,
+            fwd.entropy,
+            fwd.grad_logprobs * loss_scale,
+            None,
+            config.temperature,
+            grad_out,
+        )
         return fwd
 
     def scale_gradient_(self, grad, grad_loss, loss_scale):
@@ -118,8 +158,17 @@ def test_backend_methods_are_used(monkeypatch, inplace):
     monkeypatch.setitem(backends._cache, "torch", recorder)
     d = make_batch(2, 5, 17, seed=6)
     w, hidden = _model_logits(d, 3)
-    out = _loss(hidden @ w.T, d, "grpo", "token", {}, grad_in_forward=True, loss_scale=0.125, inplace_backward=inplace,
-                backend="torch")  # fmt: skip
+    out = _loss(
+        hidden @ w.T,
+        d,
+        "grpo",
+        "token",
+        {},
+        grad_in_forward=True,
+        loss_scale=0.125,
+        inplace_backward=inplace,
+        backend="torch",
+    )
     (out.loss * 0.125).backward()
     assert recorder.calls == [("forward_with_grad", 0.125, inplace), ("scale", 0.125, 0.125)]
 

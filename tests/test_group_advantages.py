@@ -4,13 +4,17 @@ import math
 
 import pytest
 import torch
-
 from conftest import DEVICE
+
 from grpo_kernels import group_advantages
 from grpo_kernels import reference as ref
 
-MODES = [("group", "sum_then_normalize"), ("batch", "sum_then_normalize"), ("none", "sum_then_normalize"),
-         ("group", "normalize_then_sum")]  # fmt: skip
+MODES = [
+    ("group", "sum_then_normalize"),
+    ("batch", "sum_then_normalize"),
+    ("none", "sum_then_normalize"),
+    ("group", "normalize_then_sum"),
+]
 
 
 def _rewards(batch, columns, seed):
@@ -27,8 +31,15 @@ def _rewards(batch, columns, seed):
 def test_fixed_groups_match_reference(backend, scale, mode, group_size, poisoned):
     r = _rewards(16, 3, seed=group_size)
     w = torch.tensor([1.0, 0.5, 2.0])
-    out = group_advantages(r.to(DEVICE), group_size=group_size, scale=scale, multi_reward=mode, reward_weights=w,
-                           backend=backend, return_stats=True)  # fmt: skip
+    out = group_advantages(
+        r.to(DEVICE),
+        group_size=group_size,
+        scale=scale,
+        multi_reward=mode,
+        reward_weights=w,
+        backend=backend,
+        return_stats=True,
+    )
     expect = ref.group_advantages(r.double(), group_size=group_size, scale=scale, multi_reward=mode, reward_weights=w)
     assert out.advantages.dtype == torch.float32
     torch.testing.assert_close(out.advantages.cpu().double(), expect.advantages, rtol=1e-5, atol=1e-5)
@@ -41,8 +52,9 @@ def test_fixed_groups_match_reference(backend, scale, mode, group_size, poisoned
 def test_group_ids_match_reference(backend, scale, mode):
     r = _rewards(13, 2, seed=3)
     ids = torch.tensor([7, 2, 7, 0, 2, 2, 9, 0, 7, 9, 9, 4, 0])
-    out = group_advantages(r.to(DEVICE), group_ids=ids.to(DEVICE), scale=scale, multi_reward=mode, backend=backend,
-                           return_stats=True)  # fmt: skip
+    out = group_advantages(
+        r.to(DEVICE), group_ids=ids.to(DEVICE), scale=scale, multi_reward=mode, backend=backend, return_stats=True
+    )
     expect = ref.group_advantages(r.double(), group_ids=ids, scale=scale, multi_reward=mode)
     torch.testing.assert_close(out.advantages.cpu().double(), expect.advantages, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.group_std.cpu().double(), expect.group_std, rtol=1e-5, atol=1e-5, equal_nan=True)

@@ -6,11 +6,11 @@ import zlib
 
 import pytest
 import torch
-
 from conftest import DEVICE
+from helpers import low_precision_ok, make_batch, rel_err
+
 from grpo_kernels import GRPOLoss, grpo_loss
 from grpo_kernels import reference as ref
-from helpers import low_precision_ok, make_batch, rel_err
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
 LEVELS = ["token", "sequence"]
@@ -20,7 +20,9 @@ OPTIONS = {
     "k3": dict(beta=0.04),
     "k1-bc-delta": dict(beta=0.1, kl_estimator="k1", bias_corrected_kl=True, delta=1.5),
     "k2-dual-eh": dict(beta=0.1, kl_estimator="k2", dual_clip=3.0, epsilon_high=0.28),
-    "lowvar-bc-tau-isw": dict(beta=0.2, kl_estimator="low_var_kl", bias_corrected_kl=True, temperature=0.8, is_weights=True),
+    "lowvar-bc-tau-isw": dict(
+        beta=0.2, kl_estimator="low_var_kl", bias_corrected_kl=True, temperature=0.8, is_weights=True
+    ),
     "on-policy-tokadv": dict(old=False, per_token_adv=True, beta=0.1),
 }
 METRICS = ["kl_mean", "clip_low", "clip_high", "clip_region", "entropy_mean", "logprob_mean"]
@@ -35,9 +37,19 @@ def _run(fn, d, option, loss_type, level, logits, **extra):
     adv = torch.randn(d["ids"].shape, generator=g).to(DEVICE) if per_token_adv else d["adv"]
     w = (0.5 + torch.rand(d["ids"].shape, generator=g)).to(DEVICE) if use_w else None
     return fn(
-        logits, d["ids"], adv, mask=d["mask"], old_logprobs=d["old"] if use_old else None, ref_logprobs=d["ref"],
-        is_weights=w, loss_type=loss_type, importance_sampling_level=level, max_completion_length=7, **opt, **extra,
-    )  # fmt: skip
+        logits,
+        d["ids"],
+        adv,
+        mask=d["mask"],
+        old_logprobs=d["old"] if use_old else None,
+        ref_logprobs=d["ref"],
+        is_weights=w,
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        max_completion_length=7,
+        **opt,
+        **extra,
+    )
 
 
 @pytest.mark.parametrize("loss_type,level", list(itertools.product(LOSS_TYPES, LEVELS)))
@@ -81,13 +93,24 @@ def test_gradcheck_float64_torch_backend():
     d = make_batch(2, 4, 5, dtype=torch.float64, seed=2)
     z = d["logits"].requires_grad_(True)
     for loss_type, level in (("grpo", "sequence"), ("dapo", "token"), ("sapo", "sequence"), ("cispo", "token")):
+
         def f(x):
             out = grpo_loss(
-                x, d["ids"], d["adv"].double(), mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
-                beta=0.1, bias_corrected_kl=True, loss_type=loss_type, importance_sampling_level=level,
-                return_entropy=True, backend="torch",
-            )  # fmt: skip
+                x,
+                d["ids"],
+                d["adv"].double(),
+                mask=d["mask"],
+                old_logprobs=d["old"],
+                ref_logprobs=d["ref"],
+                beta=0.1,
+                bias_corrected_kl=True,
+                loss_type=loss_type,  # noqa: B023 - the closure is called inside its iteration
+                importance_sampling_level=level,  # noqa: B023
+                return_entropy=True,
+                backend="torch",
+            )
             return out.loss, out.entropy
+
         assert torch.autograd.gradcheck(f, (z,))
 
 
@@ -102,7 +125,9 @@ def test_packed_cu_seqlens_matches_padded(backend, level):
     z = d["logits"].clone().requires_grad_(True)
     padded = grpo_loss(z, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], **kw)
     zp = pick(d["logits"]).requires_grad_(True)
-    packed = grpo_loss(zp, pick(d["ids"]), d["adv"], old_logprobs=pick(d["old"]), ref_logprobs=pick(d["ref"]), cu_seqlens=cu, **kw)
+    packed = grpo_loss(
+        zp, pick(d["ids"]), d["adv"], old_logprobs=pick(d["old"]), ref_logprobs=pick(d["ref"]), cu_seqlens=cu, **kw
+    )
     assert rel_err(packed.loss, padded.loss) < 1e-6
     (gp,) = torch.autograd.grad(padded.loss, z)
     (gk,) = torch.autograd.grad(packed.loss, zp)
@@ -118,8 +143,16 @@ def test_inplace_backward_matches_out_of_place(backend, level):
     for inplace in (False, True):
         w.grad = None
         logits = hidden @ w.T  # a non-leaf, as a model's output
-        out = grpo_loss(logits, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], importance_sampling_level=level,
-                        inplace_backward=inplace, backend=backend)  # fmt: skip
+        out = grpo_loss(
+            logits,
+            d["ids"],
+            d["adv"],
+            mask=d["mask"],
+            old_logprobs=d["old"],
+            importance_sampling_level=level,
+            inplace_backward=inplace,
+            backend=backend,
+        )
         (out.loss * 3.0).backward()  # grad_output != 1
         grads.append(w.grad.clone())
     assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-7)
@@ -153,14 +186,25 @@ def test_module_form(backend):
     d = make_batch(2, 5, 19, seed=8)
     module = GRPOLoss(beta=0.04, loss_type="grpo", backend=backend)
     out = module(d["logits"], d["ids"], d["adv"], mask=d["mask"], ref_logprobs=d["ref"])
-    expect = grpo_loss(d["logits"], d["ids"], d["adv"], mask=d["mask"], ref_logprobs=d["ref"], beta=0.04, loss_type="grpo", backend=backend)
+    expect = grpo_loss(
+        d["logits"],
+        d["ids"],
+        d["adv"],
+        mask=d["mask"],
+        ref_logprobs=d["ref"],
+        beta=0.04,
+        loss_type="grpo",
+        backend=backend,
+    )
     assert torch.equal(out.loss, expect.loss)
     assert "beta=0.04" in repr(module)
 
 
 def test_empty_batch(backend):
     z = torch.randn(0, 5, 7, device=DEVICE, requires_grad=True)
-    out = grpo_loss(z, torch.zeros(0, 5, dtype=torch.long, device=DEVICE), torch.zeros(0, device=DEVICE), backend=backend)
+    out = grpo_loss(
+        z, torch.zeros(0, 5, dtype=torch.long, device=DEVICE), torch.zeros(0, device=DEVICE), backend=backend
+    )
     assert out.loss.item() == 0.0 and out.logprobs.shape == (0, 5)
     out.loss.backward()
     assert z.grad.shape == z.shape
@@ -171,8 +215,18 @@ def test_deterministic(backend):
     runs = []
     for _ in range(2):
         z = d["logits"].clone().requires_grad_(True)
-        out = grpo_loss(z, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.1,
-                        importance_sampling_level="sequence", loss_type="grpo", backend=backend)  # fmt: skip
+        out = grpo_loss(
+            z,
+            d["ids"],
+            d["adv"],
+            mask=d["mask"],
+            old_logprobs=d["old"],
+            ref_logprobs=d["ref"],
+            beta=0.1,
+            importance_sampling_level="sequence",
+            loss_type="grpo",
+            backend=backend,
+        )
         out.loss.backward()
         runs.append((out.loss, out.logprobs, out.kl_mean, z.grad))
     for a, b in zip(*runs):
@@ -183,8 +237,18 @@ def test_torch_compile_fullgraph(backend):
     d = make_batch(2, 6, 31, seed=11)
 
     def step(z, ids, adv, mask, old, lref):
-        out = grpo_loss(z, ids, adv, mask=mask, old_logprobs=old, ref_logprobs=lref, beta=0.04,
-                        importance_sampling_level="sequence", return_entropy=True, backend=backend)  # fmt: skip
+        out = grpo_loss(
+            z,
+            ids,
+            adv,
+            mask=mask,
+            old_logprobs=old,
+            ref_logprobs=lref,
+            beta=0.04,
+            importance_sampling_level="sequence",
+            return_entropy=True,
+            backend=backend,
+        )
         return out.loss - 0.001 * out.entropy.sum(), out.clip_region
 
     args = (d["ids"], d["adv"], d["mask"], d["old"], d["ref"])

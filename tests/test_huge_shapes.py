@@ -6,12 +6,12 @@ allocation of which only those rows' pages are ever touched (the rest stays virt
 
 import pytest
 import torch
-
 from conftest import DEVICE
-from grpo_kernels import group_advantages, grpo_loss, token_logprobs
-from grpo_kernels import reference as ref
 from helpers import rel_err
 from reliability_helpers import INTERPRETED, backend_params_slow_when_interpreted, grad_of
+
+from grpo_kernels import group_advantages, grpo_loss, token_logprobs
+from grpo_kernels import reference as ref
 
 MANY = 66_000  # > 65 535
 ROW_GAP = 2**24  # elements between consecutive strided rows: row 128 starts at 2^31
@@ -133,8 +133,14 @@ def _check_far_apart(backend, layout, level):
     values = _random((batch, seq, vocab), seed=10, dtype=torch.bfloat16)
     ids = _ids((batch, seq), vocab, seed=11)
     adv = _random((batch, seq), seed=12)
-    kw = dict(old_logprobs=_random((batch, seq), seed=13) - 3.5, ref_logprobs=_random((batch, seq), seed=14) - 3.5,
-              beta=0.04, importance_sampling_level=level, return_entropy=True, backend=backend)  # fmt: skip
+    kw = dict(
+        old_logprobs=_random((batch, seq), seed=13) - 3.5,
+        ref_logprobs=_random((batch, seq), seed=14) - 3.5,
+        beta=0.04,
+        importance_sampling_level=level,
+        return_entropy=True,
+        backend=backend,
+    )
     compact = values.clone().requires_grad_(True)
     expect = grpo_loss(compact, ids, adv, **kw)
     grad = grad_of(expect.loss - 0.01 * expect.entropy.sum(), compact)
@@ -195,8 +201,16 @@ def test_full_size_n_times_v_beyond_2_31(backend):
     old = torch.zeros(batch * seq, device=DEVICE)
     old[rows] = _random((rows.numel(),), seed=20) - 10.0
     z = _NonLeaf.apply(logits, w)
-    out = grpo_loss(z, ids.view(batch, seq), adv, mask=mask.view(batch, seq), old_logprobs=old.view(batch, seq),
-                    inplace_backward=True, loss_type="grpo", backend=backend)  # fmt: skip
+    out = grpo_loss(
+        z,
+        ids.view(batch, seq),
+        adv,
+        mask=mask.view(batch, seq),
+        old_logprobs=old.view(batch, seq),
+        inplace_backward=True,
+        loss_type="grpo",
+        backend=backend,
+    )
     out.loss.backward()
     # the reference on the rows that take part (each row's sequence has exactly its picked rows taking part)
     seq_of = rows // seq

@@ -68,9 +68,16 @@ def test_verl_loss_agg_modes(loss_agg_mode):
     expected = verl_loss(logits, batch, loss_agg_mode, clip_low=0.2, clip_high=0.28, clip_c=3.0, kl_coef=0.01)
     (grad_expected,) = torch.autograd.grad(expected, logits)
     out = grpo_loss_from_batch(
-        SimpleNamespace(logits=logits), batch, loss_agg_mode=loss_agg_mode, beta=0.01, kl_estimator="low_var_kl",
-        epsilon_low=0.2, epsilon_high=0.28, dual_clip=3.0, backend="torch",
-    )  # fmt: skip
+        SimpleNamespace(logits=logits),
+        batch,
+        loss_agg_mode=loss_agg_mode,
+        beta=0.01,
+        kl_estimator="low_var_kl",
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        dual_clip=3.0,
+        backend="torch",
+    )
     (grad,) = torch.autograd.grad(out.loss, logits)
     torch.testing.assert_close(out.loss, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, grad_expected, rtol=1e-9, atol=1e-12)
@@ -95,9 +102,14 @@ def test_verl_gspo_is_the_sequence_level_ratio(loss_agg_mode):
         expected = ((pg * mask).sum(-1) / mask.sum(-1)).mean()
     (grad_expected,) = torch.autograd.grad(expected, logits)
     out = grpo_loss_from_batch(
-        logits, batch, loss_agg_mode=loss_agg_mode, importance_sampling_level="sequence", epsilon_low=3e-3,
-        epsilon_high=4e-3, backend="torch",
-    )  # fmt: skip
+        logits,
+        batch,
+        loss_agg_mode=loss_agg_mode,
+        importance_sampling_level="sequence",
+        epsilon_low=3e-3,
+        epsilon_high=4e-3,
+        backend="torch",
+    )
     (grad,) = torch.autograd.grad(out.loss, logits)
     torch.testing.assert_close(out.loss, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, grad_expected, rtol=1e-9, atol=1e-12)
@@ -113,10 +125,16 @@ def test_full_and_aligned_logits_agree_with_the_reference():
     full_out = grpo_loss_from_batch(logits, batch, **config)
     aligned_out = grpo_loss_from_batch(aligned, {**batch, "completion_ids": batch["input_ids"][:, P:]}, **config)
     ref = reference.grpo_loss(
-        logits.detach()[:, P - 1 : -1].clone().requires_grad_(), batch["input_ids"][:, P:], batch["advantages"],
-        mask=batch["completion_mask"], old_logprobs=batch["old_logprobs"], ref_logprobs=batch["ref_logprobs"],
-        beta=0.04, epsilon_high=0.28, loss_type="dapo",
-    )  # fmt: skip
+        logits.detach()[:, P - 1 : -1].clone().requires_grad_(),
+        batch["input_ids"][:, P:],
+        batch["advantages"],
+        mask=batch["completion_mask"],
+        old_logprobs=batch["old_logprobs"],
+        ref_logprobs=batch["ref_logprobs"],
+        beta=0.04,
+        epsilon_high=0.28,
+        loss_type="dapo",
+    )
     for out in (full_out, aligned_out):
         torch.testing.assert_close(out.loss, ref.loss, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(out.entropy_mean, ref.entropy_mean, rtol=1e-10, atol=1e-12)
@@ -136,10 +154,17 @@ def test_dapo_num_items_in_batch_and_is_weights_come_from_the_batch():
     ids = batch["input_ids"][:, P:]
     out = grpo_loss_from_batch(logits, batch, loss_type="dapo", beta=0.04)
     direct = grpo_loss(
-        logits[:, P - 1 : -1], ids, batch["advantages"].float(), mask=batch["completion_mask"],
-        old_logprobs=batch["old_logprobs"].float(), ref_logprobs=batch["ref_logprobs"].float(), beta=0.04,
-        loss_type="dapo", num_items_in_batch=40.0, is_weights=batch["is_weights"],
-    )  # fmt: skip
+        logits[:, P - 1 : -1],
+        ids,
+        batch["advantages"].float(),
+        mask=batch["completion_mask"],
+        old_logprobs=batch["old_logprobs"].float(),
+        ref_logprobs=batch["ref_logprobs"].float(),
+        beta=0.04,
+        loss_type="dapo",
+        num_items_in_batch=40.0,
+        is_weights=batch["is_weights"],
+    )
     torch.testing.assert_close(out.loss, direct.loss, rtol=0, atol=0)
     without = grpo_loss_from_batch(logits, {k: v for k, v in batch.items() if k != "is_weights"}, loss_type="dapo")
     assert not torch.allclose(out.loss, without.loss)
@@ -170,12 +195,18 @@ def test_loss_mode_errors_and_mapping():
         grpo_loss_from_batch(logits, batch, loss_mode="gpg", loss_agg_mode="token-mean", aggregation="grpo")
     kw = dict(backend="torch")
     same = lambda a, b: torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)  # noqa: E731
-    same(grpo_loss_from_batch(logits, batch, loss_mode="vanilla", **kw),
-         grpo_loss_from_batch(logits, batch, loss_type="bnpo", **kw))  # fmt: skip
-    same(grpo_loss_from_batch(logits, batch, loss_mode="gpg", loss_agg_mode="seq-mean-token-mean", **kw),
-         grpo_loss_from_batch(logits, batch, loss_type="gpg", aggregation="grpo", **kw))  # fmt: skip
-    same(grpo_loss_from_batch(logits, batch, loss_mode="geo_mean", loss_agg_mode="seq-mean-token-sum-norm", **kw),
-         grpo_loss_from_batch(logits, batch, loss_type="geo_mean", **kw))  # fmt: skip
+    same(
+        grpo_loss_from_batch(logits, batch, loss_mode="vanilla", **kw),
+        grpo_loss_from_batch(logits, batch, loss_type="bnpo", **kw),
+    )
+    same(
+        grpo_loss_from_batch(logits, batch, loss_mode="gpg", loss_agg_mode="seq-mean-token-mean", **kw),
+        grpo_loss_from_batch(logits, batch, loss_type="gpg", aggregation="grpo", **kw),
+    )
+    same(
+        grpo_loss_from_batch(logits, batch, loss_mode="geo_mean", loss_agg_mode="seq-mean-token-sum-norm", **kw),
+        grpo_loss_from_batch(logits, batch, loss_type="geo_mean", **kw),
+    )
     by_tokens = grpo_loss_from_batch(logits, batch, loss_mode="kl_cov", loss_agg_mode="token-mean", **kw)
     by_sequences = grpo_loss_from_batch(logits, batch, loss_mode="kl_cov", loss_agg_mode="seq-mean-token-mean", **kw)
     assert not torch.allclose(by_tokens.loss, by_sequences.loss)  # the ragged mask makes the two differ

@@ -57,9 +57,17 @@ def model_dir(tmp_path_factory, tokenizer):
 
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     path = tmp_path_factory.mktemp("tiny-qwen2")
     Qwen2ForCausalLM(config).save_pretrained(path)
     return str(path)
@@ -76,17 +84,30 @@ def make_trainer(cls, model_dir, tokenizer, output_dir, loss_path=None, **config
     from trl import GRPOConfig
 
     defaults = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=B, num_generations=2, max_completion_length=C,
-        gradient_accumulation_steps=2, steps_per_generation=4, bf16=False, use_cpu=USE_CPU, report_to=[],
-        save_strategy="no", logging_steps=1, seed=0,
-    )  # fmt: skip
+        output_dir=str(output_dir),
+        per_device_train_batch_size=B,
+        num_generations=2,
+        max_completion_length=C,
+        gradient_accumulation_steps=2,
+        steps_per_generation=4,
+        bf16=False,
+        use_cpu=USE_CPU,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+    )
     args = GRPOConfig(**{**defaults, **config})
     dataset = Dataset.from_dict({"prompt": ["hello", "the sky", "abc", "one two", "why", "a, b", "go!", "it is"]})
     extra = {} if loss_path is None else dict(loss_path=loss_path)
     trainer = cls(
-        model=model_dir, reward_funcs=reward_len_e, args=args, train_dataset=dataset, processing_class=tokenizer,
+        model=model_dir,
+        reward_funcs=reward_len_e,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
         **extra,
-    )  # fmt: skip
+    )
     if loss_path is not None:
         assert trainer.loss_path == loss_path
     trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # set by Trainer's training loop
@@ -113,10 +134,13 @@ def inputs(model_dir, tokenizer, tmp_path_factory):
         prompt_mask[b, : b % 3], prompt_ids[b, : b % 3] = 0, 0
         completion_mask[b, length:], completion_ids[b, length:] = 0, 0
     batch = dict(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-        completion_mask=completion_mask, advantages=torch.rand(B, generator=g) * torch.tensor([1.0, -1.0, -1.0, 1.0]),
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        advantages=torch.rand(B, generator=g) * torch.tensor([1.0, -1.0, -1.0, 1.0]),
         num_items_in_batch=completion_mask.sum() * 2,  # the generation batch spans 2 micro-batches
-    )  # fmt: skip
+    )
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.no_grad():
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
@@ -204,8 +228,9 @@ def test_matches_trl(model_dir, tokenizer, tmp_path, inputs, stock_results, loss
     config["epsilon_high"] = 1.2 if loss_type == "cispo" else 0.28  # cispo's cap is the ratio itself
     key = (loss_type, level, beta)
     if key not in stock_results:
-        stock_results[key] = loss_grads_metrics(make_trainer(StockTrainer, model_dir, tokenizer, tmp_path, **config),
-                                                select(inputs))  # fmt: skip
+        stock_results[key] = loss_grads_metrics(
+            make_trainer(StockTrainer, model_dir, tokenizer, tmp_path, **config), select(inputs)
+        )
     stock = stock_results[key]
     ours = loss_grads_metrics(make_trainer(GRPOTrainer, model_dir, tokenizer, tmp_path, path, **config), select(inputs))
     assert_same(ours, stock)
@@ -394,10 +419,19 @@ def tiny_model(tokenizer, arch="llama"):
     }[arch]
     torch.manual_seed(2)
     config = config_class(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
         **extra,
-    )  # fmt: skip
+    )
     return model_class(config)
 
 
@@ -454,9 +488,15 @@ def scaled_logits_model(tokenizer):
 
     torch.manual_seed(3)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, pad_token_id=0, eos_token_id=1,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return ScaledQwen2(config)
 
 
@@ -554,9 +594,17 @@ def test_one_optimizer_step_matches_trl(model_dir, tokenizer, tmp_path, path):
     deltas, logs = [], []
     for cls, loss_path in ((GRPOTrainer, path), (StockTrainer, None)):
         trainer = make_trainer(
-            cls, model_dir, tokenizer, tmp_path, loss_path, max_steps=1, learning_rate=0.1, optim="sgd",
-            beta=0.04, loss_type="grpo",
-        )  # fmt: skip
+            cls,
+            model_dir,
+            tokenizer,
+            tmp_path,
+            loss_path,
+            max_steps=1,
+            learning_rate=0.1,
+            optim="sgd",
+            beta=0.04,
+            loss_type="grpo",
+        )
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.train()
         deltas.append({n: (p.detach() - before[n], before[n].abs().max()) for n, p in trainer.model.named_parameters()})
@@ -625,21 +673,37 @@ def test_moe_router_aux_loss_raises(tokenizer, tmp_path):
     from grpo_kernels.integrations.trl import GRPOTrainer
 
     config = Qwen2MoeConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, moe_intermediate_size=16,
-        shared_expert_intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        num_experts=2, num_experts_per_tok=1, output_router_logits=True, router_aux_loss_coef=0.01,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_experts=2,
+        num_experts_per_tok=1,
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+    )
     dataset = Dataset.from_dict({"prompt": ["ab", "cd"]})
 
     def build(**extra):
         args = GRPOConfig(
-            output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, use_cpu=USE_CPU, report_to=[],
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=2,
+            num_generations=2,
+            use_cpu=USE_CPU,
+            report_to=[],
             **extra,
-        )  # fmt: skip
+        )
         return GRPOTrainer(
-            model=Qwen2MoeForCausalLM(config), reward_funcs=reward_len_e, args=args, train_dataset=dataset,
+            model=Qwen2MoeForCausalLM(config),
+            reward_funcs=reward_len_e,
+            args=args,
+            train_dataset=dataset,
             processing_class=tokenizer,
-        )  # fmt: skip
+        )
 
     with pytest.raises(ValueError, match="router auxiliary loss"):
         build()

@@ -24,8 +24,10 @@ def wheel(tmp_path_factory) -> Path:
         shutil.copytree(ROOT / name, source / name, ignore=ignore)
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = out.glob("grpo_kernels-*.whl")
     return path
@@ -63,6 +65,12 @@ def test_jit_build_finds_its_sources_in_a_fresh_venv(wheel, tmp_path):
         "assert not missing, missing\n"
         "print('ok', len(b.sources()))\n"
     )
-    result = subprocess.run([str(python), "-c", "import sys\n" + code, str(venv)], capture_output=True, text=True,
-                            timeout=300, cwd=tmp_path, env=env)  # fmt: skip
+    result = subprocess.run(
+        [str(python), "-c", "import sys\n" + code, str(venv)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-3000:]

@@ -169,9 +169,17 @@ def test_vespo_matches_trls_gamma_weights(case):
     is_ratio = d["isw"] if spec.get("is_ratio") else None
     z_trl, z = leaf(d["logits"]), leaf(d["logits"])
     expect, phi = trl_vespo_loss(d, z_trl, is_ratio=is_ratio, per_token_adv=per_token_adv, **knobs)
-    ours = grpo_loss(z, d["ids"], d["adv"] if per_token_adv is None else per_token_adv, mask=d["mask"],
-                     old_logprobs=d["old"], is_weights=is_ratio, loss_type="vespo", backend="torch",
-                     **{f"vespo_{k}": v for k, v in knobs.items()})  # fmt: skip
+    ours = grpo_loss(
+        z,
+        d["ids"],
+        d["adv"] if per_token_adv is None else per_token_adv,
+        mask=d["mask"],
+        old_logprobs=d["old"],
+        is_weights=is_ratio,
+        loss_type="vespo",
+        backend="torch",
+        **{f"vespo_{k}": v for k, v in knobs.items()},
+    )
     torch.testing.assert_close(ours.loss, expect, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grad_of(ours.loss, z), grad_of(expect, z_trl), rtol=1e-10, atol=1e-14)
     m = d["mask"]
@@ -191,10 +199,16 @@ def test_gpg_and_kl_cov_match_verl(loss_agg_mode, with_is):
     ):
         z_v, z = leaf(d["logits"]), leaf(d["logits"])
         expect = verl(logprobs_of(z_v, d["ids"]), d["old"], a, d["mask"], loss_agg_mode, is_w, **verl_knobs)
-        batch = dict(completion_ids=d["ids"], completion_mask=d["mask"], advantages=d["adv"], old_logprobs=d["old"],
-                     is_weights=is_w)  # fmt: skip
-        ours = grpo_loss_from_batch(z, batch, loss_mode=loss_type, loss_agg_mode=loss_agg_mode, backend="torch",
-                                    **knobs)  # fmt: skip
+        batch = dict(
+            completion_ids=d["ids"],
+            completion_mask=d["mask"],
+            advantages=d["adv"],
+            old_logprobs=d["old"],
+            is_weights=is_w,
+        )
+        ours = grpo_loss_from_batch(
+            z, batch, loss_mode=loss_type, loss_agg_mode=loss_agg_mode, backend="torch", **knobs
+        )
         torch.testing.assert_close(ours.loss, expect, rtol=1e-7, atol=1e-12)  # verl's + 1e-8 denominators
         torch.testing.assert_close(grad_of(ours.loss, z), grad_of(expect, z_v), rtol=1e-7, atol=1e-12)
         if loss_type == "kl_cov":
@@ -208,10 +222,12 @@ def test_geo_mean_matches_verl(with_is, eps):
     a = d["adv"].unsqueeze(1) * d["mask"]
     z_v, z = leaf(d["logits"]), leaf(d["logits"])
     is_w = d["isw"] if with_is else None
-    expect = verl_geo_mean(logprobs_of(z_v, d["ids"]), d["old"], a, d["mask"], is_w=is_w, eps_low=eps[0],
-                           eps_high=eps[1])  # fmt: skip
-    batch = dict(completion_ids=d["ids"], completion_mask=d["mask"], advantages=d["adv"], old_logprobs=d["old"],
-                 is_weights=is_w)  # fmt: skip
+    expect = verl_geo_mean(
+        logprobs_of(z_v, d["ids"]), d["old"], a, d["mask"], is_w=is_w, eps_low=eps[0], eps_high=eps[1]
+    )
+    batch = dict(
+        completion_ids=d["ids"], completion_mask=d["mask"], advantages=d["adv"], old_logprobs=d["old"], is_weights=is_w
+    )
     ours = grpo_loss_from_batch(
         z,
         batch,
@@ -238,9 +254,18 @@ def test_clip_cov_matches_verl_where_its_draw_takes_every_candidate(loss_agg_mod
     knobs = dict(epsilon_low=0.2, epsilon_high=0.28, clip_cov_ratio=1.0, clip_cov_lb=0.2, clip_cov_ub=1.5)
     z_v, z = leaf(d["logits"]), leaf(d["logits"])
     expect, dropped = verl_clip_cov(
-        logprobs_of(z_v, d["ids"]), d["old"], a, d["mask"], loss_agg_mode, eps_low=0.2, eps_high=0.28,
-        ratio_of_tokens=1.0, lb=0.2, ub=1.5, pick=_take_all,
-    )  # fmt: skip
+        logprobs_of(z_v, d["ids"]),
+        d["old"],
+        a,
+        d["mask"],
+        loss_agg_mode,
+        eps_low=0.2,
+        eps_high=0.28,
+        ratio_of_tokens=1.0,
+        lb=0.2,
+        ub=1.5,
+        pick=_take_all,
+    )
     batch = dict(completion_ids=d["ids"], completion_mask=d["mask"], advantages=d["adv"], old_logprobs=d["old"])
     ours = grpo_loss_from_batch(z, batch, loss_mode="clip_cov", loss_agg_mode=loss_agg_mode, backend="torch", **knobs)
     torch.testing.assert_close(ours.loss, expect, rtol=1e-7, atol=1e-12)
@@ -256,9 +281,18 @@ def test_clip_cov_subset_is_deterministic_and_of_verls_size():
     knobs = dict(loss_type="clip_cov", clip_cov_ratio=0.2, clip_cov_lb=-0.5, clip_cov_ub=2.0)
     a = d["adv"].unsqueeze(1) * d["mask"]
     _, candidates = verl_clip_cov(
-        logprobs_of(d["logits"], d["ids"]), d["old"], a, d["mask"], "token-mean", eps_low=0.2, eps_high=0.2,
-        ratio_of_tokens=1.0, lb=-0.5, ub=2.0, pick=lambda c, k: c,
-    )  # fmt: skip
+        logprobs_of(d["logits"], d["ids"]),
+        d["old"],
+        a,
+        d["mask"],
+        "token-mean",
+        eps_low=0.2,
+        eps_high=0.2,
+        ratio_of_tokens=1.0,
+        lb=-0.5,
+        ub=2.0,
+        pick=lambda c, k: c,
+    )
     clip_num = max(int(0.2 * d["mask"].sum().item()), 1)
     assert candidates.sum() > clip_num >= 2
     runs = [_ours(d, leaf(d["logits"]), **knobs) for _ in range(2)]
@@ -314,8 +348,9 @@ def _case_kwargs(name, d):
     g = torch.Generator().manual_seed(7)
     adv = torch.randn(d["ids"].shape, generator=g).to(DEVICE) if token_adv else d["adv"]
     is_w = {None: None, "token": d["isw"], "sequence": d["isw"][:, 0]}[kind]
-    return adv, dict(mask=d["mask"], old_logprobs=d["old"] if use_old else None, ref_logprobs=d["ref"],
-                     is_weights=is_w, **spec)  # fmt: skip
+    return adv, dict(
+        mask=d["mask"], old_logprobs=d["old"] if use_old else None, ref_logprobs=d["ref"], is_weights=is_w, **spec
+    )
 
 
 def _tolerance(name, d, adv, kwargs):
@@ -325,8 +360,14 @@ def _tolerance(name, d, adv, kwargs):
     old, is_w = kwargs["old_logprobs"], kwargs["is_weights"]
     lp = logprobs_of(d["logits"].double(), d["ids"])
     adv = adv.double() if adv.dim() == 2 else adv.double().unsqueeze(1)
-    return vespo_tolerance(lp, None if old is None else old.double(), adv, d["mask"].double(),
-                           None if is_w is None else is_w.double(), config)  # fmt: skip
+    return vespo_tolerance(
+        lp,
+        None if old is None else old.double(),
+        adv,
+        d["mask"].double(),
+        None if is_w is None else is_w.double(),
+        config,
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -360,11 +401,29 @@ def test_packed_matches_padded(backend, loss_type):
     pick = lambda x: torch.stack([x[b, t] for b, t in rows])  # noqa: E731
     cu = torch.tensor([0, *itertools.accumulate(lengths)], device=DEVICE)
     z = leaf(d["logits"])
-    padded = grpo_loss(z, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
-                       is_weights=d["isw"], backend=backend, **kw)  # fmt: skip
+    padded = grpo_loss(
+        z,
+        d["ids"],
+        d["adv"],
+        mask=d["mask"],
+        old_logprobs=d["old"],
+        ref_logprobs=d["ref"],
+        is_weights=d["isw"],
+        backend=backend,
+        **kw,
+    )
     zp = leaf(pick(d["logits"]))
-    packed = grpo_loss(zp, pick(d["ids"]), d["adv"], old_logprobs=pick(d["old"]), ref_logprobs=pick(d["ref"]),
-                       is_weights=pick(d["isw"]), cu_seqlens=cu, backend=backend, **kw)  # fmt: skip
+    packed = grpo_loss(
+        zp,
+        pick(d["ids"]),
+        d["adv"],
+        old_logprobs=pick(d["old"]),
+        ref_logprobs=pick(d["ref"]),
+        is_weights=pick(d["isw"]),
+        cu_seqlens=cu,
+        backend=backend,
+        **kw,
+    )
     assert rel_err(packed.loss, padded.loss) < 1e-6
     assert torch.equal(packed.per_token_loss == 0, pick(padded.per_token_loss) == 0)  # the same tokens selected
     assert rel_err(grad_of(packed.loss, zp), pick(grad_of(padded.loss, z))) < 1e-6
@@ -375,12 +434,29 @@ def test_gradcheck_float64(loss_type):
     """Finite differences of the loss (vespo's weight is a stop-gradient, so finite differences see what its gradient
     leaves out by definition: it is checked against TRL's autograd above instead)."""
     d = make_inputs(21, batch=2, seq=4, vocab=5, lengths=(4, 3))
-    kw = dict(loss_type=loss_type, beta=0.1, bias_corrected_kl=True, clip_cov_ratio=0.3, clip_cov_lb=-1.0,
-              clip_cov_ub=1.0, kl_cov_ratio=0.3)  # fmt: skip
+    kw = dict(
+        loss_type=loss_type,
+        beta=0.1,
+        bias_corrected_kl=True,
+        clip_cov_ratio=0.3,
+        clip_cov_lb=-1.0,
+        clip_cov_ub=1.0,
+        kl_cov_ratio=0.3,
+    )
 
     def f(x):
-        out = grpo_loss(x, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
-                        is_weights=d["isw"], return_entropy=True, backend="torch", **kw)  # fmt: skip
+        out = grpo_loss(
+            x,
+            d["ids"],
+            d["adv"],
+            mask=d["mask"],
+            old_logprobs=d["old"],
+            ref_logprobs=d["ref"],
+            is_weights=d["isw"],
+            return_entropy=True,
+            backend="torch",
+            **kw,
+        )
         return out.loss, out.entropy
 
     assert torch.autograd.gradcheck(f, (leaf(d["logits"]),))
@@ -396,8 +472,18 @@ def test_fused_linear_matches_reference(backend, loss_type, chunk_tokens):
     d = make_inputs(22, seq=6, vocab=17, lengths=(6, 4, 5, 0), dtype=torch.float32)
     hidden = torch.randn(B, T, 8, generator=g).to(DEVICE)
     weight = (torch.randn(17, 8, generator=g) * 0.7).to(DEVICE)
-    kw = dict(mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], is_weights=d["isw"], beta=0.04,
-              loss_type=loss_type, clip_cov_ratio=0.2, clip_cov_lb=-0.5, clip_cov_ub=2.0, kl_cov_ratio=0.2)  # fmt: skip
+    kw = dict(
+        mask=d["mask"],
+        old_logprobs=d["old"],
+        ref_logprobs=d["ref"],
+        is_weights=d["isw"],
+        beta=0.04,
+        loss_type=loss_type,
+        clip_cov_ratio=0.2,
+        clip_cov_lb=-0.5,
+        clip_cov_ub=2.0,
+        kl_cov_ratio=0.2,
+    )
     h, w = leaf(hidden), leaf(weight)
     out = fused_linear_grpo_loss(h, w, d["ids"], d["adv"], chunk_tokens=chunk_tokens, backend=backend, **kw)
     out.loss.backward()
@@ -411,8 +497,14 @@ def test_fused_linear_matches_reference(backend, loss_type, chunk_tokens):
 @pytest.mark.parametrize("loss_type", ["vespo", "clip_cov"])
 def test_grad_in_forward_matches_backward(backend, loss_type):
     d = make_inputs(23, seq=5, vocab=19, lengths=(5, 3, 4, 2), dtype=torch.float32)
-    kw = dict(mask=d["mask"], old_logprobs=d["old"], loss_type=loss_type, clip_cov_ratio=0.3, clip_cov_lb=-0.5,
-              backend=backend)  # fmt: skip
+    kw = dict(
+        mask=d["mask"],
+        old_logprobs=d["old"],
+        loss_type=loss_type,
+        clip_cov_ratio=0.3,
+        clip_cov_lb=-0.5,
+        backend=backend,
+    )
     grads = []
     for grad_in_forward in (False, True):
         z = leaf(d["logits"])
@@ -436,8 +528,16 @@ def test_new_float_knobs_do_not_recompile():
         torch._dynamo.utils.counters.clear()
 
         def step(z, knobs, loss_type=loss_type):
-            return grpo_loss(z, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], loss_type=loss_type,
-                             backend="torch", **knobs).loss  # fmt: skip
+            return grpo_loss(
+                z,
+                d["ids"],
+                d["adv"],
+                mask=d["mask"],
+                old_logprobs=d["old"],
+                loss_type=loss_type,
+                backend="torch",
+                **knobs,
+            ).loss
 
         compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
         for knobs in (knobs_of(*v) for v in values):
@@ -471,8 +571,16 @@ def test_vespo_non_finite_as_trl(what):
     d[key][1, 1] = value
     z_trl, z = leaf(d["logits"]), leaf(d["logits"])
     expect, phi = trl_vespo_loss(d, z_trl, is_ratio=d["isw"])
-    ours = grpo_loss(z, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], is_weights=d["isw"],
-                     loss_type="vespo", backend="torch")  # fmt: skip
+    ours = grpo_loss(
+        z,
+        d["ids"],
+        d["adv"],
+        mask=d["mask"],
+        old_logprobs=d["old"],
+        is_weights=d["isw"],
+        loss_type="vespo",
+        backend="torch",
+    )
     assert torch.isfinite(expect) and torch.isfinite(ours.loss)
     torch.testing.assert_close(ours.loss, expect, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grad_of(ours.loss, z), grad_of(expect, z_trl), rtol=1e-10, atol=1e-14)
@@ -486,10 +594,26 @@ def test_vespo_ignores_what_does_not_take_part():
     """A NaN old log-prob or IS weight where the mask is 0 has no effect (TRL's masked sum would turn the NaN into
     phi = 0 for that sequence, and sums the IS logs of every position; TRL's own ratio there is 1)."""
     d = make_inputs(26)
-    clean = grpo_loss(d["logits"], d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], is_weights=d["isw"],
-                      loss_type="vespo", backend="torch")  # fmt: skip
+    clean = grpo_loss(
+        d["logits"],
+        d["ids"],
+        d["adv"],
+        mask=d["mask"],
+        old_logprobs=d["old"],
+        is_weights=d["isw"],
+        loss_type="vespo",
+        backend="torch",
+    )
     old, isw = d["old"].clone(), d["isw"].clone()
     old[3, 5], isw[2, 5] = math.nan, math.nan  # both outside the mask
-    dirty = grpo_loss(d["logits"], d["ids"], d["adv"], mask=d["mask"], old_logprobs=old, is_weights=isw,
-                      loss_type="vespo", backend="torch")  # fmt: skip
+    dirty = grpo_loss(
+        d["logits"],
+        d["ids"],
+        d["adv"],
+        mask=d["mask"],
+        old_logprobs=old,
+        is_weights=isw,
+        loss_type="vespo",
+        backend="torch",
+    )
     assert torch.equal(clean.loss, dirty.loss) and torch.equal(clean.phi_mean, dirty.phi_mean)

@@ -81,9 +81,11 @@ def test_token_logprobs_property(backend):
         kw = dict(mask=mask, temperature=layout["temperature"])
         w_lp, w_h = torch.randn(ids.shape, generator=_generator(1)), torch.randn(ids.shape, generator=_generator(2))
         runs = []
-        for fn, z, extra in ((token_logprobs, logits, dict(return_entropy=True, backend=backend)),
-                             (ref.token_logprobs, logits.double(), {}),
-                             (ref.token_logprobs, logits, dict(compute_in=dtype))):  # fmt: skip
+        for fn, z, extra in (
+            (token_logprobs, logits, dict(return_entropy=True, backend=backend)),
+            (ref.token_logprobs, logits.double(), {}),
+            (ref.token_logprobs, logits, dict(compute_in=dtype)),
+        ):
             z = z.detach().clone().requires_grad_(True)
             lp, h = fn(z, ids, **kw, **extra)
             mix = (lp * w_lp.to(DEVICE, lp.dtype)).sum() + (h * w_h.to(DEVICE, h.dtype)).sum()
@@ -268,9 +270,15 @@ def test_group_advantages_property(backend):
             groups = dict(group_size=case["group_size"])
         kw = dict(scale=case["scale"], eps=case["eps"], multi_reward=case["multi_reward"])
         expect = ref.group_advantages(rewards, reward_weights=torch.tensor(weights), **groups, **kw)
-        out = group_advantages(rewards.float().to(DEVICE), reward_weights=weights, return_stats=True, backend=backend,
-                               **{k: v.to(DEVICE) for k, v in groups.items() if torch.is_tensor(v)},
-                               **{k: v for k, v in groups.items() if not torch.is_tensor(v)}, **kw)  # fmt: skip
+        out = group_advantages(
+            rewards.float().to(DEVICE),
+            reward_weights=weights,
+            return_stats=True,
+            backend=backend,
+            **{k: v.to(DEVICE) for k, v in groups.items() if torch.is_tensor(v)},
+            **{k: v for k, v in groups.items() if not torch.is_tensor(v)},
+            **kw,
+        )
         assert not torch.isnan(out.advantages).any()
         torch.testing.assert_close(out.advantages.cpu().double(), expect.advantages, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(
@@ -333,9 +341,14 @@ def test_group_advantage_estimators_property(backend):
         if case["estimator"] in ref.ESTIMATORS_WITH_LENGTHS:
             kw["completion_lengths"] = lengths
         expect = ref.group_advantages(rewards, reward_weights=weights, **groups, **kw)
-        out = group_advantages(rewards.float().to(DEVICE), reward_weights=weights.tolist(), return_stats=True,
-                               backend=backend, **{k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in groups.items()},
-                               **{k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in kw.items()})  # fmt: skip
+        out = group_advantages(
+            rewards.float().to(DEVICE),
+            reward_weights=weights.tolist(),
+            return_stats=True,
+            backend=backend,
+            **{k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in groups.items()},
+            **{k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in kw.items()},
+        )
         total = torch.where(torch.isnan(rewards), 0.0, rewards * weights).sum(dim=1)
         total[torch.isnan(rewards).all(dim=1)] = math.nan
         assert_advantages_close(

@@ -144,7 +144,9 @@ def test_advantages_by_hand():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0], dtype=torch.float64)
     out = ref.group_advantages(r, group_size=3)
     std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)  # Bessel, group 0 = [1, 0, 0]
-    assert out.advantages[:3].tolist() == pytest.approx([(2 / 3) / (std + 1e-4), (-1 / 3) / (std + 1e-4)] + [(-1 / 3) / (std + 1e-4)])
+    assert out.advantages[:3].tolist() == pytest.approx(
+        [(2 / 3) / (std + 1e-4), (-1 / 3) / (std + 1e-4)] + [(-1 / 3) / (std + 1e-4)]
+    )
     assert out.group_mean.tolist() == pytest.approx([1 / 3, 5 / 3])
     out = ref.group_advantages(torch.tensor([1.0, 1.0, 3.0, 3.0]), group_size=2)
     assert out.advantages.tolist() == [0.0] * 4 and out.frac_zero_std.item() == 1.0
@@ -160,7 +162,11 @@ def _case(seed, B=3, T=5, V=7, per_token_adv=False):
     m = torch.ones(B, T, dtype=torch.float64)
     m[0, 3:] = 0
     m[-1, 1:] = 0
-    adv = torch.randn(B, T, generator=g, dtype=torch.float64) if per_token_adv else torch.randn(B, generator=g, dtype=torch.float64)
+    adv = (
+        torch.randn(B, T, generator=g, dtype=torch.float64)
+        if per_token_adv
+        else torch.randn(B, generator=g, dtype=torch.float64)
+    )
     lp, _ = ref.token_logprobs(z, y)
     old = lp + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)
     lref = lp + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)
@@ -193,20 +199,42 @@ def test_loss_matches_numpy_oracle(variant, extra):
     use_w = kw.pop("is_weights", False)
     kw = dict(variant, max_completion_length=6, **kw)
     out = ref.grpo_loss(
-        z, y, adv, mask=m, old_logprobs=old if use_old else None, ref_logprobs=lref,
-        is_weights=w if use_w else None, **kw,
-    )  # fmt: skip
+        z,
+        y,
+        adv,
+        mask=m,
+        old_logprobs=old if use_old else None,
+        ref_logprobs=lref,
+        is_weights=w if use_w else None,
+        **kw,
+    )
     el = kw.get("epsilon_low", 0.2)
     cfg = dict(
-        loss_type=kw["loss_type"], level=kw["importance_sampling_level"], tau=kw.get("temperature", 1.0), el=el,
-        eh=kw.get("epsilon_high", el), delta=kw.get("delta"), dual=kw.get("dual_clip"), beta=kw.get("beta", 0.0),
-        est=kw.get("kl_estimator", "k3"), bc=kw.get("bias_corrected_kl", False), sapo_pos=1.0, sapo_neg=1.05,
-        lmax=6, items=kw.get("num_items_in_batch"),
-    )  # fmt: skip
+        loss_type=kw["loss_type"],
+        level=kw["importance_sampling_level"],
+        tau=kw.get("temperature", 1.0),
+        el=el,
+        eh=kw.get("epsilon_high", el),
+        delta=kw.get("delta"),
+        dual=kw.get("dual_clip"),
+        beta=kw.get("beta", 0.0),
+        est=kw.get("kl_estimator", "k3"),
+        bc=kw.get("bias_corrected_kl", False),
+        sapo_pos=1.0,
+        sapo_neg=1.05,
+        lmax=6,
+        items=kw.get("num_items_in_batch"),
+    )
     loss, lp, metrics = np_grpo(
-        z.numpy(), y.numpy(), adv.numpy(), m.numpy(), old.numpy() if use_old else None, lref.numpy(),
-        w.numpy() if use_w else None, cfg,
-    )  # fmt: skip
+        z.numpy(),
+        y.numpy(),
+        adv.numpy(),
+        m.numpy(),
+        old.numpy() if use_old else None,
+        lref.numpy(),
+        w.numpy() if use_w else None,
+        cfg,
+    )
     assert out.loss.item() == pytest.approx(loss, rel=1e-12, abs=1e-13)
     np.testing.assert_allclose(out.logprobs.detach().numpy(), lp, rtol=1e-12, atol=1e-13)
     for key, value in metrics.items():
@@ -224,7 +252,9 @@ def test_packed_matches_padded():
         for lvl in ("token", "sequence"):
             kw = dict(loss_type=lt, importance_sampling_level=lvl, beta=0.1, max_completion_length=5)
             padded = ref.grpo_loss(z, y, adv, mask=m, old_logprobs=old, ref_logprobs=lref, **kw)
-            packed = ref.grpo_loss(zp, pick(y), adv, old_logprobs=pick(old), ref_logprobs=pick(lref), cu_seqlens=cu, **kw)
+            packed = ref.grpo_loss(
+                zp, pick(y), adv, old_logprobs=pick(old), ref_logprobs=pick(lref), cu_seqlens=cu, **kw
+            )
             assert packed.loss.item() == pytest.approx(padded.loss.item(), rel=1e-12)
 
 
@@ -232,12 +262,23 @@ def test_gradcheck_reference():
     z, y, m, adv, old, lref, w = _case(5, B=2, T=3, V=4)
     z.requires_grad_(True)
     for lt, lvl in (("grpo", "sequence"), ("dapo", "token"), ("sapo", "token"), ("cispo", "sequence")):
+
         def f(x):
             out = ref.grpo_loss(
-                x, y, adv, mask=m, old_logprobs=old, ref_logprobs=lref, beta=0.1, loss_type=lt,
-                importance_sampling_level=lvl, bias_corrected_kl=True, is_weights=w,
-            )  # fmt: skip
+                x,
+                y,
+                adv,
+                mask=m,
+                old_logprobs=old,
+                ref_logprobs=lref,
+                beta=0.1,
+                loss_type=lt,  # noqa: B023 - the closure is called inside its iteration
+                importance_sampling_level=lvl,  # noqa: B023
+                bias_corrected_kl=True,
+                is_weights=w,
+            )
             return out.loss, out.entropy
+
         assert torch.autograd.gradcheck(f, (z,))
 
 
@@ -256,7 +297,10 @@ def np_advantages(r, groups, scale, eps, w, mode):
     unscorable = [all(math.isnan(a) for a in r[i]) for i in range(B)]
     members = {g: [i for i in range(B) if groups[i] == g] for g in sorted(set(groups))}
     if mode == "sum_then_normalize":
-        total = [math.nan if unscorable[i] else sum(w[k] * r[i, k] for k in range(R) if not math.isnan(r[i, k])) for i in range(B)]
+        total = [
+            math.nan if unscorable[i] else sum(w[k] * r[i, k] for k in range(R) if not math.isnan(r[i, k]))
+            for i in range(B)
+        ]
         stats = {g: np_stats([total[i] for i in idx]) for g, idx in members.items()}
         batch_std = np_stats(total)[1]
         adv = []
@@ -272,13 +316,20 @@ def np_advantages(r, groups, scale, eps, w, mode):
         for i in range(B):
             mean, std = stats[groups[i]]
             norm[i, k] = (r[i, k] - mean) / (std + eps)
-    total = [math.nan if unscorable[i] else sum(w[k] * norm[i, k] for k in range(R) if not math.isnan(norm[i, k])) for i in range(B)]
+    total = [
+        math.nan if unscorable[i] else sum(w[k] * norm[i, k] for k in range(R) if not math.isnan(norm[i, k]))
+        for i in range(B)
+    ]
     mean, std = np_stats(total)
     return [0.0 if math.isnan(t) else (t - mean) / (std + eps) for t in total]
 
 
-ADVANTAGE_MODES = [("group", "sum_then_normalize"), ("batch", "sum_then_normalize"), ("none", "sum_then_normalize"),
-                   ("group", "normalize_then_sum")]
+ADVANTAGE_MODES = [
+    ("group", "sum_then_normalize"),
+    ("batch", "sum_then_normalize"),
+    ("none", "sum_then_normalize"),
+    ("group", "normalize_then_sum"),
+]
 
 
 @pytest.mark.parametrize("scale,mode", ADVANTAGE_MODES)

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import DEVICE
+from helpers import low_precision_ok, make_batch, rel_err
+
 from grpo_kernels import reference as ref
 from grpo_kernels import token_logprobs
-from helpers import low_precision_ok, make_batch, rel_err
 
 VOCABS = [1, 7, 1000, 4099]
 

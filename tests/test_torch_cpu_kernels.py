@@ -230,8 +230,9 @@ print(json.dumps(dict(reason=native.unavailable_reason(), lp=lp.tolist())))
 
 def _probe(tmp_path, **env):
     full_env = dict(os.environ, PYTHONPATH=ROOT, GRPO_KERNELS_CACHE_DIR=str(tmp_path / "cache"), **env)
-    proc = subprocess.run([sys.executable, "-c", _PROBE], env=full_env, capture_output=True, text=True, timeout=300,
-                          check=True, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE], env=full_env, capture_output=True, text=True, timeout=300, check=True, cwd=ROOT
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 

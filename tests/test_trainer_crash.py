@@ -67,8 +67,9 @@ def test_sigkill_mid_step_then_resume_loses_and_repeats_nothing(tmp_path):
 
 def _kill_mid_step(out, marker, block_at, settings):
     """Start grpo-train, SIGKILL it inside reward call number ``block_at`` (in the middle of a step)."""
-    proc = _run_cli(out, {"GRPO_TEST_BLOCK_AT": str(block_at), "GRPO_TEST_MARKER": str(marker)}, wait=False,
-                    settings=settings)  # fmt: skip
+    proc = _run_cli(
+        out, {"GRPO_TEST_BLOCK_AT": str(block_at), "GRPO_TEST_MARKER": str(marker)}, wait=False, settings=settings
+    )
     deadline = time.monotonic() + 240
     while not marker.exists():
         assert proc.poll() is None, f"the trainer exited early: {proc.stderr.read()}"
@@ -100,14 +101,24 @@ def test_sigkill_then_resume_with_the_new_options(tmp_path, variant):
     interrupting = "tests.trainer_helpers:interrupting_reward"
     if variant == "lora-reward-models":
         reward_model = helpers.tiny_reward_model_dir(tmp_path / "rm")
-        settings = dict(model=str(_tiny_model_dir(tmp_path / "base")), sft_steps=0, steps=6, save_every=3, beta=0.05,
-                        lora_r=4, lora_alpha=8.0, lora_target_modules="q_proj,v_proj,lm_head",
-                        rewards=[interrupting, "learned=0.5"], learned_reward_steps=10,
-                        reward_models=[f"{reward_model}=0.5"])  # fmt: skip
+        settings = dict(
+            model=str(_tiny_model_dir(tmp_path / "base")),
+            sft_steps=0,
+            steps=6,
+            save_every=3,
+            beta=0.05,
+            lora_r=4,
+            lora_alpha=8.0,
+            lora_target_modules="q_proj,v_proj,lm_head",
+            rewards=[interrupting, "learned=0.5"],
+            learned_reward_steps=10,
+            reward_models=[f"{reward_model}=0.5"],
+        )
         block_at, final = 5, "adapter_model.safetensors"  # GRPO step 5: checkpoint 3, step 4 logged
     else:
-        settings = dict(sft_steps=2, steps=4, save_every=3, beta=0.05, ref_sync_every=2, ref_mixup_alpha=0.5,
-                        rewards=[interrupting])  # fmt: skip
+        settings = dict(
+            sft_steps=2, steps=4, save_every=3, beta=0.05, ref_sync_every=2, ref_mixup_alpha=0.5, rewards=[interrupting]
+        )
         block_at, final = 3, "model.safetensors"  # step 5 (the 3rd GRPO step): checkpoint 3, step 4 logged
     helpers.reset_calls()
     straight = tmp_path / "straight"

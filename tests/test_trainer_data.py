@@ -22,11 +22,14 @@ def _write(path, lines):
 
 
 def test_read_jsonl(tmp_path):
-    path = _write(tmp_path / "d.jsonl", [
-        json.dumps({"prompt": "1+1=", "answer": 2}),
-        "",
-        json.dumps({"prompt": "q", "answer": "#### 5", "completion": "#### 5", "extra": 1}),
-    ])  # fmt: skip
+    path = _write(
+        tmp_path / "d.jsonl",
+        [
+            json.dumps({"prompt": "1+1=", "answer": 2}),
+            "",
+            json.dumps({"prompt": "q", "answer": "#### 5", "completion": "#### 5", "extra": 1}),
+        ],
+    )
     assert read_jsonl(path) == [Example("1+1=", "2"), Example("q", "#### 5", "#### 5")]
 
 

@@ -26,11 +26,22 @@ def test_two_process_ddp_matches_gradient_accumulation(tmp_path, extra):
     settings = dict(sft_steps=2, steps=2, batch_prompts=4, sft_batch_size=8, beta=0.05, **extra)
     ddp_out = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "grpo_kernels.trainer", *tiny_cli_args(ddp_out, grad_accum=1, **settings)],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "grpo_kernels.trainer",
+            *tiny_cli_args(ddp_out, grad_accum=1, **settings),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held-out accuracy" in result.stdout  # printed once, by rank 0
 

@@ -16,7 +16,9 @@ from grpo_kernels.trainer.rewards import RewardError
 from tests.trainer_helpers import tiny_cli_args, tiny_config
 
 # grpo_loss arguments that reference.grpo_loss takes too (not the backend choices or the entropy output)
-REFERENCE_KEYS = [k for k in LOSS_KNOBS if k not in ("inplace_backward", "grad_in_forward", "backend")] + ["max_completion_length"]
+REFERENCE_KEYS = [k for k in LOSS_KNOBS if k not in ("inplace_backward", "grad_in_forward", "backend")] + [
+    "max_completion_length"
+]
 
 
 def _scaled_losses(trainer, batches, loss_fn):
@@ -38,8 +40,13 @@ def _scaled_losses(trainer, batches, loss_fn):
     [
         dict(),  # dapo, on-policy, no KL: the defaults
         dict(beta=0.1, kl_estimator="k3", loss_type="grpo", num_iterations=2),  # reference model + old log-probs
-        dict(loss_type="dr_grpo", importance_sampling_level="sequence", epsilon_high=0.28, temperature=0.7,
-             inplace_backward=True),
+        dict(
+            loss_type="dr_grpo",
+            importance_sampling_level="sequence",
+            epsilon_high=0.28,
+            temperature=0.7,
+            inplace_backward=True,
+        ),
         dict(loss_type="cispo", epsilon_high=3.0, beta=0.02, kl_estimator="low_var_kl", mask_truncated=True),
         dict(grad_in_forward=True),  # the gradient computed in the forward, loss_scale matching the backward's
         dict(loss_type="bnpo", grad_in_forward=True, inplace_backward=True),  # loss_scale 1 vs 1/2: the rescale
@@ -63,9 +70,15 @@ def test_step_loss_and_gradient_match_reference(tmp_path, variant):
     def reference_loss(b):
         logits = trainer._completion_logits(trainer.model, b.rollout).double()
         return reference.grpo_loss(
-            logits, b.rollout.completion_ids, b.advantages.double(), mask=b.rollout.completion_mask,
-            old_logprobs=b.old_logprobs, ref_logprobs=b.ref_logprobs, num_items_in_batch=num_items, **config,
-        ).loss  # fmt: skip
+            logits,
+            b.rollout.completion_ids,
+            b.advantages.double(),
+            mask=b.rollout.completion_mask,
+            old_logprobs=b.old_logprobs,
+            ref_logprobs=b.ref_logprobs,
+            num_items_in_batch=num_items,
+            **config,
+        ).loss
 
     expected, ref_grads = _scaled_losses(trainer, batches, reference_loss)
     assert ours == pytest.approx(expected, rel=1e-5, abs=1e-7)
@@ -120,8 +133,19 @@ def test_every_grpo_loss_knob_is_a_flag():
     import grpo_kernels
     from grpo_kernels.trainer.config import TrainConfig
 
-    per_batch = {"logits", "token_ids", "advantages", "mask", "old_logprobs", "ref_logprobs", "num_items_in_batch",
-                 "is_weights", "cu_seqlens", "ignore_index", "loss_scale"}  # fmt: skip (loss_scale: computed per step)
+    per_batch = {
+        "logits",
+        "token_ids",
+        "advantages",
+        "mask",
+        "old_logprobs",
+        "ref_logprobs",
+        "num_items_in_batch",
+        "is_weights",
+        "cu_seqlens",
+        "ignore_index",
+        "loss_scale",
+    }  # loss_scale: computed per step
     knobs = set(inspect.signature(grpo_kernels.grpo_loss).parameters) - per_batch
     assert knobs == set(LOSS_KNOBS) | {"return_entropy", "max_completion_length"}  # --entropy, --max-new-tokens
     assert set(LOSS_KNOBS) <= {f.name for f in dataclasses.fields(TrainConfig)}
@@ -132,9 +156,25 @@ def test_cli_help(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--model", "--data", "--resume", "--loss-type", "--beta", "--num-iterations", "--grad-accum",
-                 "--mask-truncated", "--reward", "--importance-sampling-level", "--dual-clip", "--delta",
-                 "--reward-model", "--ref-sync-every", "--ref-mixup-alpha", "--lora-r", "--lora-target-modules"):  # fmt: skip
+    for flag in (
+        "--model",
+        "--data",
+        "--resume",
+        "--loss-type",
+        "--beta",
+        "--num-iterations",
+        "--grad-accum",
+        "--mask-truncated",
+        "--reward",
+        "--importance-sampling-level",
+        "--dual-clip",
+        "--delta",
+        "--reward-model",
+        "--ref-sync-every",
+        "--ref-mixup-alpha",
+        "--lora-r",
+        "--lora-target-modules",
+    ):
         assert flag in text
 
 
@@ -174,8 +214,17 @@ def test_hf_model_directory_jsonl_data_and_chat_template(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     helpers.SEEN_PROMPTS.clear()
-    summary = train(tiny_config(tmp_path / "second", model=str(model_dir), data=str(data), eval_data=str(data),
-                                sft_steps=1, steps=1, rewards=["tests.trainer_helpers:recording_reward"]))  # fmt: skip
+    summary = train(
+        tiny_config(
+            tmp_path / "second",
+            model=str(model_dir),
+            data=str(data),
+            eval_data=str(data),
+            sft_steps=1,
+            steps=1,
+            rewards=["tests.trainer_helpers:recording_reward"],
+        )
+    )
     assert helpers.SEEN_PROMPTS and all(p.startswith("(") and p.endswith(")=") for p in helpers.SEEN_PROMPTS)
     assert summary["evals"]["after_grpo"]["total"] == 8  # --eval-size 8 of the 10 lines
     records = read_metrics(tmp_path / "second" / "metrics.jsonl")

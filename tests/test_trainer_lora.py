@@ -22,8 +22,12 @@ LORA = dict(lora_r=4, lora_alpha=8.0, lora_dropout=0.0, lora_target_modules="q_p
 def _logits(model, rollout):
     c = rollout.completion_ids.shape[1]
     with torch.no_grad():
-        out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                    position_ids=position_ids(rollout.attention_mask), use_cache=False).logits  # fmt: skip
+        out = model(
+            input_ids=rollout.input_ids,
+            attention_mask=rollout.attention_mask,
+            position_ids=position_ids(rollout.attention_mask),
+            use_cache=False,
+        ).logits
     return out[:, -(c + 1) : -1]
 
 
@@ -63,9 +67,14 @@ def test_lora_step_trains_only_adapters_against_reference(tmp_path, options):
     trainer.model.zero_grad(set_to_none=True)
     logits = trainer._completion_logits(trainer.model, batch.rollout).double()
     expected = reference.grpo_loss(
-        logits, batch.rollout.completion_ids, batch.advantages.double(), mask=batch.rollout.completion_mask,
-        ref_logprobs=batch.ref_logprobs, beta=0.1, loss_type="grpo",
-    ).loss  # fmt: skip
+        logits,
+        batch.rollout.completion_ids,
+        batch.advantages.double(),
+        mask=batch.rollout.completion_mask,
+        ref_logprobs=batch.ref_logprobs,
+        beta=0.1,
+        loss_type="grpo",
+    ).loss
     expected.backward()
     assert float(ours) == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
     for name, p in trainer.model.named_parameters():

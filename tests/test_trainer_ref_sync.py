@@ -60,8 +60,15 @@ def test_resume_after_interrupt_with_ref_sync_is_exact(tmp_path, monkeypatch):
     """The synced reference is in the checkpoint (ref_model.safetensors) and the sync schedule follows the step: a
     run interrupted in step 5 (checkpoint 3) and resumed equals the straight one. (SIGKILL: test_trainer_crash.py,
     -m slow.)"""
-    common = dict(sft_steps=2, steps=4, save_every=3, beta=0.05, ref_sync_every=2, ref_mixup_alpha=0.5,
-                  rewards=["tests.trainer_helpers:interrupting_reward"])  # fmt: skip
+    common = dict(
+        sft_steps=2,
+        steps=4,
+        save_every=3,
+        beta=0.05,
+        ref_sync_every=2,
+        ref_mixup_alpha=0.5,
+        rewards=["tests.trainer_helpers:interrupting_reward"],
+    )
     helpers.reset_calls()
     train(tiny_config(tmp_path / "a", **common))
     helpers.reset_calls()
@@ -70,8 +77,10 @@ def test_resume_after_interrupt_with_ref_sync_is_exact(tmp_path, monkeypatch):
         train(tiny_config(tmp_path / "b", **common))
     monkeypatch.delenv("GRPO_TEST_INTERRUPT_AT")
     train(tiny_config(tmp_path / "b", resume="latest", **common))
-    a, b = ([{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(d / "metrics.jsonl")]
-            for d in (tmp_path / "a", tmp_path / "b"))  # fmt: skip
+    a, b = (
+        [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(d / "metrics.jsonl")]
+        for d in (tmp_path / "a", tmp_path / "b")
+    )
     assert a == b and [r.get("ref_syncs") for r in a if r.get("phase") == "grpo"] == [0, 1, 0, 1]
     wa, wb = (load_file(str(d / "final" / "model.safetensors")) for d in (tmp_path / "a", tmp_path / "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

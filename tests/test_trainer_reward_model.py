@@ -17,7 +17,7 @@ from grpo_kernels.trainer.reward_model import (
     RewardModel,
     parse_reward_model_spec,
     preference_pairs,
-)  # fmt: skip
+)
 from grpo_kernels.trainer.rewards import accuracy_reward, format_reward
 from tests.trainer_helpers import tiny_cli_args, tiny_config, tiny_reward_model_dir
 
@@ -63,8 +63,9 @@ def test_reward_model_with_a_rule_reward_end_to_end(tmp_path):
     """--reward accuracy --reward-model DIR=0.5: the table holds the rule score and the model's score of each
     (raw prompt, completion), and the whole loop runs and logs both."""
     path = tiny_reward_model_dir(tmp_path / "rm")
-    settings = dict(sft_steps=1, steps=1, rewards=["accuracy"], reward_models=[f"{path}=0.5"],
-                    reward_model_batch_size=5)  # fmt: skip
+    settings = dict(
+        sft_steps=1, steps=1, rewards=["accuracy"], reward_models=[f"{path}=0.5"], reward_model_batch_size=5
+    )
     trainer = Trainer(tiny_config(tmp_path / "unit", **settings))
     assert trainer.rewards.names == ["accuracy", f"reward_model:{path}"] and trainer.rewards.weights == [1.0, 0.5]
     trainer._begin_grpo()

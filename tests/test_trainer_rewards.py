@@ -15,7 +15,7 @@ from grpo_kernels.trainer.rewards import (
     length_reward,
     load_reward,
     parse_reward_spec,
-)  # fmt: skip
+)
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,19 @@ def _args(tmp_path, **overrides):
 
 
 def test_split_axes():
-    axes, rest = split_axes(["--num-generations", "2,4", "--beta=0,0.1", "--steps", "3", "--lora-target-modules",
-                             "q_proj,v_proj", "--loss-type", "grpo,dapo"])  # fmt: skip
+    axes, rest = split_axes(
+        [
+            "--num-generations",
+            "2,4",
+            "--beta=0,0.1",
+            "--steps",
+            "3",
+            "--lora-target-modules",
+            "q_proj,v_proj",
+            "--loss-type",
+            "grpo,dapo",
+        ]
+    )
     assert axes == {"num_generations": [2, 4], "beta": [0.0, 0.1], "loss_type": ["grpo", "dapo"]}
     assert rest == ["--steps", "3", "--lora-target-modules", "q_proj,v_proj"]  # a free-text flag is never an axis
 
@@ -29,8 +40,19 @@ def test_split_axes():
 def test_sweep_runs_the_grid_resumes_and_summarises(tmp_path, monkeypatch):
     root = tmp_path / "sweep"
     reward = ["tests.trainer_helpers:interrupting_reward"]
-    argv = ["--num-generations", "2,4", "--seeds", "0,1", "--budget", "completions", "--completions-per-step", "8",
-            "--sweep-dir", str(root), *_args(tmp_path, rewards=reward)]  # fmt: skip
+    argv = [
+        "--num-generations",
+        "2,4",
+        "--seeds",
+        "0,1",
+        "--budget",
+        "completions",
+        "--completions-per-step",
+        "8",
+        "--sweep-dir",
+        str(root),
+        *_args(tmp_path, rewards=reward),
+    ]
 
     # Interrupted inside the 3rd run's GRPO step (the reward's 3rd call: one GRPO step per run), after its warm-up
     # step's checkpoint: two runs finished, the third resumes from its checkpoint, the fourth starts.
@@ -39,8 +61,12 @@ def test_sweep_runs_the_grid_resumes_and_summarises(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         sweep(argv)
     monkeypatch.delenv("GRPO_TEST_INTERRUPT_AT")
-    names = ["num_generations=2_seed=0", "num_generations=2_seed=1", "num_generations=4_seed=0",
-             "num_generations=4_seed=1"]  # fmt: skip
+    names = [
+        "num_generations=2_seed=0",
+        "num_generations=2_seed=1",
+        "num_generations=4_seed=0",
+        "num_generations=4_seed=1",
+    ]
     runs = root / "runs"
     assert [(runs / n / DONE).is_file() for n in names] == [True, True, False, False]
     finished = {n: (runs / n / "metrics.jsonl").read_bytes() for n in names[:2]}
@@ -66,8 +92,14 @@ def test_sweep_runs_the_grid_resumes_and_summarises(tmp_path, monkeypatch):
     after = {
         n: [r for r in read_metrics(runs / n / "metrics.jsonl") if r.get("eval") == "after_grpo"][0] for n in names
     }
-    tokens = {n: sum(r["completion_tokens"] for r in read_metrics(runs / n / "metrics.jsonl") if "phase" in r
-                     and r["phase"] == "grpo") for n in names}  # fmt: skip
+    tokens = {
+        n: sum(
+            r["completion_tokens"]
+            for r in read_metrics(runs / n / "metrics.jsonl")
+            if "phase" in r and r["phase"] == "grpo"
+        )
+        for n in names
+    }
     for row, pair in zip(out["rows"], (names[:2], names[2:]), strict=True):
         accuracies = [after[n]["accuracy"] for n in pair]
         assert row["after"] == pytest.approx(statistics.fmean(accuracies))

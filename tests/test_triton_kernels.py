@@ -14,10 +14,11 @@ triton = pytest.importorskip("triton")
 tl = triton.language
 
 from conftest import DEVICE  # noqa: E402
+from helpers import low_precision_ok, make_batch, rel_err  # noqa: E402
+
 from grpo_kernels import _alloc, group_advantages, grpo_loss  # noqa: E402
 from grpo_kernels import reference as ref  # noqa: E402
 from grpo_kernels.backends import unavailable_reason  # noqa: E402
-from helpers import low_precision_ok, make_batch, rel_err  # noqa: E402
 
 REASON = unavailable_reason("triton", DEVICE)
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"backend 'triton' unavailable on {DEVICE}: {REASON}")
@@ -64,8 +65,14 @@ def _variants():
     ):
         bits = [(i >> k) & 1 for k in range(5)]
         loss_type = ("grpo", "bnpo", "dr_grpo", "dapo")[i % 4] if family == "clip" else family
-        kw = dict(loss_type=loss_type, beta=0.1, kl_estimator=estimator, bias_corrected_kl=corrected,
-                  epsilon_high=0.28 if i % 3 else None, temperature=0.7 if i % 3 == 1 else 1.0)  # fmt: skip
+        kw = dict(
+            loss_type=loss_type,
+            beta=0.1,
+            kl_estimator=estimator,
+            bias_corrected_kl=corrected,
+            epsilon_high=0.28 if i % 3 else None,
+            temperature=0.7 if i % 3 == 1 else 1.0,
+        )
         if family == "clip":
             kw.update(delta=1.5 if bits[2] else None, dual_clip=3.0 if bits[3] else None)
         name = f"{loss_type}-{estimator}{'-bc' if corrected else ''}-old{bits[0]}-isw{bits[1]}-tokadv{bits[4]}"
@@ -81,8 +88,13 @@ def test_fused_epilogue_every_mode(kw, use_old, use_isw, token_adv, poisoned):
     g = torch.Generator().manual_seed(2)
     if token_adv:
         d["adv"] = torch.randn(d["ids"].shape, generator=g).to(DEVICE)
-    extra = dict(max_completion_length=8, old_logprobs=d["old"] if use_old else None, ref_logprobs=d["ref"],
-                 is_weights=(0.5 + torch.rand(3, generator=g)).to(DEVICE) if use_isw else None, **kw)  # fmt: skip
+    extra = dict(
+        max_completion_length=8,
+        old_logprobs=d["old"] if use_old else None,
+        ref_logprobs=d["ref"],
+        is_weights=(0.5 + torch.rand(3, generator=g)).to(DEVICE) if use_isw else None,
+        **kw,
+    )
     z = d["logits"].clone().requires_grad_(True)
     _compare(d, z, d["logits"].double().requires_grad_(True), entropy_weight=0.01, **extra)
 
@@ -95,14 +107,27 @@ def test_fused_epilogue_every_mode(kw, use_old, use_isw, token_adv, poisoned):
 def test_fused_loss_vocab_sizes(vocab, level, poisoned):
     d = make_batch(3, 5, vocab, seed=vocab)  # 15 rows: a multiple of no block; the last row is empty
     z = d["logits"].clone().requires_grad_(True)
-    _compare(d, z, d["logits"].double().requires_grad_(True), old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.04,
-             loss_type="grpo" if level == "sequence" else "dapo", importance_sampling_level=level)  # fmt: skip
+    _compare(
+        d,
+        z,
+        d["logits"].double().requires_grad_(True),
+        old_logprobs=d["old"],
+        ref_logprobs=d["ref"],
+        beta=0.04,
+        loss_type="grpo" if level == "sequence" else "dapo",
+        importance_sampling_level=level,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kw", [dict(loss_type="sapo", kl_estimator="low_var_kl"),
-                                dict(loss_type="bnpo", delta=1.5, dual_clip=3.0, kl_estimator="k2")],
-                         ids=["sapo", "bnpo-delta-dual"])  # fmt: skip
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(loss_type="sapo", kl_estimator="low_var_kl"),
+        dict(loss_type="bnpo", delta=1.5, dual_clip=3.0, kl_estimator="k2"),
+    ],
+    ids=["sapo", "bnpo-delta-dual"],
+)
 def test_fused_loss_low_precision(dtype, kw):
     d = make_batch(3, 5, 1000, dtype=dtype, seed=21)
     args = dict(mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.1, **kw)
@@ -173,8 +198,17 @@ def test_outputs_fully_written():
         for with_entropy in (False, True):
             for t in BACKEND.token_logprobs_forward(d["logits"], ids, 1.0, with_entropy):
                 assert not torch.isnan(t).any()
-        out = grpo_loss(d["logits"].requires_grad_(True), d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"],
-                        ref_logprobs=d["ref"], beta=0.1, return_entropy=True, backend="triton")  # fmt: skip
+        out = grpo_loss(
+            d["logits"].requires_grad_(True),
+            d["ids"],
+            d["adv"],
+            mask=d["mask"],
+            old_logprobs=d["old"],
+            ref_logprobs=d["ref"],
+            beta=0.1,
+            return_entropy=True,
+            backend="triton",
+        )
         out.loss.backward()
         for t in (out.loss, out.logprobs, out.entropy, out.per_token_loss, d["logits"].grad):
             assert not torch.isnan(t).any()
@@ -185,8 +219,15 @@ def test_outputs_fully_written():
                 assert not torch.isnan(t).any()
 
 
-@pytest.mark.parametrize("scale,mode", [("group", "sum_then_normalize"), ("batch", "sum_then_normalize"),
-                                        ("none", "sum_then_normalize"), ("group", "normalize_then_sum")])  # fmt: skip
+@pytest.mark.parametrize(
+    "scale,mode",
+    [
+        ("group", "sum_then_normalize"),
+        ("batch", "sum_then_normalize"),
+        ("none", "sum_then_normalize"),
+        ("group", "normalize_then_sum"),
+    ],
+)
 def test_advantages_groups_spanning_many_blocks(scale, mode, poisoned):
     """One group of 1000 rows among 12 small ones (blocks of 128 rows: the statistics merge across blocks), and a
     batch of 1100 rows (the batch statistics merge across blocks of 1024). Rewards sit near 100, where float32
@@ -198,8 +239,15 @@ def test_advantages_groups_spanning_many_blocks(scale, mode, poisoned):
     r[torch.rand(1100, generator=g) < 0.05, 0] = math.nan
     r[:3] = math.nan
     w = torch.tensor([1.0, 0.5])
-    out = group_advantages(r.to(DEVICE), group_ids=ids.to(DEVICE), scale=scale, multi_reward=mode, reward_weights=w,
-                           backend="triton", return_stats=True)  # fmt: skip
+    out = group_advantages(
+        r.to(DEVICE),
+        group_ids=ids.to(DEVICE),
+        scale=scale,
+        multi_reward=mode,
+        reward_weights=w,
+        backend="triton",
+        return_stats=True,
+    )
     expect = ref.group_advantages(r.double(), group_ids=ids, scale=scale, multi_reward=mode, reward_weights=w)
     eager = ref.group_advantages(r, group_ids=ids, scale=scale, multi_reward=mode, reward_weights=w)
     for key in ("advantages", "group_mean", "group_std"):
@@ -221,8 +269,17 @@ def test_nan_at_a_valid_row_propagates_and_masked_nan_does_not():
     mask = torch.ones(2, 4, device=DEVICE)
     mask[1, 2] = 0
     z.requires_grad_(True)
-    out = grpo_loss(z, d["ids"], d["adv"], mask=mask, old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.1,
-                    return_entropy=True, backend="triton")  # fmt: skip
+    out = grpo_loss(
+        z,
+        d["ids"],
+        d["adv"],
+        mask=mask,
+        old_logprobs=d["old"],
+        ref_logprobs=d["ref"],
+        beta=0.1,
+        return_entropy=True,
+        backend="triton",
+    )
     assert math.isnan(out.loss.item())
     assert all(math.isnan(x[0, 1].item()) for x in (out.logprobs, out.entropy.detach(), out.per_token_loss))
     others = torch.ones(2, 4, dtype=torch.bool, device=DEVICE)
@@ -273,7 +330,6 @@ def _row_offsets_kernel(rows_ptr, out_ptr, n, seq_len, stride_b, stride_t, BLOCK
     tl.store(out_ptr + i, common.row_offset(rows, seq_len, stride_b, stride_t), mask=i < n)
 
 
-
 @pytest.mark.parametrize("batch,seq,vocab,pad", [(4, 16384, 151936, 1), (2, 70000, 262144, 0), (1, 300000, 7, 5)])
 def test_row_offsets_are_64_bit(batch, seq, vocab, pad):
     """Offsets of rows of a [B, T, V] view with T + pad rows per sequence in memory: N * V > 2^31 for the first two."""
@@ -288,13 +344,28 @@ def test_row_offsets_are_64_bit(batch, seq, vocab, pad):
 # ----------------------------------------------------------------------------------------------------------------
 # compile-time modes vs runtime hyper-parameters; determinism; availability
 # ----------------------------------------------------------------------------------------------------------------
-HYPER_PARAMETERS = {"inv_temperature", "beta", "clip_low", "clip_high", "eps_high", "delta", "dual_clip", "sapo_pos",
-                    "sapo_neg", "eps"}  # fmt: skip
+HYPER_PARAMETERS = {
+    "inv_temperature",
+    "beta",
+    "clip_low",
+    "clip_high",
+    "eps_high",
+    "delta",
+    "dual_clip",
+    "sapo_pos",
+    "sapo_neg",
+    "eps",
+}
 
 
 def _kernels():
-    return [logprobs._token_logprobs_fwd_kernel, logprobs._token_logprobs_bwd_kernel, fused._grpo_loss_fwd_kernel,
-            advantages._group_advantages_kernel, advantages._batch_scale_kernel]  # fmt: skip
+    return [
+        logprobs._token_logprobs_fwd_kernel,
+        logprobs._token_logprobs_bwd_kernel,
+        fused._grpo_loss_fwd_kernel,
+        advantages._group_advantages_kernel,
+        advantages._batch_scale_kernel,
+    ]
 
 
 def _compiled_variants(kernel) -> int:
@@ -307,7 +378,7 @@ def test_float_hyper_parameters_are_runtime_arguments():
         constexpr = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
         assert not constexpr & HYPER_PARAMETERS, kernel.fn.__name__
         assert all(name.isupper() for name in constexpr), kernel.fn.__name__  # only modes and tile sizes
-    assert HYPER_PARAMETERS <= {n for k in _kernels() for n in inspect.signature(k.fn).parameters}
+    assert {n for k in _kernels() for n in inspect.signature(k.fn).parameters} >= HYPER_PARAMETERS
     if DEVICE.type != "cuda":
         return  # the interpreter compiles nothing; on a GPU, count the compiled variants too
     d = make_batch(2, 4, 64, seed=17)
@@ -315,8 +386,16 @@ def test_float_hyper_parameters_are_runtime_arguments():
     runs = [dict(beta=0.04, epsilon_low=0.2), dict(beta=0.3, epsilon_low=0.1, epsilon_high=0.4, temperature=0.6)]
     counts = []
     for kw in runs:
-        grpo_loss(d["logits"], d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
-                  backend="triton", **kw)  # fmt: skip
+        grpo_loss(
+            d["logits"],
+            d["ids"],
+            d["adv"],
+            mask=d["mask"],
+            old_logprobs=d["old"],
+            ref_logprobs=d["ref"],
+            backend="triton",
+            **kw,
+        )
         counts.append(_compiled_variants(kernel))
     assert counts[0] == counts[1]
 
@@ -326,12 +405,22 @@ def test_bitwise_deterministic():
     runs = []
     for _ in range(2):
         z = d["logits"].clone().requires_grad_(True)
-        out = grpo_loss(z, d["ids"], d["adv"], mask=d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.1,
-                        return_entropy=True, backend="triton")  # fmt: skip
+        out = grpo_loss(
+            z,
+            d["ids"],
+            d["adv"],
+            mask=d["mask"],
+            old_logprobs=d["old"],
+            ref_logprobs=d["ref"],
+            beta=0.1,
+            return_entropy=True,
+            backend="triton",
+        )
         (out.loss - 0.01 * out.entropy.sum()).backward()
         r = torch.randn(40, 3, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-        adv = group_advantages(r, group_ids=torch.arange(40, device=DEVICE) % 7, multi_reward="normalize_then_sum",
-                               backend="triton")  # fmt: skip
+        adv = group_advantages(
+            r, group_ids=torch.arange(40, device=DEVICE) % 7, multi_reward="normalize_then_sum", backend="triton"
+        )
         runs.append((out.loss, out.logprobs, out.entropy, out.per_token_loss, z.grad, adv))
     for a, b in zip(*runs):
         assert torch.equal(a, b)

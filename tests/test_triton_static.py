@@ -31,15 +31,21 @@ def test_no_register_spills(rows):
 
 
 def test_logits_are_read_with_16_byte_vectors(rows):
-    narrow = [(r["kernel"], r["target"], r["widest_global_load_bytes"]) for r in rows
-              if r["kernel"].startswith(LOGITS_KERNELS) and r["widest_global_load_bytes"] < 16]  # fmt: skip
+    narrow = [
+        (r["kernel"], r["target"], r["widest_global_load_bytes"])
+        for r in rows
+        if r["kernel"].startswith(LOGITS_KERNELS) and r["widest_global_load_bytes"] < 16
+    ]
     assert not narrow
 
 
 def test_two_programs_fit_per_sm(rows):
     """8 warps x 128 registers = half the 64K register file: at least two row programs resident per SM."""
-    heavy = [(r["kernel"], r["target"], r["registers"]) for r in rows
-             if r["kernel"].startswith(LOGITS_KERNELS) and r["registers"] > 128]  # fmt: skip
+    heavy = [
+        (r["kernel"], r["target"], r["registers"])
+        for r in rows
+        if r["kernel"].startswith(LOGITS_KERNELS) and r["registers"] > 128
+    ]
     assert not heavy
 
 

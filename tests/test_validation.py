@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import DEVICE
+
 from grpo_kernels import GRPOLoss, group_advantages, grpo_loss, token_logprobs
 
 B, T, V = 2, 3, 5
@@ -38,16 +38,36 @@ LOSS_CASES = [
     ("logits-4d", _with(logits=lambda d: d["logits"][None]), ValueError, "logits must be"),
     ("logits-int", _with(logits=lambda d: d["logits"].long()), TypeError, "logits must be float"),
     ("logits-not-tensor", _with(logits=[[1.0]]), TypeError, "logits must be a torch.Tensor"),
-    ("logits-strided-vocab", _with(logits=lambda d: torch.randn(B, T, 2 * V, device=DEVICE)[..., ::2]), ValueError, "vocabulary dimension"),
+    (
+        "logits-strided-vocab",
+        _with(logits=lambda d: torch.randn(B, T, 2 * V, device=DEVICE)[..., ::2]),
+        ValueError,
+        "vocabulary dimension",
+    ),
     ("ids-float", _with(token_ids=lambda d: d["token_ids"].float()), TypeError, "token_ids must be an integer"),
     ("ids-shape", _with(token_ids=lambda d: d["token_ids"][:, :-1]), ValueError, "token_ids must have the shape"),
-    ("ids-too-large", _with(token_ids=lambda d: d["token_ids"].fill_(V)), ValueError, r"token_ids must lie in \[0, 5\)"),
+    (
+        "ids-too-large",
+        _with(token_ids=lambda d: d["token_ids"].fill_(V)),
+        ValueError,
+        r"token_ids must lie in \[0, 5\)",
+    ),
     ("ids-negative", _with(token_ids=lambda d: d["token_ids"].fill_(-3)), ValueError, "token_ids must lie"),
     ("mask-shape", _with(mask=torch.ones(B, T + 1, device=DEVICE)), ValueError, "mask must have the shape"),
     ("adv-shape", _with(advantages=torch.ones(B + 1, device=DEVICE)), ValueError, "advantages must be per sequence"),
-    ("adv-int", _with(advantages=torch.ones(B, dtype=torch.long, device=DEVICE)), TypeError, "advantages must be a floating"),
+    (
+        "adv-int",
+        _with(advantages=torch.ones(B, dtype=torch.long, device=DEVICE)),
+        TypeError,
+        "advantages must be a floating",
+    ),
     ("old-shape", _with(old_logprobs=torch.zeros(B, device=DEVICE)), ValueError, "old_logprobs must have the shape"),
-    ("ref-shape", _with(ref_logprobs=torch.zeros(B, T, 1, device=DEVICE), beta=0.1), ValueError, "ref_logprobs must have the shape"),
+    (
+        "ref-shape",
+        _with(ref_logprobs=torch.zeros(B, T, 1, device=DEVICE), beta=0.1),
+        ValueError,
+        "ref_logprobs must have the shape",
+    ),
     ("isw-shape", _with(is_weights=torch.ones(B, T + 2, device=DEVICE)), ValueError, "is_weights must be per sequence"),
     ("temperature-zero", _with(temperature=0.0), ValueError, "temperature must be > 0"),
     ("temperature-negative", _with(temperature=-1.0), ValueError, "temperature must be > 0"),
@@ -58,19 +78,42 @@ LOSS_CASES = [
     ("delta-le-1", _with(delta=1.0), ValueError, "delta must be > 1"),
     ("dual-clip-le-1", _with(dual_clip=0.5), ValueError, "dual_clip must be > 1"),
     ("loss-type", _with(loss_type="ppo"), ValueError, "loss_type must be one of"),
-    ("kl-estimator", _with(kl_estimator="k4", beta=0.1, ref_logprobs=torch.zeros(B, T, device=DEVICE)), ValueError, "kl_estimator must be one of"),
+    (
+        "kl-estimator",
+        _with(kl_estimator="k4", beta=0.1, ref_logprobs=torch.zeros(B, T, device=DEVICE)),
+        ValueError,
+        "kl_estimator must be one of",
+    ),
     ("is-level", _with(importance_sampling_level="batch"), ValueError, "importance_sampling_level must be one of"),
     ("beta-without-ref", _with(beta=0.04), ValueError, "beta != 0 needs ref_logprobs"),
     ("beta-negative", _with(beta=-0.1, ref_logprobs=torch.zeros(B, T, device=DEVICE)), ValueError, "beta must be >= 0"),
     ("dr-grpo-without-length", _with(loss_type="dr_grpo"), ValueError, "needs max_completion_length"),
     ("num-items-negative", _with(num_items_in_batch=-1), ValueError, "num_items_in_batch must be >= 0"),
     ("backend-unknown", _with(backend="jax"), ValueError, "backend must be one of"),
-    ("cu-seqlens-with-3d", _with(cu_seqlens=torch.tensor([0, 6], device=DEVICE)), ValueError, "cu_seqlens is for packed"),
-    ("cu-seqlens-bad-end", _with(logits=lambda d: d["logits"].reshape(B * T, V), token_ids=lambda d: d["token_ids"].reshape(-1),
-                                 advantages=torch.ones(2, device=DEVICE), cu_seqlens=torch.tensor([0, 2, 5], device=DEVICE)),
-     ValueError, "cu_seqlens must start at 0, end at N=6"),
-    ("inplace-on-leaf", _with(logits=lambda d: d["logits"].requires_grad_(True), inplace_backward=True), ValueError, "leaf"),
-]  # fmt: skip
+    (
+        "cu-seqlens-with-3d",
+        _with(cu_seqlens=torch.tensor([0, 6], device=DEVICE)),
+        ValueError,
+        "cu_seqlens is for packed",
+    ),
+    (
+        "cu-seqlens-bad-end",
+        _with(
+            logits=lambda d: d["logits"].reshape(B * T, V),
+            token_ids=lambda d: d["token_ids"].reshape(-1),
+            advantages=torch.ones(2, device=DEVICE),
+            cu_seqlens=torch.tensor([0, 2, 5], device=DEVICE),
+        ),
+        ValueError,
+        "cu_seqlens must start at 0, end at N=6",
+    ),
+    (
+        "inplace-on-leaf",
+        _with(logits=lambda d: d["logits"].requires_grad_(True), inplace_backward=True),
+        ValueError,
+        "leaf",
+    ),
+]
 
 
 @pytest.mark.parametrize("case,build,exc,match", LOSS_CASES, ids=[c[0] for c in LOSS_CASES])
@@ -125,20 +168,65 @@ def test_tensors_on_different_devices_meta():
 
 ADV_CASES = [
     ("rewards-3d", dict(rewards=torch.zeros(2, 2, 2), group_size=2), ValueError, r"rewards must be \[B\] or \[B, R\]"),
-    ("rewards-int", dict(rewards=torch.zeros(4, dtype=torch.long), group_size=2), TypeError, "rewards must be a floating"),
+    (
+        "rewards-int",
+        dict(rewards=torch.zeros(4, dtype=torch.long), group_size=2),
+        TypeError,
+        "rewards must be a floating",
+    ),
     ("no-groups", dict(rewards=torch.zeros(4)), ValueError, "exactly one of group_size and group_ids"),
-    ("both-groups", dict(rewards=torch.zeros(4), group_size=2, group_ids=torch.zeros(4, dtype=torch.long)), ValueError, "exactly one"),
+    (
+        "both-groups",
+        dict(rewards=torch.zeros(4), group_size=2, group_ids=torch.zeros(4, dtype=torch.long)),
+        ValueError,
+        "exactly one",
+    ),
     ("group-size-zero", dict(rewards=torch.zeros(4), group_size=0), ValueError, "group_size must be a positive int"),
-    ("group-size-negative", dict(rewards=torch.zeros(4), group_size=-2), ValueError, "group_size must be a positive int"),
-    ("group-size-not-dividing", dict(rewards=torch.zeros(6), group_size=4), ValueError, "must divide the batch size B=6"),
-    ("group-ids-length", dict(rewards=torch.zeros(4), group_ids=torch.zeros(3, dtype=torch.long)), ValueError, r"group_ids must have shape \[B\]"),
-    ("group-ids-float", dict(rewards=torch.zeros(4), group_ids=torch.zeros(4)), TypeError, "group_ids must be an integer"),
-    ("weights-length", dict(rewards=torch.zeros(4, 2), group_size=2, reward_weights=[1.0]), ValueError, r"reward_weights must have shape \[R\]=\[2\]"),
+    (
+        "group-size-negative",
+        dict(rewards=torch.zeros(4), group_size=-2),
+        ValueError,
+        "group_size must be a positive int",
+    ),
+    (
+        "group-size-not-dividing",
+        dict(rewards=torch.zeros(6), group_size=4),
+        ValueError,
+        "must divide the batch size B=6",
+    ),
+    (
+        "group-ids-length",
+        dict(rewards=torch.zeros(4), group_ids=torch.zeros(3, dtype=torch.long)),
+        ValueError,
+        r"group_ids must have shape \[B\]",
+    ),
+    (
+        "group-ids-float",
+        dict(rewards=torch.zeros(4), group_ids=torch.zeros(4)),
+        TypeError,
+        "group_ids must be an integer",
+    ),
+    (
+        "weights-length",
+        dict(rewards=torch.zeros(4, 2), group_size=2, reward_weights=[1.0]),
+        ValueError,
+        r"reward_weights must have shape \[R\]=\[2\]",
+    ),
     ("scale", dict(rewards=torch.zeros(4), group_size=2, scale="global"), ValueError, "scale must be one of"),
-    ("multi-reward", dict(rewards=torch.zeros(4), group_size=2, multi_reward="max"), ValueError, "multi_reward must be one of"),
-    ("normalize-then-sum-scale", dict(rewards=torch.zeros(4), group_size=2, multi_reward="normalize_then_sum", scale="batch"), ValueError, "scale must be 'group'"),
+    (
+        "multi-reward",
+        dict(rewards=torch.zeros(4), group_size=2, multi_reward="max"),
+        ValueError,
+        "multi_reward must be one of",
+    ),
+    (
+        "normalize-then-sum-scale",
+        dict(rewards=torch.zeros(4), group_size=2, multi_reward="normalize_then_sum", scale="batch"),
+        ValueError,
+        "scale must be 'group'",
+    ),
     ("eps-negative", dict(rewards=torch.zeros(4), group_size=2, eps=-1.0), ValueError, "eps must be >= 0"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("case,kwargs,exc,match", ADV_CASES, ids=[c[0] for c in ADV_CASES])

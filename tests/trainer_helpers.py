@@ -47,10 +47,21 @@ def interrupting_reward(completions, **kwargs):
 
 # The built-in task on a 1-layer, 32-wide model: seconds per run on one CPU core.
 TINY = dict(
-    tiny_hidden_size=32, tiny_layers=1, sft_steps=2, sft_batch_size=8, steps=2, batch_prompts=4, num_generations=4,
-    max_new_tokens=12, eval_size=8, eval_batch_size=8, progress=False, plot=False, save_every=0,
+    tiny_hidden_size=32,
+    tiny_layers=1,
+    sft_steps=2,
+    sft_batch_size=8,
+    steps=2,
+    batch_prompts=4,
+    num_generations=4,
+    max_new_tokens=12,
+    eval_size=8,
+    eval_batch_size=8,
+    progress=False,
+    plot=False,
+    save_every=0,
     rewards=["tests.trainer_helpers:digit_reward"],
-)  # fmt: skip
+)
 
 
 def tiny_config(output_dir, **overrides) -> TrainConfig:
@@ -93,10 +104,18 @@ def tiny_reward_model_dir(path, *, num_labels=1, chat_template=None, seed=0):
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=256, num_labels=num_labels,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(config)
     with torch.no_grad():  # a score head with spread (the default init is small)

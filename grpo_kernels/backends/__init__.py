@@ -112,7 +112,9 @@ def resolve_backend(name: str, device: _torch.device, *, float64: bool = False) 
                 if key not in _auto_logged:
                     _auto_logged.add(key)
                     skipped = "; ".join(f"{k}: {v}" for k, v in reasons.items())
-                    logger.debug("backend='auto' picked %r on %s%s", candidate, device, f" ({skipped})" if skipped else "")
+                    logger.debug(
+                        "backend='auto' picked %r on %s%s", candidate, device, f" ({skipped})" if skipped else ""
+                    )
                 return candidate
             reasons[candidate] = reason
         raise RuntimeError(f"no backend can run on {device}: {reasons}")
@@ -127,7 +129,10 @@ def resolve_backend(name: str, device: _torch.device, *, float64: bool = False) 
         _unverified_logged.add((name, str(device)))
         logger.warning(
             "grpo_kernels: backend=%r has not passed the test suite on %s (%s) yet: its results are unverified "
-            "(grpo_kernels/backends/verified.json lists the verified pairs)", name, device, device_arch(device)
+            "(grpo_kernels/backends/verified.json lists the verified pairs)",
+            name,
+            device,
+            device_arch(device),
         )
     return name
 

@@ -121,9 +121,15 @@ def _load() -> str | None:
     except Exception:  # noqa: BLE001 - a private helper of torch: when it is gone, announce the build anyway
         cached = False
     log = logger.info if cached else logger.warning
-    log("grpo_kernels: %s the CUDA extension %s from %s (%d sources, archs %s)%s", "loading" if cached else "building",
-        EXTENSION_NAME, CSRC, len(sources()), ";".join(archs()),
-        "" if cached else "; a first build takes a few minutes, then it is cached (TORCH_EXTENSIONS_DIR)")  # fmt: skip
+    log(
+        "grpo_kernels: %s the CUDA extension %s from %s (%d sources, archs %s)%s",
+        "loading" if cached else "building",
+        EXTENSION_NAME,
+        CSRC,
+        len(sources()),
+        ";".join(archs()),
+        "" if cached else "; a first build takes a few minutes, then it is cached (TORCH_EXTENSIONS_DIR)",
+    )
     start = time.perf_counter()
     try:
         cpp_extension.load(

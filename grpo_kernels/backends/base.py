@@ -57,38 +57,67 @@ class Backend:
         """Forward of the fused loss: a :class:`grpo_kernels.loss_math.LossForward` (see there)."""
         raise NotImplementedError
 
-    def group_advantages(self, rewards: torch.Tensor, weights: torch.Tensor, layout: GroupLayout,
-                         config: AdvantageConfig, lengths: torch.Tensor | None = None,
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    def group_advantages(
+        self,
+        rewards: torch.Tensor,
+        weights: torch.Tensor,
+        layout: GroupLayout,
+        config: AdvantageConfig,
+        lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``rewards [B, R]``, ``weights [R]``, ``lengths [B]`` (the estimators that read it) ->
         ``(advantages [B], group_mean [G], group_std [G])``."""
         raise NotImplementedError
 
     def grpo_loss_forward_with_grad(
-        self, logits: torch.Tensor, batch: TokenBatch, config: LossConfig, with_entropy: bool, loss_scale: float,
+        self,
+        logits: torch.Tensor,
+        batch: TokenBatch,
+        config: LossConfig,
+        with_entropy: bool,
+        loss_scale: float,
         grad_out: torch.Tensor,
-    ):  # fmt: skip
+    ):
         """The fused forward that also writes ``loss_scale * d loss / d logits`` into ``grad_out`` (may be the
         logits: then their values are gone on return). Default: the forward, then the backward pass (3 passes over
         the logits); the CUDA backend's sm_90 kernel does it in 2."""
         fwd = self.grpo_loss_forward(logits, batch, config, with_entropy)
         g = fwd.grad_logprobs * loss_scale
-        self.token_logprobs_backward(logits, batch.token_ids, fwd.lse, fwd.entropy, g, None, config.temperature, grad_out)
+        self.token_logprobs_backward(
+            logits, batch.token_ids, fwd.lse, fwd.entropy, g, None, config.temperature, grad_out
+        )
         return fwd
 
     def scale_gradient_(self, grad: torch.Tensor, grad_loss: torch.Tensor, loss_scale: float) -> None:
         """``grad *= grad_loss / loss_scale`` where ``grad_loss != loss_scale``, else nothing. Default: decided on the
         host (one synchronisation); the CUDA backend decides on the device."""
         if bool(grad_loss != loss_scale):
-            grad.mul_(grad_loss.detach().to(torch.float64 if grad.dtype == torch.float64 else torch.float32) / loss_scale)
+            grad.mul_(
+                grad_loss.detach().to(torch.float64 if grad.dtype == torch.float64 else torch.float32) / loss_scale
+            )
 
     def divergence_forward(self, student, teacher, token_ids, kind, beta, temperature, with_logprobs):
         """Exact per-row divergence of two ``[B, T, V]`` logits (see :mod:`grpo_kernels.divergence`):
         ``(div, lp, lse, lse_ref, kl_student, kl_teacher)``, each ``[N]`` (``lp`` ``[0]`` unless asked for)."""
         raise RuntimeError(f"backend {self.name!r} has no kernel for the exact divergences (vocab_divergence)")
 
-    def divergence_backward(self, student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div,
-                            grad_lp, kind, beta, temperature, out_student, out_teacher) -> None:  # fmt: skip
+    def divergence_backward(
+        self,
+        student,
+        teacher,
+        token_ids,
+        lse,
+        lse_ref,
+        kl_student,
+        kl_teacher,
+        grad_div,
+        grad_lp,
+        kind,
+        beta,
+        temperature,
+        out_student,
+        out_teacher,
+    ) -> None:
         """Write the gradients of ``sum_t grad_div_t D_t (+ grad_lp_t lp_t)`` into ``out_student`` / ``out_teacher``
         (``[B, T, V]`` each, or None; ``out_student`` may be the student's logits: in place)."""
         raise RuntimeError(f"backend {self.name!r} has no kernel for the exact divergences (vocab_divergence)")

@@ -75,7 +75,14 @@ class CudaBackend(Backend):
 
     def token_logprobs_backward(self, logits, token_ids, lse, entropy, grad_lp, grad_entropy, temperature, out):
         _ops().token_logprobs_backward(
-            logits, token_ids, lse, entropy, grad_lp.float().contiguous(), _optional(grad_entropy), float(temperature), out
+            logits,
+            token_ids,
+            lse,
+            entropy,
+            grad_lp.float().contiguous(),
+            _optional(grad_entropy),
+            float(temperature),
+            out,
         )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -98,7 +105,9 @@ class CudaBackend(Backend):
         if _routed(config):
             fwd = self.grpo_loss_forward(logits, batch, config, with_entropy)
             g = fwd.grad_logprobs * loss_scale
-            self.token_logprobs_backward(logits, batch.token_ids, fwd.lse, fwd.entropy, g, None, config.temperature, grad_out)
+            self.token_logprobs_backward(
+                logits, batch.token_ids, fwd.lse, fwd.entropy, g, None, config.temperature, grad_out
+            )
             return fwd
         return self._fused(logits, batch, config, with_entropy, loss_scale, grad_out)
 
@@ -112,13 +121,34 @@ class CudaBackend(Backend):
         lp, lse, g, per_token_loss, kl = new(n), new(n), new(n), new(n), new(n)
         entropy, flags = new(n if with_entropy else 0), new(n, torch.uint8)
         _ops().grpo_loss_forward(
-            logits, batch.token_ids, batch.coef.float().contiguous(), batch.advantages.float().contiguous(),
-            _optional(batch.old_logprobs), _optional(batch.ref_logprobs) if config.beta != 0.0 else None,
-            _optional(batch.is_weights), config.loss_type, config.kl_estimator, float(config.beta),
-            float(config.epsilon_low), float(config.epsilon_high), config.delta, config.dual_clip,
-            float(config.temperature), float(config.sapo_temperature_pos), float(config.sapo_temperature_neg),
-            bool(config.bias_corrected_kl), lp, lse, entropy, g, per_token_loss, kl, flags, float(loss_scale), grad_out,
-        )  # fmt: skip
+            logits,
+            batch.token_ids,
+            batch.coef.float().contiguous(),
+            batch.advantages.float().contiguous(),
+            _optional(batch.old_logprobs),
+            _optional(batch.ref_logprobs) if config.beta != 0.0 else None,
+            _optional(batch.is_weights),
+            config.loss_type,
+            config.kl_estimator,
+            float(config.beta),
+            float(config.epsilon_low),
+            float(config.epsilon_high),
+            config.delta,
+            config.dual_clip,
+            float(config.temperature),
+            float(config.sapo_temperature_pos),
+            float(config.sapo_temperature_neg),
+            bool(config.bias_corrected_kl),
+            lp,
+            lse,
+            entropy,
+            g,
+            per_token_loss,
+            kl,
+            flags,
+            float(loss_scale),
+            grad_out,
+        )
         loss = (batch.coef.float() * per_token_loss).sum()
         return LossForward(loss, lp, lse, entropy, g, per_token_loss, kl, flags)
 
@@ -131,10 +161,20 @@ class CudaBackend(Backend):
         mean = _alloc.empty(layout.num_groups, dtype=torch.float32, device=device)
         std = _alloc.empty(layout.num_groups, dtype=torch.float32, device=device)
         _ops().group_advantages(
-            rewards.float().contiguous(), weights.float().contiguous(), layout.order.contiguous(),
-            layout.cu_groups.contiguous(), layout.group_index.contiguous(), config.scale, float(config.eps),
-            config.multi_reward, config.estimator, _optional(lengths), adv, mean, std,
-        )  # fmt: skip
+            rewards.float().contiguous(),
+            weights.float().contiguous(),
+            layout.order.contiguous(),
+            layout.cu_groups.contiguous(),
+            layout.group_index.contiguous(),
+            config.scale,
+            float(config.eps),
+            config.multi_reward,
+            config.estimator,
+            _optional(lengths),
+            adv,
+            mean,
+            std,
+        )
         return adv, mean, std
 
     # ------------------------------------------------------------------------------------------------------------

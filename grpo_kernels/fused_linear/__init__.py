@@ -150,21 +150,55 @@ def fused_linear_grpo_loss(
     """
     config = config_from(LossConfig, "fused_linear_grpo_loss", knobs)
     return _fused_linear_grpo_loss(
-        hidden, weight, token_ids, advantages, config, bias=bias, mask=mask, old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs, is_weights=is_weights, num_items_in_batch=num_items_in_batch,
-        return_entropy=return_entropy, entropy_coef=entropy_coef, entropy_weights=entropy_weights, backend=backend,
-        cu_seqlens=cu_seqlens, ignore_index=ignore_index, logit_softcap=logit_softcap, logit_scale=logit_scale,
+        hidden,
+        weight,
+        token_ids,
+        advantages,
+        config,
+        bias=bias,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        is_weights=is_weights,
+        num_items_in_batch=num_items_in_batch,
+        return_entropy=return_entropy,
+        entropy_coef=entropy_coef,
+        entropy_weights=entropy_weights,
+        backend=backend,
+        cu_seqlens=cu_seqlens,
+        ignore_index=ignore_index,
+        logit_softcap=logit_softcap,
+        logit_scale=logit_scale,
         chunk_tokens=chunk_tokens,
-    )  # fmt: skip
+    )
 
 
 with_knob_parameters(fused_linear_grpo_loss, LossConfig, after="ref_logprobs")
 
 
-def _fused_linear_grpo_loss(hidden, weight, token_ids, advantages, config: LossConfig, *, bias, mask, old_logprobs,
-                            ref_logprobs, is_weights, num_items_in_batch, return_entropy, entropy_coef,
-                            entropy_weights, backend, cu_seqlens, ignore_index, logit_softcap, logit_scale,
-                            chunk_tokens) -> GRPOLossOutput:  # fmt: skip
+def _fused_linear_grpo_loss(
+    hidden,
+    weight,
+    token_ids,
+    advantages,
+    config: LossConfig,
+    *,
+    bias,
+    mask,
+    old_logprobs,
+    ref_logprobs,
+    is_weights,
+    num_items_in_batch,
+    return_entropy,
+    entropy_coef,
+    entropy_weights,
+    backend,
+    cu_seqlens,
+    ignore_index,
+    logit_softcap,
+    logit_scale,
+    chunk_tokens,
+) -> GRPOLossOutput:
     """:func:`fused_linear_grpo_loss` once its configuration is built."""
     _check_head(hidden, weight, bias, logit_softcap, logit_scale, chunk_tokens)
     entropy_coef = check_number("entropy_coef", entropy_coef)
@@ -175,20 +209,44 @@ def _fused_linear_grpo_loss(hidden, weight, token_ids, advantages, config: LossC
         check_same_shape("entropy_weights", entropy_weights, token_ids.shape, "token_ids")
         entropy_weights = entropy_weights.detach().reshape(-1).to(acc_dtype(head["dtype"]))
     inputs = prepare_loss_inputs(
-        "hidden", hidden.shape[:-1], weight.shape[0], hidden.device, head["dtype"] == torch.float64, token_ids,
-        advantages, config, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, is_weights=is_weights,
-        num_items_in_batch=num_items_in_batch, backend=backend, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
-    )  # fmt: skip
+        "hidden",
+        hidden.shape[:-1],
+        weight.shape[0],
+        hidden.device,
+        head["dtype"] == torch.float64,
+        token_ids,
+        advantages,
+        config,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        is_weights=is_weights,
+        num_items_in_batch=num_items_in_batch,
+        backend=backend,
+        cu_seqlens=cu_seqlens,
+        ignore_index=ignore_index,
+    )
     grad = torch.is_grad_enabled()
     needs = [grad and x is not None and x.requires_grad for x in (hidden, weight, bias)]
     with_entropy = bool(return_entropy) or entropy_coef != 0.0 or entropy_weights is not None
     loss, lp, entropy, per_token_loss, kl, flags, *_ = op.fused_linear_grpo_loss(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, batch=inputs.batch, config=config,
-        entropy_weights=entropy_weights, entropy_coef=entropy_coef, with_entropy=with_entropy,
-        backend=inputs.backend, grad_hidden=needs[0], grad_weight=needs[1], grad_bias=needs[2], **head,
-    )  # fmt: skip
-    return loss_output(inputs, token_ids, mask, ignore_index, loss, lp, entropy if return_entropy else None,
-                       per_token_loss, kl, flags)  # fmt: skip
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        bias,
+        batch=inputs.batch,
+        config=config,
+        entropy_weights=entropy_weights,
+        entropy_coef=entropy_coef,
+        with_entropy=with_entropy,
+        backend=inputs.backend,
+        grad_hidden=needs[0],
+        grad_weight=needs[1],
+        grad_bias=needs[2],
+        **head,
+    )
+    return loss_output(
+        inputs, token_ids, mask, ignore_index, loss, lp, entropy if return_entropy else None, per_token_loss, kl, flags
+    )
 
 
 def fused_linear_token_logprobs(
@@ -223,9 +281,15 @@ def fused_linear_token_logprobs(
     ids = kernel_token_ids(token_ids, mask, ignore_index, weight.shape[0])
     detach = lambda x: None if x is None else x.detach()  # noqa: E731
     lp, entropy = op.fused_linear_token_logprobs(
-        hidden.reshape(-1, hidden.shape[-1]).detach(), weight.detach(), detach(bias), ids, temperature=temperature,
-        with_entropy=bool(return_entropy), backend=name, **head,
-    )  # fmt: skip
+        hidden.reshape(-1, hidden.shape[-1]).detach(),
+        weight.detach(),
+        detach(bias),
+        ids,
+        temperature=temperature,
+        with_entropy=bool(return_entropy),
+        backend=name,
+        **head,
+    )
     lp = poison(lp, token_ids, ids, mask, ignore_index).view(token_ids.shape)
     if return_entropy:
         return lp, poison(entropy, token_ids, ids, mask, ignore_index).view(token_ids.shape)
@@ -262,10 +326,17 @@ class FusedLinearGRPOLoss(ConfiguredLoss):
                 )
         _check_head_options(logit_softcap, logit_scale, chunk_tokens)
         super().__init__(
-            "FusedLinearGRPOLoss", config, knobs, logit_softcap=logit_softcap, logit_scale=logit_scale,
-            entropy_coef=check_number("entropy_coef", entropy_coef), chunk_tokens=chunk_tokens,
-            return_entropy=return_entropy, backend=backend, ignore_index=ignore_index,
-        )  # fmt: skip
+            "FusedLinearGRPOLoss",
+            config,
+            knobs,
+            logit_softcap=logit_softcap,
+            logit_scale=logit_scale,
+            entropy_coef=check_number("entropy_coef", entropy_coef),
+            chunk_tokens=chunk_tokens,
+            return_entropy=return_entropy,
+            backend=backend,
+            ignore_index=ignore_index,
+        )
 
     def forward(
         self,
@@ -284,11 +355,21 @@ class FusedLinearGRPOLoss(ConfiguredLoss):
         entropy_weights: Tensor | None = None,
     ) -> GRPOLossOutput:
         return _fused_linear_grpo_loss(
-            hidden, weight, token_ids, advantages, self.loss_config, bias=bias, mask=mask, old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs, is_weights=is_weights, num_items_in_batch=num_items_in_batch,
-            cu_seqlens=cu_seqlens, entropy_weights=entropy_weights, **self.options,
-        )  # fmt: skip
-
+            hidden,
+            weight,
+            token_ids,
+            advantages,
+            self.loss_config,
+            bias=bias,
+            mask=mask,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            is_weights=is_weights,
+            num_items_in_batch=num_items_in_batch,
+            cu_seqlens=cu_seqlens,
+            entropy_weights=entropy_weights,
+            **self.options,
+        )
 
 
 with_knob_parameters(FusedLinearGRPOLoss.__init__, LossConfig, after="ignore_index")

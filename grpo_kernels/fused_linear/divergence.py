@@ -33,7 +33,6 @@ from .._inputs import check_same_shape as _check_same_shape
 from .._inputs import check_tensor as _check_tensor
 from .._inputs import poison as _poison
 from ..backends import get_backend
-from ..ops._define import struct_op
 from ..divergence import (
     DistillOutput,
     check_distill_args,
@@ -43,6 +42,7 @@ from ..divergence import (
     position_ids_and_weights,
     reduce_positions,
 )
+from ..ops._define import struct_op
 from .tiles import _TILE_BYTES, compute_dtype
 from .tiles import acc_dtype as _acc
 from .tiles import addmm_acc as _addmm_acc
@@ -61,24 +61,51 @@ def default_chunk_tokens(vocab: int, student_dtype: torch.dtype, teacher_dtype: 
 @struct_op(
     "grpo_kernels::fused_linear_divergence",
     positional={
-        "hidden": Tensor, "weight": Tensor, "bias": Tensor | None,  # student [N, H], [V, H], [V]
-        "teacher_hidden": Tensor, "teacher_weight": Tensor, "teacher_bias": Tensor | None,  # [N, H_t], [V, H_t], [V]
-    },  # fmt: skip
+        "hidden": Tensor,
+        "weight": Tensor,
+        "bias": Tensor | None,  # student [N, H], [V, H], [V]
+        "teacher_hidden": Tensor,
+        "teacher_weight": Tensor,
+        "teacher_bias": Tensor | None,  # [N, H_t], [V, H_t], [V]
+    },
     options={
         "token_ids": Tensor,  # [N] int64, -1 = not taking part
         "coef": Tensor,  # [N] loss = sum_t coef_t D_t
-        "kind": str, "beta": float, "temperature": float, "with_logprobs": bool,
+        "kind": str,
+        "beta": float,
+        "temperature": float,
+        "with_logprobs": bool,
         "dtype": torch.dtype,  # compute dtype of the student's projection
         "teacher_dtype": torch.dtype,
         "chunk_tokens": int,
-        "grad_hidden": bool, "grad_weight": bool, "grad_bias": bool,  # which gradients to compute
+        "grad_hidden": bool,
+        "grad_weight": bool,
+        "grad_bias": bool,  # which gradients to compute
         "backend": str,
-    },  # fmt: skip
+    },
     returns="(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def _fused_linear_divergence(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, token_ids, coef,
-                             kind, beta, temperature, with_logprobs, dtype, teacher_dtype, chunk_tokens, grad_hidden,
-                             grad_weight, grad_bias, backend) -> tuple[Tensor, ...]:  # fmt: skip
+def _fused_linear_divergence(
+    hidden,
+    weight,
+    bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    token_ids,
+    coef,
+    kind,
+    beta,
+    temperature,
+    with_logprobs,
+    dtype,
+    teacher_dtype,
+    chunk_tokens,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+    backend,
+) -> tuple[Tensor, ...]:
     """-> loss [], divergence [N], lp [N] / [0], d loss/d hidden [N, H] / [0], d loss/d weight [V, H] / [0],
     d loss/d bias [V] / [0]."""
     be = get_backend(backend)
@@ -115,9 +142,21 @@ def _fused_linear_divergence(hidden, weight, bias, teacher_hidden, teacher_weigh
             loss += (c[start:end] * d).sum()
             if wants_grad:  # overwrite the tile with d loss / d z, then fold it into dH, dW and db
                 be.divergence_backward(
-                    z, z_ref, ids[start:end], lse, lse_ref, kl_s, kl_t, c[start:end], None, kind, beta,
-                    temperature, z, None,
-                )  # fmt: skip
+                    z,
+                    z_ref,
+                    ids[start:end],
+                    lse,
+                    lse_ref,
+                    kl_s,
+                    kl_t,
+                    c[start:end],
+                    None,
+                    kind,
+                    beta,
+                    temperature,
+                    z,
+                    None,
+                )
                 grad = z[0]
                 if d_h is not None:
                     torch.mm(grad, head.weight, out=d_h[start:end])
@@ -131,25 +170,47 @@ def _fused_linear_divergence(hidden, weight, bias, teacher_hidden, teacher_weigh
 
         none = torch.empty(0, dtype=weight.dtype, device=device)
         return (
-            loss, spread(div), spread(lp) if with_logprobs else lp,
+            loss,
+            spread(div),
+            spread(lp) if with_logprobs else lp,
             spread(d_h).to(hidden.dtype) if d_h is not None else none.to(hidden.dtype),
             d_w.to(weight.dtype) if d_w is not None else none,
             d_b.to(bias.dtype) if d_b is not None else none,
-        )  # fmt: skip
+        )
 
 
 @_fused_linear_divergence.register_fake
-def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, token_ids, coef, kind, beta, temperature,
-      with_logprobs, dtype, teacher_dtype, chunk_tokens, grad_hidden, grad_weight, grad_bias, backend):  # fmt: skip
+def _(
+    hidden,
+    weight,
+    bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    token_ids,
+    coef,
+    kind,
+    beta,
+    temperature,
+    with_logprobs,
+    dtype,
+    teacher_dtype,
+    chunk_tokens,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+    backend,
+):
     n, acc = token_ids.shape[0], _acc(torch.promote_types(dtype, teacher_dtype))
     has_bias = grad_bias and bias is not None
     return (
-        hidden.new_empty((), dtype=acc), hidden.new_empty(n, dtype=acc),
+        hidden.new_empty((), dtype=acc),
+        hidden.new_empty(n, dtype=acc),
         hidden.new_empty(n if with_logprobs else 0, dtype=acc),
         hidden.new_empty(hidden.shape if grad_hidden else 0),
         weight.new_empty(weight.shape if grad_weight else 0),
         weight.new_empty(bias.shape if has_bias else 0, dtype=bias.dtype if has_bias else weight.dtype),
-    )  # fmt: skip
+    )
 
 
 def _setup(ctx, args, output):
@@ -165,8 +226,10 @@ def _backward(ctx, grad_loss, grad_div, grad_lp, *unused):
             "(use .divergence.detach() / .logprobs.detach() for logging, or distill_loss on logits for other losses)"
         )
     # scaled in place, as fused_linear_grpo_loss does: nothing else needs the stored gradients
-    grads = [g.mul_(grad_loss) if done and grad_loss is not None else None
-             for g, done in zip(ctx.saved_tensors, ctx.computed)]  # fmt: skip
+    grads = [
+        g.mul_(grad_loss) if done and grad_loss is not None else None
+        for g, done in zip(ctx.saved_tensors, ctx.computed)
+    ]
     return (*grads, None, None, None)  # hidden, weight, bias; the teacher's get none
 
 
@@ -267,13 +330,26 @@ def fused_linear_distill_loss(
     grad = torch.is_grad_enabled()
     needs = [grad and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)]
     loss, div, lp, *_ = _fused_linear_divergence(
-        student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
-        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach(), teacher_weight.detach(),
+        student_hidden.reshape(-1, student_hidden.shape[-1]),
+        student_weight,
+        student_bias,
+        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach(),
+        teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
-        token_ids=ids, coef=coef, kind=kernel_kind(divergence, beta), beta=beta, temperature=temperature,
-        with_logprobs=token_ids is not None, dtype=dtype, teacher_dtype=teacher_dtype, chunk_tokens=chunk,
-        grad_hidden=needs[0], grad_weight=needs[1], grad_bias=needs[2], backend=name,
-    )  # fmt: skip
+        token_ids=ids,
+        coef=coef,
+        kind=kernel_kind(divergence, beta),
+        beta=beta,
+        temperature=temperature,
+        with_logprobs=token_ids is not None,
+        dtype=dtype,
+        teacher_dtype=teacher_dtype,
+        chunk_tokens=chunk,
+        grad_hidden=needs[0],
+        grad_weight=needs[1],
+        grad_bias=needs[2],
+        backend=name,
+    )
     logprobs = None
     if token_ids is not None:
         logprobs = _poison(lp, token_ids, ids, mask, ignore_index).view(shape)

@@ -49,9 +49,24 @@ _HEAD_OPTIONS = {
     },
     returns="(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def fused_linear_grpo_loss(hidden, weight, bias, batch, config, entropy_weights, entropy_coef, logit_softcap,
-                           logit_scale, dtype, chunk_tokens, with_entropy, backend, grad_hidden, grad_weight,
-                           grad_bias) -> tuple[Tensor, ...]:  # fmt: skip
+def fused_linear_grpo_loss(
+    hidden,
+    weight,
+    bias,
+    batch,
+    config,
+    entropy_weights,
+    entropy_coef,
+    logit_softcap,
+    logit_scale,
+    dtype,
+    chunk_tokens,
+    with_entropy,
+    backend,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+) -> tuple[Tensor, ...]:
     """-> loss [], lp [N], entropy [N] / [0], per-token loss [N], kl [N], clip flags [N] uint8,
     d loss/d hidden [N, H] / [0], d loss/d weight [V, H] / [0], d loss/d bias [V] / [0]."""
     if logit_softcap is None:  # logits * scale / tau == logits / (tau / scale): the scale costs nothing
@@ -119,26 +134,50 @@ def fused_linear_grpo_loss(hidden, weight, bias, batch, config, entropy_weights,
 
         none = lambda dt: torch.empty(0, dtype=dt, device=device)  # noqa: E731
         return (
-            loss, tokens.spread(lp), tokens.spread(entropy) if with_entropy else none(acc),
-            tokens.spread(per_token_loss), tokens.spread(kl), tokens.spread(flags),
+            loss,
+            tokens.spread(lp),
+            tokens.spread(entropy) if with_entropy else none(acc),
+            tokens.spread(per_token_loss),
+            tokens.spread(kl),
+            tokens.spread(flags),
             tokens.spread(d_h).to(hidden.dtype) if d_h is not None else none(hidden.dtype),
             d_w.to(weight.dtype) if d_w is not None else none(weight.dtype),
             d_b.to(bias.dtype) if d_b is not None else none(weight.dtype),
-        )  # fmt: skip
-
+        )
 
 
 @fused_linear_grpo_loss.register_fake
-def _(hidden, weight, bias, batch, entropy_weights, entropy_coef, logit_softcap, logit_scale, dtype, chunk_tokens,
-      with_entropy, backend, grad_hidden, grad_weight, grad_bias):  # fmt: skip
+def _(
+    hidden,
+    weight,
+    bias,
+    batch,
+    entropy_weights,
+    entropy_coef,
+    logit_softcap,
+    logit_scale,
+    dtype,
+    chunk_tokens,
+    with_entropy,
+    backend,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+):
     n, acc = batch.token_ids.shape[0], acc_dtype(dtype)
     new = lambda shape, dt=acc: hidden.new_empty(shape, dtype=dt)  # noqa: E731
     has_bias = grad_bias and bias is not None
     return (
-        new(()), new(n), new(n if with_entropy else 0), new(n), new(n), new(n, torch.uint8),
-        new(hidden.shape if grad_hidden else 0, hidden.dtype), new(weight.shape if grad_weight else 0, weight.dtype),
+        new(()),
+        new(n),
+        new(n if with_entropy else 0),
+        new(n),
+        new(n),
+        new(n, torch.uint8),
+        new(hidden.shape if grad_hidden else 0, hidden.dtype),
+        new(weight.shape if grad_weight else 0, weight.dtype),
         new(bias.shape if has_bias else 0, bias.dtype if has_bias else weight.dtype),
-    )  # fmt: skip
+    )
 
 
 def _setup(ctx, args, output):
@@ -158,8 +197,10 @@ def _backward(ctx, grad_loss, grad_lp, grad_entropy, *unused):
     # peak by the size of the head. A second backward through the same graph (retain_graph=True) therefore fails
     # autograd's saved-tensor version check instead of reusing scaled values.
     # g.mul_(0-dim float32 grad_loss) keeps g's dtype and rounds once, as g * grad_loss would.
-    return tuple(g.mul_(grad_loss) if done and grad_loss is not None else None
-                 for g, done in zip(ctx.saved_tensors, ctx.computed))  # fmt: skip
+    return tuple(
+        g.mul_(grad_loss) if done and grad_loss is not None else None
+        for g, done in zip(ctx.saved_tensors, ctx.computed)
+    )
 
 
 fused_linear_grpo_loss.register_autograd(_backward, setup_context=_setup)
@@ -174,8 +215,9 @@ fused_linear_grpo_loss.register_autograd(_backward, setup_context=_setup)
     options={"temperature": float, **_HEAD_OPTIONS},
     returns="(Tensor, Tensor)",
 )
-def fused_linear_token_logprobs(hidden, weight, bias, token_ids, temperature, logit_softcap, logit_scale, dtype,
-                                chunk_tokens, with_entropy, backend) -> tuple[Tensor, Tensor]:  # fmt: skip
+def fused_linear_token_logprobs(
+    hidden, weight, bias, token_ids, temperature, logit_softcap, logit_scale, dtype, chunk_tokens, with_entropy, backend
+) -> tuple[Tensor, Tensor]:
     """-> lp [N], entropy [N] / [0] (float32; float64 for a float64 compute dtype). No gradient."""
     if logit_softcap is None:
         temperature = temperature / logit_scale
@@ -190,9 +232,9 @@ def fused_linear_token_logprobs(hidden, weight, bias, token_ids, temperature, lo
         return tokens.spread(lp), tokens.spread(entropy) if with_entropy else entropy
 
 
-
 @fused_linear_token_logprobs.register_fake
-def _(hidden, weight, bias, token_ids, temperature, logit_softcap, logit_scale, dtype, chunk_tokens, with_entropy,
-      backend):  # fmt: skip
+def _(
+    hidden, weight, bias, token_ids, temperature, logit_softcap, logit_scale, dtype, chunk_tokens, with_entropy, backend
+):
     n, acc = token_ids.shape[0], acc_dtype(dtype)
     return hidden.new_empty(n, dtype=acc), hidden.new_empty(n if with_entropy else 0, dtype=acc)

@@ -90,10 +90,13 @@ class _Head(NamedTuple):
 def make_head(weight, bias, dtype, softcap, scale, chunk) -> _Head:
     shape = (max(1, chunk), weight.shape[0])
     return _Head(
-        weight.to(dtype), None if bias is None else bias.to(dtype), softcap, scale,
+        weight.to(dtype),
+        None if bias is None else bias.to(dtype),
+        softcap,
+        scale,
         torch.empty(shape, dtype=dtype, device=weight.device),
         None if softcap is None else torch.empty(shape, dtype=acc_dtype(dtype), device=weight.device),
-    )  # fmt: skip
+    )
 
 
 def addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -148,10 +151,17 @@ def gather(hidden: Tensor, batch: TokenBatch, dtype: torch.dtype) -> _Tokens:
         counts = segment_sum(batch.token_ids.ge(0).to(torch.float64), batch.cu_seqlens).round().long()
         pick = lambda x: None if x is None else x.index_select(0, keep)  # noqa: E731
         batch = TokenBatch(
-            pick(batch.token_ids), pick(batch.coef), pick(batch.advantages), pick(batch.old_logprobs),
-            pick(batch.ref_logprobs), pick(batch.is_weights), torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
-            pick(batch.seq_ids), pick(batch.seq_weights), pick(batch.mask_weights),
-        )  # fmt: skip
+            pick(batch.token_ids),
+            pick(batch.coef),
+            pick(batch.advantages),
+            pick(batch.old_logprobs),
+            pick(batch.ref_logprobs),
+            pick(batch.is_weights),
+            torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
+            pick(batch.seq_ids),
+            pick(batch.seq_weights),
+            pick(batch.mask_weights),
+        )
         hidden = hidden.index_select(0, keep)
     return _Tokens(hidden.to(dtype), batch, batch.cu_seqlens.tolist(), keep, total)
 
@@ -163,10 +173,17 @@ def slice_batch(batch: TokenBatch, start: int, end: int, cu: list[int]) -> Token
     bounds = [max(c, start) - start for c in cu[first : last + 1]] + [end - start]
     part = lambda x: None if x is None else x[start:end]  # noqa: E731
     return TokenBatch(
-        part(batch.token_ids), part(batch.coef), part(batch.advantages), part(batch.old_logprobs),
-        part(batch.ref_logprobs), part(batch.is_weights), torch.tensor(bounds, device=batch.cu_seqlens.device),
-        batch.seq_ids[start:end] - first, part(batch.seq_weights), part(batch.mask_weights),
-    )  # fmt: skip
+        part(batch.token_ids),
+        part(batch.coef),
+        part(batch.advantages),
+        part(batch.old_logprobs),
+        part(batch.ref_logprobs),
+        part(batch.is_weights),
+        torch.tensor(bounds, device=batch.cu_seqlens.device),
+        batch.seq_ids[start:end] - first,
+        part(batch.seq_weights),
+        part(batch.mask_weights),
+    )
 
 
 def plan_tiles(cu: list[int], chunk: int, coupling: str | None) -> tuple[list[tuple[int, int]], bool]:
@@ -210,5 +227,3 @@ def logprob_pass(head: _Head, tokens: _Tokens, tiles, be, temperature: float, wi
         if with_entropy:
             entropy[start:end] = entropy_t
     return lp, lse, entropy
-
-

@@ -120,9 +120,13 @@ def causal_lm_token_logprobs(
     ``logprob_kwargs`` go to :func:`fused_linear_token_logprobs` (``temperature``, ``return_entropy``, ...)."""
     with torch.no_grad():
         hidden, weight, targets, kwargs = causal_lm_head_inputs(
-            model, input_ids, attention_mask, logits_to_keep,
-            completion_mask=completion_mask, model_kwargs=model_kwargs,
-        )  # fmt: skip
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            completion_mask=completion_mask,
+            model_kwargs=model_kwargs,
+        )
         from ..fused_linear import fused_linear_token_logprobs
 
         return fused_linear_token_logprobs(hidden, weight, targets, **{**kwargs, **logprob_kwargs})

@@ -546,11 +546,15 @@ class GRPOTrainer(TRLGRPOTrainer):
         log_ratio = out.logprobs - old if old is not None else torch.zeros_like(out.logprobs)
         if self.loss_type == "vespo":
             phi = self.get_gamma_weights(
-                advantages=advantages, log_ratio_per_token=log_ratio, mask=mask,
-                importance_sampling_ratio=inputs.get("importance_sampling_ratio"), k_pos=self.args.vespo_k_pos,
-                lambda_pos=self.args.vespo_lambda_pos, k_neg=self.args.vespo_k_neg,
+                advantages=advantages,
+                log_ratio_per_token=log_ratio,
+                mask=mask,
+                importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
+                k_pos=self.args.vespo_k_pos,
+                lambda_pos=self.args.vespo_lambda_pos,
+                k_neg=self.args.vespo_k_neg,
                 lambda_neg=self.args.vespo_lambda_neg,
-            )  # fmt: skip
+            )
             log_masked_mean("vespo/phi_seq_mean", phi)
             return
         if self.loss_type not in _CLIP_METRIC_LOSS_TYPES and self.loss_type != "cispo":

@@ -23,7 +23,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-
 _FIELDS: dict[type, list[tuple[str, object]]] = {}
 
 
@@ -93,10 +92,8 @@ class StructOp:
         self.tensor_names = [n for n, _ in tensors]  # the op's positional arguments, in order
         mutated = set(mutates_args)
         declare = lambda n, k: f"Tensor(a!) {n}" if n in mutated else f"{k} {n}"  # noqa: E731
-        self.schema = (
-            f"({', '.join([declare(n, k) for n, k in tensors] + (['*'] if others else []) + [f'{k} {n}' for n, k in others])})"
-            f" -> {returns}"
-        )
+        arguments = [declare(n, k) for n, k in tensors] + (["*"] if others else []) + [f"{k} {n}" for n, k in others]
+        self.schema = f"({', '.join(arguments)}) -> {returns}"
 
         def flat(*tensors, **kwargs):
             return fn(**self._decode(self.named(tensors, kwargs)))
@@ -118,13 +115,16 @@ class StructOp:
         for key in self.structs:
             args.update(encode(structured[key]))
         args.update({name: _encode_value(hint, structured[name]) for name, hint in self.options.items()})
-        return self.op(*[args[n] for n in self.tensor_names], **{k: v for k, v in args.items()
-                                                                  if k not in self.tensor_names})  # fmt: skip
+        return self.op(
+            *[args[n] for n in self.tensor_names], **{k: v for k, v in args.items() if k not in self.tensor_names}
+        )
 
     def register_fake(self, fn: Callable) -> Callable:
         """``fn(*tensors, **structs, **options)``: the output shapes. Structures without floats (a TokenBatch, a
         GroupLayout) are rebuilt; configurations are not passed (their floats have no value while tracing)."""
-        tensor_structs = {key: cls for key, cls in self.structs.items() if not any(_is_float(h) for _, h in _fields(cls))}
+        tensor_structs = {
+            key: cls for key, cls in self.structs.items() if not any(_is_float(h) for _, h in _fields(cls))
+        }
 
         def fake(*tensors, **kwargs):
             args = self.named(tensors, kwargs)
@@ -157,7 +157,14 @@ def struct_op(qualname: str, *, positional, structs=None, options=None, returns:
     decorated function takes every argument by name, structures rebuilt (``fn(logits, *, batch, config, ...)``)."""
 
     def wrap(fn: Callable) -> StructOp:
-        return StructOp(qualname, fn, positional=positional, structs=structs or {}, options=options or {},
-                        returns=returns, mutates_args=mutates_args)  # fmt: skip
+        return StructOp(
+            qualname,
+            fn,
+            positional=positional,
+            structs=structs or {},
+            options=options or {},
+            returns=returns,
+            mutates_args=mutates_args,
+        )
 
     return wrap

@@ -16,9 +16,13 @@ from ..config import AdvantageConfig
 from ._define import struct_op
 
 
-@struct_op("grpo_kernels::group_advantages", positional={"rewards": Tensor, "weights": Tensor, "lengths": Tensor | None},
-           structs={"layout": GroupLayout, "config": AdvantageConfig}, options={"backend": str},
-           returns="(Tensor, Tensor, Tensor)")  # fmt: skip
+@struct_op(
+    "grpo_kernels::group_advantages",
+    positional={"rewards": Tensor, "weights": Tensor, "lengths": Tensor | None},
+    structs={"layout": GroupLayout, "config": AdvantageConfig},
+    options={"backend": str},
+    returns="(Tensor, Tensor, Tensor)",
+)
 def group_advantages(rewards, weights, lengths, layout, config, backend) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(get_backend(backend).group_advantages(rewards, weights, layout, config, lengths))
 

@@ -38,8 +38,13 @@ _OPTIONS = {"with_entropy": bool, "loss_scale": float, "backend": str}
 # ----------------------------------------------------------------------------------------------------------------
 # custom ops: opaque to torch.compile, like grpo_kernels::grpo_loss (same arguments, plus loss_scale)
 # ----------------------------------------------------------------------------------------------------------------
-@struct_op("grpo_kernels::grpo_loss_with_grad", positional={"logits": Tensor}, structs=_STRUCTS, options=_OPTIONS,
-           returns=LOSS_OUTPUTS[:-1] + ", Tensor)")  # fmt: skip
+@struct_op(
+    "grpo_kernels::grpo_loss_with_grad",
+    positional={"logits": Tensor},
+    structs=_STRUCTS,
+    options=_OPTIONS,
+    returns=LOSS_OUTPUTS[:-1] + ", Tensor)",
+)
 def grpo_loss_with_grad(logits, batch, config, with_entropy, loss_scale, backend) -> tuple[Tensor, ...]:
     """``grpo_kernels::grpo_loss``'s outputs + ``loss_scale * d loss / d logits`` in a new buffer."""
     grad = _alloc.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -52,11 +57,19 @@ def _(logits, batch, with_entropy, loss_scale, backend):
     return (*fake_loss_outputs(logits, batch.token_ids, with_entropy), torch.empty_like(logits))
 
 
-@struct_op("grpo_kernels::grpo_loss_with_grad_", positional={"logits": Tensor}, structs=_STRUCTS, options=_OPTIONS,
-           returns=LOSS_OUTPUTS, mutates_args=("logits",))  # fmt: skip
+@struct_op(
+    "grpo_kernels::grpo_loss_with_grad_",
+    positional={"logits": Tensor},
+    structs=_STRUCTS,
+    options=_OPTIONS,
+    returns=LOSS_OUTPUTS,
+    mutates_args=("logits",),
+)
 def grpo_loss_with_grad_(logits, batch, config, with_entropy, loss_scale, backend) -> tuple[Tensor, ...]:
     """The same, with the gradient written over the logits."""
-    return tuple(get_backend(backend).grpo_loss_forward_with_grad(logits, batch, config, with_entropy, loss_scale, logits))
+    return tuple(
+        get_backend(backend).grpo_loss_forward_with_grad(logits, batch, config, with_entropy, loss_scale, logits)
+    )
 
 
 @grpo_loss_with_grad_.register_fake
@@ -64,8 +77,13 @@ def _(logits, batch, with_entropy, loss_scale, backend):
     return fake_loss_outputs(logits, batch.token_ids, with_entropy)
 
 
-@struct_op("grpo_kernels::scale_gradient_", positional={"grad": Tensor, "grad_loss": Tensor},
-           options={"loss_scale": float, "backend": str}, returns="()", mutates_args=("grad",))  # fmt: skip
+@struct_op(
+    "grpo_kernels::scale_gradient_",
+    positional={"grad": Tensor, "grad_loss": Tensor},
+    options={"loss_scale": float, "backend": str},
+    returns="()",
+    mutates_args=("grad",),
+)
 def scale_gradient_(grad, grad_loss, loss_scale, backend) -> None:
     """``grad *= grad_loss / loss_scale`` where ``grad_loss != loss_scale``; nothing otherwise."""
     get_backend(backend).scale_gradient_(grad, grad_loss, loss_scale)
@@ -79,13 +97,24 @@ class _GradInForward(torch.autograd.Function):
     def forward(ctx, logits: Tensor, batch: TokenBatch, config: LossConfig, options: dict):
         loss_scale, backend = options["loss_scale"], options["backend"]
         if options["inplace"]:
-            outputs = grpo_loss_with_grad_(logits, batch=batch, config=config, with_entropy=options["with_entropy"],
-                                           loss_scale=loss_scale, backend=backend)  # fmt: skip
+            outputs = grpo_loss_with_grad_(
+                logits,
+                batch=batch,
+                config=config,
+                with_entropy=options["with_entropy"],
+                loss_scale=loss_scale,
+                backend=backend,
+            )
             grad = logits
         else:
-            *outputs, grad = grpo_loss_with_grad(logits, batch=batch, config=config,
-                                                 with_entropy=options["with_entropy"], loss_scale=loss_scale,
-                                                 backend=backend)  # fmt: skip
+            *outputs, grad = grpo_loss_with_grad(
+                logits,
+                batch=batch,
+                config=config,
+                with_entropy=options["with_entropy"],
+                loss_scale=loss_scale,
+                backend=backend,
+            )
         ctx.save_for_backward(grad)
         ctx.loss_scale, ctx.backend = loss_scale, backend
         ctx.set_materialize_grads(False)
@@ -102,8 +131,16 @@ class _GradInForward(torch.autograd.Function):
         return grad, None, None, None
 
 
-def grpo_loss(logits: Tensor, *, batch: TokenBatch, config: LossConfig, with_entropy: bool, inplace: bool,
-              loss_scale: float, backend: str) -> tuple[Tensor, ...]:  # fmt: skip
+def grpo_loss(
+    logits: Tensor,
+    *,
+    batch: TokenBatch,
+    config: LossConfig,
+    with_entropy: bool,
+    inplace: bool,
+    loss_scale: float,
+    backend: str,
+) -> tuple[Tensor, ...]:
     """``grpo_kernels::grpo_loss``'s 8 outputs, with the logits' gradient computed in the forward (over the logits
     when ``inplace``)."""
     options = dict(with_entropy=with_entropy, inplace=inplace, loss_scale=loss_scale, backend=backend)

@@ -29,8 +29,13 @@ def fake_loss_outputs(logits: Tensor, token_ids: Tensor, with_entropy: bool) -> 
     return new(()), new(n), new(n), new(n if with_entropy else 0), new(n), new(n), new(n), new(n, torch.uint8)
 
 
-@struct_op("grpo_kernels::grpo_loss", positional={"logits": Tensor}, structs={"batch": TokenBatch, "config": LossConfig},
-           options={"with_entropy": bool, "inplace_backward": bool, "backend": str}, returns=LOSS_OUTPUTS)  # fmt: skip
+@struct_op(
+    "grpo_kernels::grpo_loss",
+    positional={"logits": Tensor},
+    structs={"batch": TokenBatch, "config": LossConfig},
+    options={"with_entropy": bool, "inplace_backward": bool, "backend": str},
+    returns=LOSS_OUTPUTS,
+)
 def grpo_loss(logits, batch, config, with_entropy, inplace_backward, backend) -> tuple[Tensor, ...]:
     return tuple(get_backend(backend).grpo_loss_forward(logits, batch, config, with_entropy))
 
@@ -50,8 +55,17 @@ def _setup(ctx, args, output):
 def _backward(ctx, grad_loss, grad_lp, grad_lse, grad_entropy, *unused):
     logits, token_ids, lse, entropy, grad_logprobs, temperature = ctx.saved_tensors
     g = grad_logprobs * grad_loss if grad_loss is not None else torch.zeros_like(grad_logprobs)
-    return logits_grad(logits, token_ids, lse, entropy, g, grad_entropy, temperature=temperature,
-                       backend=ctx.backend, inplace=ctx.inplace)  # fmt: skip
+    return logits_grad(
+        logits,
+        token_ids,
+        lse,
+        entropy,
+        g,
+        grad_entropy,
+        temperature=temperature,
+        backend=ctx.backend,
+        inplace=ctx.inplace,
+    )
 
 
 grpo_loss.register_autograd(_backward, setup_context=_setup)

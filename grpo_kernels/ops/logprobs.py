@@ -37,8 +37,9 @@ _BACKWARD_ARGS = {
 _BACKWARD_OPTIONS = {"temperature": float, "backend": str}
 
 
-@struct_op("grpo_kernels::token_logprobs_backward", positional=_BACKWARD_ARGS, options=_BACKWARD_OPTIONS,
-           returns="Tensor")  # fmt: skip
+@struct_op(
+    "grpo_kernels::token_logprobs_backward", positional=_BACKWARD_ARGS, options=_BACKWARD_OPTIONS, returns="Tensor"
+)
 def token_logprobs_backward(logits, token_ids, lse, entropy, grad_lp, grad_entropy, temperature, backend) -> Tensor:
     out = _alloc.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     get_backend(backend).token_logprobs_backward(
@@ -52,16 +53,31 @@ def _(logits, token_ids, lse, entropy, grad_lp, grad_entropy, temperature, backe
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-@struct_op("grpo_kernels::token_logprobs_backward_", positional=_BACKWARD_ARGS, options=_BACKWARD_OPTIONS,
-           returns="()", mutates_args=("logits",))  # fmt: skip
+@struct_op(
+    "grpo_kernels::token_logprobs_backward_",
+    positional=_BACKWARD_ARGS,
+    options=_BACKWARD_OPTIONS,
+    returns="()",
+    mutates_args=("logits",),
+)
 def token_logprobs_backward_(logits, token_ids, lse, entropy, grad_lp, grad_entropy, temperature, backend) -> None:
     get_backend(backend).token_logprobs_backward(
         logits, token_ids, lse, entropy, grad_lp, grad_entropy, temperature, logits
     )
 
 
-def logits_grad(logits: Tensor, token_ids: Tensor, lse: Tensor, entropy: Tensor, grad_lp: Tensor,
-                grad_entropy: Tensor | None, *, temperature, backend: str, inplace: bool) -> Tensor:  # fmt: skip
+def logits_grad(
+    logits: Tensor,
+    token_ids: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    grad_lp: Tensor,
+    grad_entropy: Tensor | None,
+    *,
+    temperature,
+    backend: str,
+    inplace: bool,
+) -> Tensor:
     """``d loss / d logits`` from the per-token gradients (over the logits' own buffer when ``inplace``)."""
     if entropy.numel() == 0:
         grad_entropy = None
@@ -77,9 +93,12 @@ def logits_grad(logits: Tensor, token_ids: Tensor, lse: Tensor, entropy: Tensor,
 # ----------------------------------------------------------------------------------------------------------------
 # token log-probs (+ entropy)
 # ----------------------------------------------------------------------------------------------------------------
-@struct_op("grpo_kernels::token_logprobs", positional={"logits": Tensor, "token_ids": Tensor},
-           options={"temperature": float, "with_entropy": bool, "backend": str},
-           returns="(Tensor, Tensor, Tensor)")  # fmt: skip
+@struct_op(
+    "grpo_kernels::token_logprobs",
+    positional={"logits": Tensor, "token_ids": Tensor},
+    options={"temperature": float, "with_entropy": bool, "backend": str},
+    returns="(Tensor, Tensor, Tensor)",
+)
 def token_logprobs(logits, token_ids, temperature, with_entropy, backend) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(get_backend(backend).token_logprobs_forward(logits, token_ids, temperature, with_entropy))
 
@@ -87,7 +106,11 @@ def token_logprobs(logits, token_ids, temperature, with_entropy, backend) -> tup
 @token_logprobs.register_fake
 def _(logits, token_ids, temperature, with_entropy, backend):
     n, acc = token_ids.shape[0], accumulation_dtype(logits)
-    return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc), logits.new_empty(n if with_entropy else 0, dtype=acc)
+    return (
+        logits.new_empty(n, dtype=acc),
+        logits.new_empty(n, dtype=acc),
+        logits.new_empty(n if with_entropy else 0, dtype=acc),
+    )
 
 
 def _setup(ctx, args, output):
@@ -101,8 +124,17 @@ def _backward(ctx, grad_lp, grad_lse, grad_entropy):
     logits, token_ids, lse, entropy, temperature = ctx.saved_tensors
     if grad_lp is None:
         grad_lp = torch.zeros_like(lse)
-    grad = logits_grad(logits, token_ids, lse, entropy, grad_lp, grad_entropy, temperature=temperature,
-                       backend=ctx.backend, inplace=False)  # fmt: skip
+    grad = logits_grad(
+        logits,
+        token_ids,
+        lse,
+        entropy,
+        grad_lp,
+        grad_entropy,
+        temperature=temperature,
+        backend=ctx.backend,
+        inplace=False,
+    )
     return grad, None
 
 

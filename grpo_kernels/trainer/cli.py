@@ -1,9 +1,9 @@
 """``grpo-train``: the command line of the reference trainer (flags generated from :class:`TrainConfig`).
 
-    grpo-train                                   # built-in task: warm-up, then GRPO; held-out accuracy before/after
-    grpo-train --model ./Qwen2.5-0.5B-Instruct --data gsm8k.jsonl --reward accuracy --reward format=0.2
-    torchrun --nproc_per_node=2 -m grpo_kernels.trainer --steps 20
-    grpo-train sweep --num-generations 2,4,8 --seeds 0,1,2 --budget completions    # see sweep.py
+grpo-train                                   # built-in task: warm-up, then GRPO; held-out accuracy before/after
+grpo-train --model ./Qwen2.5-0.5B-Instruct --data gsm8k.jsonl --reward accuracy --reward format=0.2
+torchrun --nproc_per_node=2 -m grpo_kernels.trainer --steps 20
+grpo-train sweep --num-generations 2,4,8 --seeds 0,1,2 --budget completions    # see sweep.py
 """
 
 from __future__ import annotations

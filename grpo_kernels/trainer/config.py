@@ -45,10 +45,14 @@ AUTO = {
 class TrainConfig(_LossKnobs):
     # --- model and data ---------------------------------------------------------------------------------------
     model: str | None = _opt(None, "local Hugging Face model directory (default: the built-in tiny model)")
-    data: str | None = _opt(None, "JSONL file with 'prompt', 'answer' (and optionally 'completion' for the warm-up); "
-                                  "default: the built-in addition task")  # fmt: skip
-    eval_data: str | None = _opt(None, "JSONL held-out set (default with the built-in task: --eval-size problems "
-                                       "never trained on)")  # fmt: skip
+    data: str | None = _opt(
+        None,
+        "JSONL file with 'prompt', 'answer' (and optionally 'completion' for the warm-up); "
+        "default: the built-in addition task",
+    )
+    eval_data: str | None = _opt(
+        None, "JSONL held-out set (default with the built-in task: --eval-size problems never trained on)"
+    )
     eval_size: int = _opt(256, "held-out problems of the built-in task (or the first N of --eval-data; 0 = all)")
     task_digits: int = _opt(2, "digits of each operand in the built-in addition task")
     system_prompt: str | None = _opt(None, "system message for the chat template (or a line before the prompt)")
@@ -56,8 +60,10 @@ class TrainConfig(_LossKnobs):
     tiny_layers: int = _opt(2, "layers of the built-in tiny model")
     output_dir: str = _opt("grpo-output", "metrics.jsonl, curves.png, checkpoints/ and final/ go here")
     # --- supervised warm-up ------------------------------------------------------------------------------------
-    sft_steps: int | None = _opt(None, "supervised warm-up steps on demonstrations before GRPO "
-                                       "(default: 150 on the built-in task, 0 with --data)")  # fmt: skip
+    sft_steps: int | None = _opt(
+        None,
+        "supervised warm-up steps on demonstrations before GRPO (default: 150 on the built-in task, 0 with --data)",
+    )
     sft_batch_size: int = _opt(64, "demonstrations per warm-up step (global)")
     sft_lr: float = _opt(1e-3, "warm-up learning rate")
     # --- GRPO ----------------------------------------------------------------------------------------------------
@@ -70,31 +76,45 @@ class TrainConfig(_LossKnobs):
     temperature: float = _opt(1.0, "sampling temperature (the loss divides the logits by it too)")
     top_p: float = _opt(1.0, "nucleus sampling threshold")
     mask_truncated: bool = _opt(False, "leave completions without EOS out of the loss (DAPO overlong filtering)")
-    rewards: list[str] | None = _opt(None, "NAME[=WEIGHT], repeatable: accuracy, format, length, learned (a reward "
-                                           "model trained first on the built-in task's preference pairs) or "
-                                           "module:function (default: accuracy)", flag="--reward")  # fmt: skip
-    reward_models: list[str] | None = _opt(None, "DIR[=WEIGHT], repeatable: a local Hugging Face sequence-"
-                                                 "classification model (one output) scoring (prompt, completion)",
-                                           flag="--reward-model", metavar="DIR[=WEIGHT]")  # fmt: skip
+    rewards: list[str] | None = _opt(
+        None,
+        "NAME[=WEIGHT], repeatable: accuracy, format, length, learned (a reward "
+        "model trained first on the built-in task's preference pairs) or "
+        "module:function (default: accuracy)",
+        flag="--reward",
+    )
+    reward_models: list[str] | None = _opt(
+        None,
+        "DIR[=WEIGHT], repeatable: a local Hugging Face sequence-"
+        "classification model (one output) scoring (prompt, completion)",
+        flag="--reward-model",
+        metavar="DIR[=WEIGHT]",
+    )
     reward_model_batch_size: int = _opt(64, "completions per reward-model forward pass")
     learned_reward_steps: int = _opt(300, "Bradley-Terry training steps of the --reward learned model")
     learned_reward_pairs: int = _opt(64, "preference pairs per training step of the --reward learned model")
     learned_reward_lr: float = _opt(1e-3, "learning rate of the --reward learned model")
-    multi_reward: str = _opt("sum_then_normalize", "how several rewards combine",
-                             choices=("sum_then_normalize", "normalize_then_sum"))  # fmt: skip
-    advantage_scale: str = _opt("group", "advantage denominator: group std, batch std or none (Dr. GRPO)",
-                                choices=("group", "batch", "none"))  # fmt: skip
+    multi_reward: str = _opt(
+        "sum_then_normalize", "how several rewards combine", choices=("sum_then_normalize", "normalize_then_sum")
+    )
+    advantage_scale: str = _opt(
+        "group", "advantage denominator: group std, batch std or none (Dr. GRPO)", choices=("group", "batch", "none")
+    )
     advantage_eps: float = _opt(1e-4, "added to the std of the advantage denominator")
     # --- the reference policy (beta > 0) --------------------------------------------------------------------------
-    ref_sync_every: int = _opt(0, "every N optimizer steps of GRPO, ref <- alpha * policy + (1 - alpha) * ref "
-                                  "(TRL's sync_ref_model; 0 = the reference stays the starting policy)")  # fmt: skip
+    ref_sync_every: int = _opt(
+        0,
+        "every N optimizer steps of GRPO, ref <- alpha * policy + (1 - alpha) * ref "
+        "(TRL's sync_ref_model; 0 = the reference stays the starting policy)",
+    )
     ref_mixup_alpha: float = _opt(0.6, "alpha of --ref-sync-every (TRL's ref_model_mixup_alpha), in [0, 1]")
     # --- LoRA (peft): adapters added when GRPO starts; the reference is the base model, adapters disabled ---------
     lora_r: int = _opt(0, "LoRA rank (0 = full fine-tuning)")
     lora_alpha: float = _opt(32.0, "LoRA scaling numerator (the adapter is scaled by alpha / r)")
     lora_dropout: float = _opt(0.05, "dropout on the adapters' input in the loss's forward pass")
-    lora_target_modules: str | None = _opt(None, "comma-separated module names to adapt, or all-linear "
-                                                 "(default: peft's choice for the architecture)")  # fmt: skip
+    lora_target_modules: str | None = _opt(
+        None, "comma-separated module names to adapt, or all-linear (default: peft's choice for the architecture)"
+    )
     # --- the loss: every knob of grpo_kernels.LossConfig is a field (and a flag), inherited from _LossKnobs ---
     entropy: bool = _opt(True, "compute the per-token entropy (logged as a metric)")
     inplace_backward: bool = _opt(False, "write the logits' gradient over the logits (saves one [N, V] buffer)")
@@ -110,10 +130,17 @@ class TrainConfig(_LossKnobs):
     keep_checkpoints: int = _opt(2, "checkpoints kept on disk (the newest)")
     eval_every: int = _opt(0, "held-out evaluation every N GRPO steps besides before and after GRPO (0 = off)")
     eval_batch_size: int = _opt(128, "prompts per evaluation generate call")
-    resume: str | None = _opt(None, "continue from the latest checkpoint in output_dir, or from a given checkpoint "
-                                    "directory", nargs="?", const="latest")  # fmt: skip
-    overwrite: bool = _opt(False, "start afresh in an output_dir that holds a previous run (deletes its checkpoints, "
-                                   "metrics, curves and final model)")  # fmt: skip
+    resume: str | None = _opt(
+        None,
+        "continue from the latest checkpoint in output_dir, or from a given checkpoint directory",
+        nargs="?",
+        const="latest",
+    )
+    overwrite: bool = _opt(
+        False,
+        "start afresh in an output_dir that holds a previous run (deletes its checkpoints, "
+        "metrics, curves and final model)",
+    )
     device: str = _opt("auto", "auto (CUDA when available), cpu or cuda")
     bf16: bool = _opt(True, "bf16 autocast on CUDA (ignored on CPU)")
     progress: bool = _opt(True, "progress bar")
@@ -124,8 +151,17 @@ class TrainConfig(_LossKnobs):
         builtin = self.data is None
         values = {k: (v[0] if builtin else v[1]) for k, v in AUTO.items() if getattr(self, k) is None}
         cfg = dataclasses.replace(self, **values)
-        positive = ("batch_prompts", "num_generations", "grad_accum", "num_iterations", "max_new_tokens",
-                    "sft_batch_size", "eval_batch_size", "task_digits", "keep_checkpoints")  # fmt: skip
+        positive = (
+            "batch_prompts",
+            "num_generations",
+            "grad_accum",
+            "num_iterations",
+            "max_new_tokens",
+            "sft_batch_size",
+            "eval_batch_size",
+            "task_digits",
+            "keep_checkpoints",
+        )
         for name in positive:
             if getattr(cfg, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -153,8 +189,10 @@ def _check_options(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if "learned" in [spec.rpartition("=")[0] or spec for spec in cfg.rewards] and cfg.data is not None:
-        raise ValueError("--reward learned trains its reward model on the built-in task's preference pairs; with "
-                         "--data give a trained one with --reward-model DIR")  # fmt: skip
+        raise ValueError(
+            "--reward learned trains its reward model on the built-in task's preference pairs; with "
+            "--data give a trained one with --reward-model DIR"
+        )
     if cfg.ref_sync_every < 0:
         raise ValueError(f"--ref-sync-every must be >= 0, got {cfg.ref_sync_every}")
     if not 0.0 <= cfg.ref_mixup_alpha <= 1.0:
@@ -170,5 +208,7 @@ def _check_options(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise ValueError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.lora_r and cfg.ref_sync_every:
-        raise ValueError("--ref-sync-every cannot be used with --lora-r: the reference is the base model with the "
-                         "adapters disabled (no copy of the weights to mix into); TRL refuses it too")  # fmt: skip
+        raise ValueError(
+            "--ref-sync-every cannot be used with --lora-r: the reference is the base model with the "
+            "adapters disabled (no copy of the weights to mix into); TRL refuses it too"
+        )

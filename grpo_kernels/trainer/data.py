@@ -91,8 +91,14 @@ class PromptStream:
     ``exclude`` holds prompts that must never be trained on (the held-out set of the task).
     """
 
-    def __init__(self, seed: int, *, examples: list[Example] | None = None, task: AdditionTask | None = None,
-                 exclude: frozenset[str] = frozenset()):  # fmt: skip
+    def __init__(
+        self,
+        seed: int,
+        *,
+        examples: list[Example] | None = None,
+        task: AdditionTask | None = None,
+        exclude: frozenset[str] = frozenset(),
+    ):
         if (examples is None) == (task is None):
             raise ValueError("PromptStream needs exactly one of examples and task")
         self.seed, self.examples, self.task, self.exclude = seed, examples, task, exclude

@@ -50,7 +50,7 @@ from .checkpoint import (
     resolve_resume,
     save_checkpoint,
     verify_directory,
-)  # fmt: skip
+)
 from .config import TrainConfig
 from .data import AdditionTask, DataError, PromptStream, format_prompt, heldout_set, read_jsonl
 from .lora import adapter_dropout, adapter_state, add_lora, check_targets, load_adapter_state, save_final
@@ -150,8 +150,9 @@ class Trainer:
         self.device, self.world, self.rank = self.dist.device, self.dist.world, self.dist.rank
         for name, size in (("batch-prompts", cfg.batch_prompts), ("sft-batch-size", cfg.sft_batch_size)):
             if size % (self.world * cfg.grad_accum):
-                raise ValueError(f"--{name} {size} must be divisible by world size x --grad-accum = "
-                                 f"{self.world} x {cfg.grad_accum}")  # fmt: skip
+                raise ValueError(
+                    f"--{name} {size} must be divisible by world size x --grad-accum = {self.world} x {cfg.grad_accum}"
+                )
         self.out = Path(cfg.output_dir)
         self.checkpoints = self.out / "checkpoints"
         seed_everything(cfg.seed)  # the same initial weights on every rank
@@ -198,8 +199,9 @@ class Trainer:
         if cfg.data is not None:
             examples = read_jsonl(cfg.data)
             if cfg.sft_steps and any(e.completion is None for e in examples):
-                raise DataError(f"--sft-steps {cfg.sft_steps} needs a 'completion' (a demonstration) on every line "
-                                f"of {cfg.data}")  # fmt: skip
+                raise DataError(
+                    f"--sft-steps {cfg.sft_steps} needs a 'completion' (a demonstration) on every line of {cfg.data}"
+                )
             self.eval_examples = read_jsonl(cfg.eval_data)[:limit] if cfg.eval_data else []
             self.stream = PromptStream(cfg.seed, examples=examples)
             return
@@ -218,9 +220,12 @@ class Trainer:
         for spec in self.cfg.reward_models or []:
             path, weight = parse_reward_model_spec(spec)
             scorer = RewardModel.from_directory(
-                path, device=self.device, batch_size=self.cfg.reward_model_batch_size,
-                system_prompt=self.cfg.system_prompt, autocast=self._autocast,
-            )  # fmt: skip
+                path,
+                device=self.device,
+                batch_size=self.cfg.reward_model_batch_size,
+                system_prompt=self.cfg.system_prompt,
+                autocast=self._autocast,
+            )
             out[f"reward_model:{path}"] = (scorer, weight)
         return out
 
@@ -236,32 +241,50 @@ class Trainer:
                     if self.eval_examples and not cfg.eval_data
                     else heldout_set(self.task, size, HELDOUT_SEED)
                 )
-                stream = PromptStream(derived_seed(cfg.seed, "reward_model"), task=self.task,
-                                      exclude=frozenset(e.prompt for e in heldout))  # fmt: skip
+                stream = PromptStream(
+                    derived_seed(cfg.seed, "reward_model"), task=self.task, exclude=frozenset(e.prompt for e in heldout)
+                )
                 report = train_learned_reward(
-                    task=self.task, stream=stream, heldout=heldout, out_dir=path,
-                    seed=derived_seed(cfg.seed, "reward_model"), steps=cfg.learned_reward_steps,
-                    pairs_per_step=cfg.learned_reward_pairs, lr=cfg.learned_reward_lr,
-                    hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_layers, device=self.device,
-                )  # fmt: skip
+                    task=self.task,
+                    stream=stream,
+                    heldout=heldout,
+                    out_dir=path,
+                    seed=derived_seed(cfg.seed, "reward_model"),
+                    steps=cfg.learned_reward_steps,
+                    pairs_per_step=cfg.learned_reward_pairs,
+                    lr=cfg.learned_reward_lr,
+                    hidden_size=cfg.tiny_hidden_size,
+                    num_layers=cfg.tiny_layers,
+                    device=self.device,
+                )
                 self.metrics.write({"step": 0, "reward_model": "learned", **report})
                 accuracy, pairs = 100 * report["heldout_pairwise_accuracy"], report["heldout_pairs"]
-                print(f"reward model (--reward learned): held-out pairwise accuracy {accuracy:.1f}% on {pairs} pairs "
-                      f"-> {path}")  # fmt: skip
+                print(
+                    f"reward model (--reward learned): held-out pairwise accuracy {accuracy:.1f}% on {pairs} pairs "
+                    f"-> {path}"
+                )
             self.dist.barrier()
         verify_directory(path, "reward model")
-        return RewardModel.from_directory(path, device=self.device, batch_size=cfg.reward_model_batch_size,
-                                          autocast=self._autocast)  # fmt: skip
+        return RewardModel.from_directory(
+            path, device=self.device, batch_size=cfg.reward_model_batch_size, autocast=self._autocast
+        )
 
     def _fresh_output_dir(self) -> None:
         """A new run never mixes with an old one: its checkpoints would be resumed or pruned by mistake."""
-        previous = [self.checkpoints, self.out / "metrics.jsonl", self.out / "final", self.out / "curves.png",
-                    self.out / "reward_model"]  # fmt: skip
+        previous = [
+            self.checkpoints,
+            self.out / "metrics.jsonl",
+            self.out / "final",
+            self.out / "curves.png",
+            self.out / "reward_model",
+        ]
         previous = [p for p in previous if p.exists()]
         if previous and not self.cfg.overwrite:
             names = ", ".join(p.name for p in previous)
-            raise ValueError(f"{str(self.out)!r} holds a previous run ({names}): pass --resume to continue it, "
-                             "--overwrite to delete it and start afresh, or another --output-dir")  # fmt: skip
+            raise ValueError(
+                f"{str(self.out)!r} holds a previous run ({names}): pass --resume to continue it, "
+                "--overwrite to delete it and start afresh, or another --output-dir"
+            )
         self.dist.barrier()  # every rank has looked before rank 0 deletes
         if self.dist.main:
             for path in previous:
@@ -280,8 +303,13 @@ class Trainer:
         """The models of the GRPO phase: the LoRA adapters (--lora-r), else the reference copy (beta > 0)."""
         cfg = self.cfg
         if cfg.lora_r:
-            self.model = add_lora(self.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                  target_modules=cfg.lora_target_modules)  # fmt: skip
+            self.model = add_lora(
+                self.model,
+                r=cfg.lora_r,
+                alpha=cfg.lora_alpha,
+                dropout=cfg.lora_dropout,
+                target_modules=cfg.lora_target_modules,
+            )
             self.lora = True
             self.policy = self.model
             if self.world > 1:
@@ -316,18 +344,24 @@ class Trainer:
         keep = {"logits_to_keep": c + 1} if self.logits_to_keep else {}
         with self._autocast():
             logits = model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=position_ids(batch.attention_mask), use_cache=False, **keep,
-            ).logits  # fmt: skip
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=position_ids(batch.attention_mask),
+                use_cache=False,
+                **keep,
+            ).logits
         return logits[:, -(c + 1) : -1]  # position t predicts completion token t
 
     @torch.no_grad()
     def _logprobs(self, model, batch: Rollout) -> Tensor:
         logits = self._completion_logits(model, batch)
         return token_logprobs(
-            logits, batch.completion_ids, temperature=self.cfg.temperature, mask=batch.completion_mask,
+            logits,
+            batch.completion_ids,
+            temperature=self.cfg.temperature,
+            mask=batch.completion_mask,
             backend=self.cfg.backend,
-        )  # fmt: skip
+        )
 
     def _ref_logprobs(self, batch: Rollout) -> Tensor:
         """Log-probs under the reference policy: the frozen copy, or the base model with the adapters disabled."""
@@ -382,10 +416,11 @@ class Trainer:
         examples = self._local_share(cfg.sft_batch_size)
         size = len(examples) // cfg.grad_accum
         batches = [
-            demonstration_batch(self.tokenizer, [self._prompt_text(e.prompt) for e in part],
-                                [e.completion for e in part], self.device)
+            demonstration_batch(
+                self.tokenizer, [self._prompt_text(e.prompt) for e in part], [e.completion for e in part], self.device
+            )
             for part in (examples[i * size : (i + 1) * size] for i in range(cfg.grad_accum))
-        ]  # fmt: skip
+        ]
         (num_items,) = self.dist.sum([sum(float(b.completion_mask.sum()) for b in batches)])
         loss_sum = 0.0
         for i, batch in enumerate(batches):
@@ -396,8 +431,13 @@ class Trainer:
                 loss_sum += self._backward(loss, self._loss_scale(len(batches), token_normalised=True))
         grad_norm = self._optimizer_step()
         (loss_sum,) = self.dist.sum([loss_sum / self.world])
-        return {"phase": "sft", "loss": loss_sum, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
-                "step_time": time.perf_counter() - start}  # fmt: skip
+        return {
+            "phase": "sft",
+            "loss": loss_sum,
+            "grad_norm": grad_norm,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "step_time": time.perf_counter() - start,
+        }
 
     def _group_batch(self, examples: list, micro_index: int) -> GroupBatch:
         cfg, g = self.cfg, self.cfg.num_generations
@@ -406,22 +446,37 @@ class Trainer:
         start = time.perf_counter()
         with self._autocast():
             rollout = generate(
-                self.model, self.tokenizer, prompts, num_generations=g, max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature, top_p=cfg.top_p, mask_truncated=cfg.mask_truncated,
-            )  # fmt: skip
+                self.model,
+                self.tokenizer,
+                prompts,
+                num_generations=g,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                mask_truncated=cfg.mask_truncated,
+            )
         generation_time = time.perf_counter() - start
         answers = [e.answer for e in examples for _ in range(g)]
         scores = self.rewards(
-            prompts=[p for p in prompts for _ in range(g)], completions=rollout.completions, answers=answers,
-            completion_lengths=rollout.completion_lengths, truncated=rollout.truncated,
-            max_completion_length=cfg.max_new_tokens, raw_prompts=[e.prompt for e in examples for _ in range(g)],
-        )  # fmt: skip
+            prompts=[p for p in prompts for _ in range(g)],
+            completions=rollout.completions,
+            answers=answers,
+            completion_lengths=rollout.completion_lengths,
+            truncated=rollout.truncated,
+            max_completion_length=cfg.max_new_tokens,
+            raw_prompts=[e.prompt for e in examples for _ in range(g)],
+        )
         rewards = torch.tensor(scores, dtype=torch.float32, device=self.device)  # [B, R]
         adv = group_advantages(
-            rewards, group_size=g, scale=cfg.advantage_scale, eps=cfg.advantage_eps,
-            reward_weights=self.rewards.weights, multi_reward=cfg.multi_reward, backend=cfg.backend,
+            rewards,
+            group_size=g,
+            scale=cfg.advantage_scale,
+            eps=cfg.advantage_eps,
+            reward_weights=self.rewards.weights,
+            multi_reward=cfg.multi_reward,
+            backend=cfg.backend,
             return_stats=True,
-        )  # fmt: skip
+        )
         return GroupBatch(
             rollout=rollout,
             rewards=rewards,
@@ -443,10 +498,16 @@ class Trainer:
         with adapter_dropout(self.model, active=self.lora and self.cfg.lora_dropout > 0):
             logits = self._completion_logits(self.policy, batch.rollout)
         return grpo_loss(
-            logits, batch.rollout.completion_ids, batch.advantages, mask=batch.rollout.completion_mask,
-            old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs,
-            num_items_in_batch=num_items_in_batch, loss_scale=loss_scale, **self.loss_config,
-        )  # fmt: skip
+            logits,
+            batch.rollout.completion_ids,
+            batch.advantages,
+            mask=batch.rollout.completion_mask,
+            old_logprobs=batch.old_logprobs,
+            ref_logprobs=batch.ref_logprobs,
+            num_items_in_batch=num_items_in_batch,
+            loss_scale=loss_scale,
+            **self.loss_config,
+        )
 
     def rollout_step_batches(self) -> list[GroupBatch]:
         """This rank's micro-batches of the current step (sampling seeded by the global micro-batch index)."""
@@ -484,11 +545,14 @@ class Trainer:
         combined = (rewards.nan_to_num() * torch.tensor(self.rewards.weights, device=rewards.device)).sum(dim=1)
         lengths = [n for b in batches for n in b.rollout.completion_lengths]
         sums.update(
-            completions=len(lengths), length=sum(lengths), correct=sum(sum(b.correct) for b in batches),
-            truncated=sum(sum(b.rollout.truncated) for b in batches), groups=sum(b.group_std.numel() for b in batches),
+            completions=len(lengths),
+            length=sum(lengths),
+            correct=sum(sum(b.correct) for b in batches),
+            truncated=sum(sum(b.rollout.truncated) for b in batches),
+            groups=sum(b.group_std.numel() for b in batches),
             zero_std=sum(b.frac_zero_std * b.group_std.numel() for b in batches),
             group_std=sum(float(b.group_std.nan_to_num().sum()) for b in batches),
-        )  # fmt: skip
+        )
         total = dict(zip(sums, self.dist.sum(list(sums.values())), strict=True))
         tokens, count, step_time = max(total["tokens"], 1.0), total["completions"], time.perf_counter() - start
         record = {
@@ -533,12 +597,23 @@ class Trainer:
         for i in range(0, len(local), cfg.eval_batch_size):
             part = local[i : i + cfg.eval_batch_size]
             with self._autocast():
-                rollout = generate(self.model, self.tokenizer, [self._prompt_text(e.prompt) for e in part],
-                                   num_generations=1, max_new_tokens=cfg.max_new_tokens, greedy=True)  # fmt: skip
+                rollout = generate(
+                    self.model,
+                    self.tokenizer,
+                    [self._prompt_text(e.prompt) for e in part],
+                    num_generations=1,
+                    max_new_tokens=cfg.max_new_tokens,
+                    greedy=True,
+                )
             correct += sum(answer_score(c, e.answer) == 1.0 for c, e in zip(rollout.completions, part, strict=True))
         correct, total = self.dist.sum([correct, len(local)])
-        record = {"step": self.step, "eval": name, "accuracy": correct / total, "correct": int(correct),
-                  "total": int(total)}  # fmt: skip
+        record = {
+            "step": self.step,
+            "eval": name,
+            "accuracy": correct / total,
+            "correct": int(correct),
+            "total": int(total),
+        }
         self.evals[name] = record
         self.metrics.write(record)
 
@@ -565,8 +640,9 @@ class Trainer:
                 tensors["adapter"] = adapter_state(self.model)
             else:
                 models["model"] = self.model
-            save_checkpoint(self.checkpoints, self.step, models=models, state=state, keep=self.cfg.keep_checkpoints,
-                            tensors=tensors)  # fmt: skip
+            save_checkpoint(
+                self.checkpoints, self.step, models=models, state=state, keep=self.cfg.keep_checkpoints, tensors=tensors
+            )
         self.dist.barrier()
 
     def load(self, path: Path) -> None:
@@ -574,8 +650,10 @@ class Trainer:
 
         state, files = load_checkpoint(path)
         if state["world_size"] != self.world:
-            raise CheckpointError(f"checkpoint {str(path)!r} was written by {state['world_size']} processes; "
-                                  f"resume it with the same number (got {self.world})")  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was written by {state['world_size']} processes; "
+                f"resume it with the same number (got {self.world})"
+            )
         changed = sorted(k for k, v in state["config"].items() if k != "resume" and getattr(self.cfg, k, v) != v)
         if changed and self.dist.main:
             print(f"grpo-train: resuming {path} with changed settings: {', '.join(changed)}")
@@ -585,8 +663,10 @@ class Trainer:
         where = f"checkpoint {str(path)!r}"
         if self.step > self.cfg.sft_steps:  # a GRPO checkpoint: the adapters or the reference copy exist
             if state["config"].get("lora_r", 0) != self.cfg.lora_r:
-                raise CheckpointError(f"{where} was written with --lora-r {state['config'].get('lora_r', 0)}; "
-                                      f"resume it with the same (got {self.cfg.lora_r})")  # fmt: skip
+                raise CheckpointError(
+                    f"{where} was written with --lora-r {state['config'].get('lora_r', 0)}; "
+                    f"resume it with the same (got {self.cfg.lora_r})"
+                )
             self._enter_grpo()
         if "model" in files:
             load_model(self.model, str(files["model"]), device=str(self.device))
@@ -657,10 +737,12 @@ class Trainer:
                 plot_curves(metrics, self.out / "curves.png")
             before, after = self.evals.get("before_grpo"), self.evals.get("after_grpo")
             if before and after:
-                print(f"held-out accuracy (greedy, {before['total']} problems):\n"
-                      f"  before GRPO (step {before['step']}): {100 * before['accuracy']:5.1f}%\n"
-                      f"  after GRPO  (step {after['step']}): {100 * after['accuracy']:5.1f}%   "
-                      f"({100 * (after['accuracy'] - before['accuracy']):+.1f} points)")  # fmt: skip
+                print(
+                    f"held-out accuracy (greedy, {before['total']} problems):\n"
+                    f"  before GRPO (step {before['step']}): {100 * before['accuracy']:5.1f}%\n"
+                    f"  after GRPO  (step {after['step']}): {100 * after['accuracy']:5.1f}%   "
+                    f"({100 * (after['accuracy'] - before['accuracy']):+.1f} points)"
+                )
             print(f"metrics: {metrics}   model: {final}")
         self.dist.barrier()
         return summary

@@ -45,12 +45,16 @@ def check_targets(model: nn.Module, target_modules: str | None) -> None:
         matched = [m for name, m in modules.items() if name == target or name.endswith("." + target)]
         if not matched:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, nn.Linear)})
-            raise ValueError(f"--lora-target-modules: {target!r} matches no module of the model "
-                             f"(its linear layers: {', '.join(linear)})")  # fmt: skip
+            raise ValueError(
+                f"--lora-target-modules: {target!r} matches no module of the model "
+                f"(its linear layers: {', '.join(linear)})"
+            )
         unsupported = [m for m in matched if not isinstance(m, supported)]
         if unsupported:
-            raise ValueError(f"--lora-target-modules: {target!r} is a {type(unsupported[0]).__name__}, which LoRA "
-                             "does not support (linear, embedding and convolution layers are)")  # fmt: skip
+            raise ValueError(
+                f"--lora-target-modules: {target!r} is a {type(unsupported[0]).__name__}, which LoRA "
+                "does not support (linear, embedding and convolution layers are)"
+            )
 
 
 def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_modules: str | None):
@@ -59,8 +63,9 @@ def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_m
     from peft import LoraConfig, get_peft_model
 
     targets = _targets(target_modules)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
-                        task_type="CAUSAL_LM")  # fmt: skip
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
+    )
     try:
         return get_peft_model(model, config).eval()
     except ValueError as e:  # anything check_targets does not foresee

@@ -42,9 +42,14 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
     records = read_metrics(metrics_path)
     steps = [r for r in records if "phase" in r]
     evals = [r for r in records if "eval" in r]
-    panels = [("loss", "loss"), ("reward_mean", "reward (mean)"), ("accuracy", "accuracy (train samples)"),
-              ("kl", "KL to reference (beta > 0)"), ("entropy", "entropy (nats)"),
-              ("completion_length", "completion tokens")]  # fmt: skip
+    panels = [
+        ("loss", "loss"),
+        ("reward_mean", "reward (mean)"),
+        ("accuracy", "accuracy (train samples)"),
+        ("kl", "KL to reference (beta > 0)"),
+        ("entropy", "entropy (nats)"),
+        ("completion_length", "completion tokens"),
+    ]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (key, title) in zip(axes.flat, panels, strict=True):
         for phase, style in (("sft", "C1"), ("grpo", "C0")):

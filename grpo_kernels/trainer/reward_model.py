@@ -65,11 +65,15 @@ def load_reward_model(path: str | Path):
         raise ValueError(f"{where} is not a Hugging Face model directory ({e})") from None
     architectures = list(getattr(config, "architectures", None) or [])
     if not any(name.endswith("ForSequenceClassification") for name in architectures):
-        raise ValueError(f"{where} is not a sequence-classification model (architectures: {architectures or 'none'}); "
-                         "a reward model is an AutoModelForSequenceClassification with one output")  # fmt: skip
+        raise ValueError(
+            f"{where} is not a sequence-classification model (architectures: {architectures or 'none'}); "
+            "a reward model is an AutoModelForSequenceClassification with one output"
+        )
     if config.num_labels != 1:
-        raise ValueError(f"{where}: its head has {config.num_labels} outputs; a reward model has exactly one "
-                         "(num_labels=1), the score")  # fmt: skip
+        raise ValueError(
+            f"{where}: its head has {config.num_labels} outputs; a reward model has exactly one "
+            "(num_labels=1), the score"
+        )
     model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
     if info["missing_keys"]:
         missing = ", ".join(sorted(info["missing_keys"])[:4])
@@ -86,8 +90,9 @@ def load_reward_model(path: str | Path):
 class RewardModel:
     """A reward function (see :mod:`.rewards`) backed by a sequence-classification model: one float per completion."""
 
-    def __init__(self, model, tokenizer, *, device, batch_size: int = 64, system_prompt: str | None = None,
-                 autocast=nullcontext):  # fmt: skip
+    def __init__(
+        self, model, tokenizer, *, device, batch_size: int = 64, system_prompt: str | None = None, autocast=nullcontext
+    ):
         self.model, self.tokenizer = model.to(device), tokenizer
         self.device, self.batch_size, self.system_prompt, self.autocast = device, batch_size, system_prompt, autocast
         self.templated = bool(getattr(tokenizer, "chat_template", None))
@@ -112,8 +117,9 @@ class RewardModel:
         """``[len(texts)]`` float32 scores (differentiable when called with grad enabled: the training uses it)."""
         scores = []
         for i in range(0, len(texts), self.batch_size):
-            encoded = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True,
-                                     add_special_tokens=not self.templated)  # fmt: skip
+            encoded = self.tokenizer(
+                texts[i : i + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=not self.templated
+            )
             encoded = {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
             with self.autocast():
                 scores.append(self.model(**encoded).logits[:, 0].float())
@@ -171,8 +177,9 @@ def _columns_total(task: AdditionTask, a: int, b: int, k: int) -> int:
     return total
 
 
-def preference_pairs(task: AdditionTask, examples: list[Example], rng: random.Random,
-                     kinds=PAIR_KINDS) -> list[tuple[str, str, str, str]]:  # fmt: skip
+def preference_pairs(
+    task: AdditionTask, examples: list[Example], rng: random.Random, kinds=PAIR_KINDS
+) -> list[tuple[str, str, str, str]]:
     """``(prompt, chosen, rejected, kind)``, one pair per example and kind."""
     return [(e.prompt, e.completion, rejected_completion(task, e, kind, rng), kind) for e in examples for kind in kinds]
 
@@ -182,11 +189,18 @@ def builtin_reward_model(tokenizer, *, hidden_size: int, num_layers: int, max_po
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=max_positions, num_labels=1, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=max_positions,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     return LlamaForSequenceClassification(config)
 
 

@@ -70,9 +70,12 @@ def generate(
     eos = eos_token_ids(model, tokenizer)
     sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
         **sampling,
-    )  # fmt: skip
+    )
     sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
     prompt_length = prompt_ids.shape[1]
     completion = sequences[:, prompt_length:]  # [B, C], C <= max_new_tokens (generate stops when all rows ended)

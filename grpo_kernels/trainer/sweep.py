@@ -112,16 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; each setting runs once per seed")
     parser.add_argument("--sweep-dir", default="grpo-sweep", help="runs/, sweep.md, sweep.png and sweep.json go here")
-    parser.add_argument("--budget", choices=("prompts", "completions"), default=None,
-                        help="with --num-generations as an axis: hold the prompts per step fixed, or the "
-                             "completions per step")  # fmt: skip
-    parser.add_argument("--completions-per-step", type=int, default=None,
-                        help="--budget completions: completions per step (default: --batch-prompts x "
-                             "--num-generations of the flags, or their defaults)")  # fmt: skip
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time: 1 runs them one after another in this process; more start "
-                             "`python -m grpo_kernels.trainer` processes (OMP_NUM_THREADS = cores / jobs unless "
-                             "set)")  # fmt: skip
+    parser.add_argument(
+        "--budget",
+        choices=("prompts", "completions"),
+        default=None,
+        help="with --num-generations as an axis: hold the prompts per step fixed, or the completions per step",
+    )
+    parser.add_argument(
+        "--completions-per-step",
+        type=int,
+        default=None,
+        help="--budget completions: completions per step (default: --batch-prompts x "
+        "--num-generations of the flags, or their defaults)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time: 1 runs them one after another in this process; more start "
+        "`python -m grpo_kernels.trainer` processes (OMP_NUM_THREADS = cores / jobs unless "
+        "set)",
+    )
     parser.add_argument("--smooth", type=int, default=5, help="moving-average window of the reward curves (steps)")
     return parser
 
@@ -132,8 +143,10 @@ def plan(options: argparse.Namespace, train_args: list[str]) -> tuple[dict, list
 
     axes, rest = split_axes(train_args)
     if not 1 <= len(axes) <= 2:
-        raise SweepError(f"a sweep needs one or two settings given as comma-separated lists (e.g. --num-generations "
-                         f"2,4,8), got {len(axes)}: {', '.join(axes) or 'none'}")  # fmt: skip
+        raise SweepError(
+            f"a sweep needs one or two settings given as comma-separated lists (e.g. --num-generations "
+            f"2,4,8), got {len(axes)}: {', '.join(axes) or 'none'}"
+        )
     for name in ("output_dir", "seed", "resume", "overwrite"):
         if any(a == _flag(name) or a.startswith(_flag(name) + "=") for a in rest):
             raise SweepError(f"{_flag(name)} is set by the sweep for each run (use --sweep-dir and --seeds)")
@@ -152,8 +165,10 @@ def plan(options: argparse.Namespace, train_args: list[str]) -> tuple[dict, list
     budget = options.budget
     group_axis = "num_generations" in axes
     if group_axis and budget is None:
-        raise SweepError("--num-generations is an axis: say what stays fixed with --budget prompts (prompts per step) "
-                         "or --budget completions (completions per step)")  # fmt: skip
+        raise SweepError(
+            "--num-generations is an axis: say what stays fixed with --budget prompts (prompts per step) "
+            "or --budget completions (completions per step)"
+        )
     prompts = _value_of(rest, "batch_prompts")
     completions = options.completions_per_step
     if budget == "completions":
@@ -173,8 +188,9 @@ def plan(options: argparse.Namespace, train_args: list[str]) -> tuple[dict, list
             if budget == "completions":
                 group = values.get("num_generations", _value_of(rest, "num_generations"))
                 if completions % group:
-                    raise SweepError(f"--completions-per-step {completions} is not divisible by --num-generations "
-                                     f"{group}")  # fmt: skip
+                    raise SweepError(
+                        f"--completions-per-step {completions} is not divisible by --num-generations {group}"
+                    )
                 argv += ["--batch-prompts", str(completions // group)]
             out = root / "runs" / name
             argv += ["--seed", str(seed), "--output-dir", str(out), "--no-progress"]
@@ -189,8 +205,14 @@ def plan(options: argparse.Namespace, train_args: list[str]) -> tuple[dict, list
         held = f"prompts per step held at {prompts} (completions per step = {prompts} x num_generations)"
     else:
         held = f"prompts per step {prompts}, completions per step {prompts} x num_generations"
-    description = {"axes": axes, "seeds": seeds, "flags": rest, "budget": budget, "held": held,
-                   "completions_per_step": completions}  # fmt: skip
+    description = {
+        "axes": axes,
+        "seeds": seeds,
+        "flags": rest,
+        "budget": budget,
+        "held": held,
+        "completions_per_step": completions,
+    }
     return axes, runs, description
 
 
@@ -292,13 +314,21 @@ def summarise(axes: dict, results: list[dict]) -> list[dict]:
         group = [r for r in results if tuple(r["setting"]) == setting]
         before, before_std = _mean_std([r["before"] for r in group])
         after, after_std = _mean_std([r["after"] for r in group])
-        rows.append({
-            "setting": list(setting), "runs": len(group), "seeds": [r["seed"] for r in group],
-            "prompts_per_step": group[0]["prompts_per_step"], "completions_per_step": group[0]["completions_per_step"],
-            "before": before, "before_std": before_std, "after": after, "after_std": after_std,
-            "wall_time_s": statistics.fmean(r["wall_time_s"] for r in group),
-            "completion_tokens": statistics.fmean(r["completion_tokens"] for r in group),
-        })  # fmt: skip
+        rows.append(
+            {
+                "setting": list(setting),
+                "runs": len(group),
+                "seeds": [r["seed"] for r in group],
+                "prompts_per_step": group[0]["prompts_per_step"],
+                "completions_per_step": group[0]["completions_per_step"],
+                "before": before,
+                "before_std": before_std,
+                "after": after,
+                "after_std": after_std,
+                "wall_time_s": statistics.fmean(r["wall_time_s"] for r in group),
+                "completion_tokens": statistics.fmean(r["completion_tokens"] for r in group),
+            }
+        )
     return rows
 
 
@@ -323,9 +353,16 @@ def markdown_table(axes: dict, rows: list[dict], description: dict) -> str:
         "|" + "---:|" * (len(names) + 7),
     ]
     for row in rows:
-        cells = [*map(str, row["setting"]), str(row["prompts_per_step"]), str(row["completions_per_step"]),
-                 str(row["runs"]), _percent(row["before"], row["before_std"]), _percent(row["after"], row["after_std"]),
-                 f"{row['wall_time_s']:.1f}", f"{row['completion_tokens']:.0f}"]  # fmt: skip
+        cells = [
+            *map(str, row["setting"]),
+            str(row["prompts_per_step"]),
+            str(row["completions_per_step"]),
+            str(row["runs"]),
+            _percent(row["before"], row["before_std"]),
+            _percent(row["after"], row["after_std"]),
+            f"{row['wall_time_s']:.1f}",
+            f"{row['completion_tokens']:.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -350,8 +387,9 @@ def plot_sweep(axes: dict, results: list[dict], rows: list[dict], path: Path, wi
         mean = [statistics.fmean(c[i] for c in curves) for i in range(length)]
         label = ", ".join(f"{k}={v}" for k, v in zip(names, setting, strict=True))
         left.plot(range(1, length + 1), _smooth(mean, window), label=label, linewidth=1.2)
-    left.set(title=f"reward (mean over seeds, moving average of {window} steps)", xlabel="GRPO step",
-             ylabel="reward_mean")  # fmt: skip
+    left.set(
+        title=f"reward (mean over seeds, moving average of {window} steps)", xlabel="GRPO step", ylabel="reward_mean"
+    )
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
     first = axes[names[0]]
@@ -359,8 +397,14 @@ def plot_sweep(axes: dict, results: list[dict], rows: list[dict], path: Path, wi
         picked = [r for r in rows if tuple(r["setting"][1:]) == other and r["after"] is not None]
         xs = [first.index(r["setting"][0]) for r in picked]
         label = ", ".join(f"{k}={v}" for k, v in zip(names[1:], other, strict=True)) or "after GRPO"
-        right.errorbar(xs, [100 * r["after"] for r in picked], yerr=[100 * (r["after_std"] or 0) for r in picked],
-                       marker="o", capsize=4, label=label)  # fmt: skip
+        right.errorbar(
+            xs,
+            [100 * r["after"] for r in picked],
+            yerr=[100 * (r["after_std"] or 0) for r in picked],
+            marker="o",
+            capsize=4,
+            label=label,
+        )
     right.set_xticks(range(len(first)), [str(v) for v in first])
     right.set(title="held-out accuracy after GRPO (mean ± std over seeds)", xlabel=names[0], ylabel="accuracy (%)")
     right.grid(alpha=0.3)
@@ -381,8 +425,10 @@ def sweep(argv: list[str]) -> dict:
     if spec_path.exists():
         previous = json.loads(spec_path.read_text())
         if previous != spec:
-            raise SweepError(f"{str(root)!r} holds another sweep ({previous}); use another --sweep-dir, or the same "
-                             "command to resume that one")  # fmt: skip
+            raise SweepError(
+                f"{str(root)!r} holds another sweep ({previous}); use another --sweep-dir, or the same "
+                "command to resume that one"
+            )
     else:
         spec_path.write_text(json.dumps(spec, indent=1))
     run_sweep(runs, options.jobs)

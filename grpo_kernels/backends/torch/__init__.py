@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 
 from ...loss_math import LossConfig, LossForward, TokenBatch, loss_forward_from_logprobs
+from ..base import Backend
 from .advantages import group_advantages
 from .divergence import divergence_backward, divergence_forward
 from .logprobs import token_logprobs_backward, token_logprobs_forward
-from ..base import Backend
 
 
 class TorchBackend(Backend):
@@ -44,10 +44,39 @@ class TorchBackend(Backend):
     def divergence_forward(self, student, teacher, token_ids, kind, beta, temperature, with_logprobs):
         return divergence_forward(student, teacher, token_ids, kind, beta, temperature, with_logprobs)
 
-    def divergence_backward(self, student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div,
-                            grad_lp, kind, beta, temperature, out_student, out_teacher):  # fmt: skip
-        divergence_backward(student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div, grad_lp,
-                            kind, beta, temperature, out_student, out_teacher)  # fmt: skip
+    def divergence_backward(
+        self,
+        student,
+        teacher,
+        token_ids,
+        lse,
+        lse_ref,
+        kl_student,
+        kl_teacher,
+        grad_div,
+        grad_lp,
+        kind,
+        beta,
+        temperature,
+        out_student,
+        out_teacher,
+    ):
+        divergence_backward(
+            student,
+            teacher,
+            token_ids,
+            lse,
+            lse_ref,
+            kl_student,
+            kl_teacher,
+            grad_div,
+            grad_lp,
+            kind,
+            beta,
+            temperature,
+            out_student,
+            out_teacher,
+        )
 
 
 BACKEND = TorchBackend()

@@ -3,8 +3,8 @@
 Per position, with ``u = z / tau`` (student), ``u_r = z_ref / tau`` (teacher / reference), ``p = softmax(u)``,
 ``q = softmax(u_r)``, ``lse`` / ``lse_r`` their log-sum-exps (derivations in docs/divergences.md)::
 
-    reverse_kl  D = KL(p||q) = E_p[u - u_r] - lse + lse_r     dD/du = p ((u - u_r) - (lse - lse_r) - D)   dD/du_r = q - p
-    forward_kl  D = KL(q||p) = E_q[u_r - u] - lse_r + lse     dD/du = p - q       dD/du_r = q ((u_r - u) - (lse_r - lse) - D)
+    reverse_kl  D = KL(p||q) = E_p[u - u_r] - lse + lse_r   dD/du = p ((u - u_r) - (lse - lse_r) - D)   dD/du_r = q - p
+    forward_kl  D = KL(q||p) = E_q[u_r - u] - lse_r + lse   dD/du = p - q   dD/du_r = q ((u_r - u) - (lse_r - lse) - D)
     jsd         K = KL(p||m) = E_p[u - log m] - lse,  K_r = KL(q||m) = E_q[u_r - log m] - lse_r,  m = b q + (1 - b) p
                 D = b K_r + (1 - b) K                          dD/du = (1 - b) p (u - log m - lse - K)
                                                                dD/du_r = b q (u_r - log m - lse_r - K_r)
@@ -148,9 +148,21 @@ def divergence_forward(student, teacher, token_ids, kind, beta, temperature, wit
 # backward
 # ----------------------------------------------------------------------------------------------------------------
 def divergence_backward(
-    student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div, grad_lp, kind, beta, temperature,
-    out_student, out_teacher,
-) -> None:  # fmt: skip
+    student,
+    teacher,
+    token_ids,
+    lse,
+    lse_ref,
+    kl_student,
+    kl_teacher,
+    grad_div,
+    grad_lp,
+    kind,
+    beta,
+    temperature,
+    out_student,
+    out_teacher,
+) -> None:
     """Write ``d/dz`` of ``sum_t (grad_div_t D_t + grad_lp_t lp_t)`` into ``out_student`` (student's dtype) and
     ``d/dz_ref`` of ``sum_t grad_div_t D_t`` into ``out_teacher`` (teacher's dtype); either may be None, and
     ``out_student`` may be ``student`` itself (in place: each block is read before it is written).

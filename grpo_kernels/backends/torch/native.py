@@ -97,8 +97,9 @@ def _build(cxx: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    logger.info("grpo_kernels: compiled the torch backend's CPU kernels in %.1f s (%s)", time.perf_counter() - start,
-                target)  # fmt: skip
+    logger.info(
+        "grpo_kernels: compiled the torch backend's CPU kernels in %.1f s (%s)", time.perf_counter() - start, target
+    )
     return target
 
 
@@ -117,11 +118,41 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.grpo_cpu_dtypes.restype = ctypes.c_int
     lib.grpo_cpu_token_logprobs_forward.restype = ctypes.c_int
-    lib.grpo_cpu_token_logprobs_forward.argtypes = [ptr, ctypes.c_int, i64, i64, i64, i64, i64, ptr, f32, ptr,
-                                                    ptr, ptr, ctypes.c_int]  # fmt: skip
+    lib.grpo_cpu_token_logprobs_forward.argtypes = [
+        ptr,
+        ctypes.c_int,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        ptr,
+        f32,
+        ptr,
+        ptr,
+        ptr,
+        ctypes.c_int,
+    ]
     lib.grpo_cpu_token_logprobs_backward.restype = ctypes.c_int
-    lib.grpo_cpu_token_logprobs_backward.argtypes = [ptr, ctypes.c_int, i64, i64, i64, i64, i64, ptr, i64, i64,
-                                                     ptr, ptr, ptr, ptr, ptr, f32, ctypes.c_int]  # fmt: skip
+    lib.grpo_cpu_token_logprobs_backward.argtypes = [
+        ptr,
+        ctypes.c_int,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        ptr,
+        i64,
+        i64,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        f32,
+        ctypes.c_int,
+    ]
     return lib, None
 
 
@@ -179,10 +210,20 @@ def token_logprobs_forward(logits, token_ids, temperature, with_entropy):
     lse = _alloc.empty(n, dtype=torch.float32, device=logits.device)
     entropy = _alloc.empty(n if with_entropy else 0, dtype=torch.float32, device=logits.device)
     status = library().grpo_cpu_token_logprobs_forward(
-        logits.data_ptr(), _DTYPE_CODES[logits.dtype], batch, seq, vocab, logits.stride(0), logits.stride(1),
-        ids.data_ptr(), float(temperature), lp.data_ptr(), lse.data_ptr(),
-        entropy.data_ptr() if with_entropy else None, torch.get_num_threads(),
-    )  # fmt: skip
+        logits.data_ptr(),
+        _DTYPE_CODES[logits.dtype],
+        batch,
+        seq,
+        vocab,
+        logits.stride(0),
+        logits.stride(1),
+        ids.data_ptr(),
+        float(temperature),
+        lp.data_ptr(),
+        lse.data_ptr(),
+        entropy.data_ptr() if with_entropy else None,
+        torch.get_num_threads(),
+    )
     if status != 0:
         raise RuntimeError(f"grpo_cpu_token_logprobs_forward returned {status} for {logits.dtype}")
     return lp, lse, entropy
@@ -201,11 +242,24 @@ def token_logprobs_backward(logits, token_ids, lse, entropy, g, g_h, temperature
         g_h = g_h.contiguous()
         entropy = entropy.to(torch.float32).contiguous()
     status = library().grpo_cpu_token_logprobs_backward(
-        logits.data_ptr(), _DTYPE_CODES[logits.dtype], batch, seq, vocab, logits.stride(0), logits.stride(1),
-        out.data_ptr(), out.stride(0), out.stride(1), ids.data_ptr(), lse.data_ptr(),
-        entropy.data_ptr() if g_h is not None else None, g.data_ptr(), _f32_ptr(g_h), float(temperature),
+        logits.data_ptr(),
+        _DTYPE_CODES[logits.dtype],
+        batch,
+        seq,
+        vocab,
+        logits.stride(0),
+        logits.stride(1),
+        out.data_ptr(),
+        out.stride(0),
+        out.stride(1),
+        ids.data_ptr(),
+        lse.data_ptr(),
+        entropy.data_ptr() if g_h is not None else None,
+        g.data_ptr(),
+        _f32_ptr(g_h),
+        float(temperature),
         torch.get_num_threads(),
-    )  # fmt: skip
+    )
     if status != 0:
         raise RuntimeError(f"grpo_cpu_token_logprobs_backward returned {status} for {logits.dtype}")
     return True

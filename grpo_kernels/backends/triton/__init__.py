@@ -17,11 +17,11 @@ from __future__ import annotations
 import torch
 from triton.runtime.jit import JITFunction
 
+from ..base import Backend
 from .advantages import group_advantages
 from .divergence import divergence_backward, divergence_forward
 from .grpo_loss import grpo_loss_forward
 from .logprobs import _token_logprobs_fwd_kernel, token_logprobs_backward, token_logprobs_forward
-from ..base import Backend
 
 # Under TRITON_INTERPRET=1, @triton.jit returns an interpreter object instead of a JITFunction.
 _INTERPRETED = not isinstance(_token_logprobs_fwd_kernel, JITFunction)
@@ -57,10 +57,39 @@ class TritonBackend(Backend):
     def divergence_forward(self, student, teacher, token_ids, kind, beta, temperature, with_logprobs):
         return divergence_forward(student, teacher, token_ids, kind, beta, temperature, with_logprobs)
 
-    def divergence_backward(self, student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div,
-                            grad_lp, kind, beta, temperature, out_student, out_teacher):  # fmt: skip
-        divergence_backward(student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div, grad_lp,
-                            kind, beta, temperature, out_student, out_teacher)  # fmt: skip
+    def divergence_backward(
+        self,
+        student,
+        teacher,
+        token_ids,
+        lse,
+        lse_ref,
+        kl_student,
+        kl_teacher,
+        grad_div,
+        grad_lp,
+        kind,
+        beta,
+        temperature,
+        out_student,
+        out_teacher,
+    ):
+        divergence_backward(
+            student,
+            teacher,
+            token_ids,
+            lse,
+            lse_ref,
+            kl_student,
+            kl_teacher,
+            grad_div,
+            grad_lp,
+            kind,
+            beta,
+            temperature,
+            out_student,
+            out_teacher,
+        )
 
 
 BACKEND = TritonBackend()

@@ -69,8 +69,9 @@ def _nan_to_num(x):
 
 
 @triton.jit
-def _row_totals(rewards_ptr, order_ptr, idx, end, cols, num_rewards, weights, col_mean, col_std, eps,
-                MULTI_REWARD: tl.constexpr):  # fmt: skip
+def _row_totals(
+    rewards_ptr, order_ptr, idx, end, cols, num_rewards, weights, col_mean, col_std, eps, MULTI_REWARD: tl.constexpr
+):
     """Group rows ``order[idx]`` (``idx < end``): ``(t [BLOCK_B], row ids [BLOCK_B], rewards [BLOCK_B, BLOCK_R])``,
     with ``t`` NaN for unscorable or absent rows and the rewards NaN outside the tensor."""
     in_group = idx < end
@@ -171,8 +172,19 @@ def _group_advantages_kernel(
         col_count = tl.zeros([BLOCK_R], dtype=tl.float32)
         col_m2 = tl.zeros([BLOCK_R], dtype=tl.float32)
         for i in range(start, end, BLOCK_B):
-            _, _, r = _row_totals(rewards_ptr, order_ptr, i + offs, end, cols, num_rewards, weights, col_mean, col_std,
-                                  eps, SUM_THEN_NORMALIZE)  # fmt: skip
+            _, _, r = _row_totals(
+                rewards_ptr,
+                order_ptr,
+                i + offs,
+                end,
+                cols,
+                num_rewards,
+                weights,
+                col_mean,
+                col_std,
+                eps,
+                SUM_THEN_NORMALIZE,
+            )
             col_count, col_mean, col_m2 = _merge_stats(col_count, col_mean, col_m2, r)
         col_mean, col_std = _finish_stats(col_count, col_mean, col_m2)
 
@@ -186,8 +198,9 @@ def _group_advantages_kernel(
     top_count = 0.0
     second = float("-inf")
     for i in range(start, end, BLOCK_B):
-        t, rows, _ = _row_totals(rewards_ptr, order_ptr, i + offs, end, cols, num_rewards, weights, col_mean, col_std,
-                                 eps, MULTI_REWARD)  # fmt: skip
+        t, rows, _ = _row_totals(
+            rewards_ptr, order_ptr, i + offs, end, cols, num_rewards, weights, col_mean, col_std, eps, MULTI_REWARD
+        )
         count, mean, m2 = _merge_stats(count, mean, m2, t)
         if ESTIMATOR == OPO:
             length = tl.load(lengths_ptr + rows, mask=i + offs < end, other=0.0)
@@ -209,13 +222,14 @@ def _group_advantages_kernel(
         gap = tl.where(count > 1.0, gap, 0.0)
     if ESTIMATOR == OPO:
         baseline = tl.where((count > 1.0) & (sum_len > 0.0), sum_len_t / sum_len, float("nan"))
-    if ESTIMATOR == GPG or ESTIMATOR == REINFORCE_PLUS_PLUS_BASELINE:
+    if ESTIMATOR == GPG or ESTIMATOR == REINFORCE_PLUS_PLUS_BASELINE:  # noqa: SIM109 - constexprs in a Triton kernel
         mean = tl.where(count > 1.0, mean, float("nan"))
 
     # outputs per row
     for i in range(start, end, BLOCK_B):
-        t, rows, _ = _row_totals(rewards_ptr, order_ptr, i + offs, end, cols, num_rewards, weights, col_mean, col_std,
-                                 eps, MULTI_REWARD)  # fmt: skip
+        t, rows, _ = _row_totals(
+            rewards_ptr, order_ptr, i + offs, end, cols, num_rewards, weights, col_mean, col_std, eps, MULTI_REWARD
+        )
         in_group = i + offs < end
         if WRITE_TOTALS:
             tl.store(total_ptr + rows, t, mask=in_group)
@@ -303,8 +317,13 @@ def _whiten_kernel(
         tl.store(adv_ptr + i + offs, tl.where(weight > 1.0, _nan_to_num((x - mean) * inv_std), 0.0), mask=in_batch)
 
 
-def group_advantages(rewards: torch.Tensor, weights: torch.Tensor, layout: GroupLayout, config: AdvantageConfig,
-                     lengths: torch.Tensor | None = None):  # fmt: skip
+def group_advantages(
+    rewards: torch.Tensor,
+    weights: torch.Tensor,
+    layout: GroupLayout,
+    config: AdvantageConfig,
+    lengths: torch.Tensor | None = None,
+):
     """``rewards [B, R]`` float32, ``weights [R]``, ``lengths [B]`` float32 or None ->
     ``(advantages [B], group_mean [G], group_std [G])``."""
     batch, num_rewards = rewards.shape
@@ -326,18 +345,35 @@ def group_advantages(rewards: torch.Tensor, weights: torch.Tensor, layout: Group
     batch_block = min(triton.next_power_of_2(batch), _MAX_BLOCK_ROWS)
     with device_guard(rewards):
         _group_advantages_kernel[(num_groups,)](
-            rewards, weights.to(torch.float32), layout.order, layout.cu_groups, lengths, adv,
-            totals if needs_batch else adv, mean, std, num_rewards, config.eps,
-            MULTI_REWARD=_MULTI_REWARD[config.multi_reward], SCALE=_SCALE[config.scale],
-            ESTIMATOR=_ESTIMATOR[config.estimator], WRITE_TOTALS=needs_batch,
-            BLOCK_B=block_rows, BLOCK_R=triton.next_power_of_2(num_rewards),
-        )  # fmt: skip
+            rewards,
+            weights.to(torch.float32),
+            layout.order,
+            layout.cu_groups,
+            lengths,
+            adv,
+            totals if needs_batch else adv,
+            mean,
+            std,
+            num_rewards,
+            config.eps,
+            MULTI_REWARD=_MULTI_REWARD[config.multi_reward],
+            SCALE=_SCALE[config.scale],
+            ESTIMATOR=_ESTIMATOR[config.estimator],
+            WRITE_TOTALS=needs_batch,
+            BLOCK_B=block_rows,
+            BLOCK_R=triton.next_power_of_2(num_rewards),
+        )
         if config.estimator == "gpg":
             _gpg_scale_kernel[(1,)](totals, adv, batch, BLOCK=batch_block)
         elif config.estimator == "reinforce_plus_plus_baseline":
             _whiten_kernel[(1,)](adv, lengths, batch, BLOCK=batch_block)
         elif needs_batch:
             _batch_scale_kernel[(1,)](
-                totals, adv, batch, config.eps, CENTRE_ON_BATCH_MEAN=normalize_then_sum, BLOCK=batch_block,
-            )  # fmt: skip
+                totals,
+                adv,
+                batch,
+                config.eps,
+                CENTRE_ON_BATCH_MEAN=normalize_then_sum,
+                BLOCK=batch_block,
+            )
     return adv, mean, std

@@ -5,7 +5,7 @@ Per row, ``u = z / tau`` (student), ``u_r = z_ref / tau`` (teacher), ``p = softm
 
     reverse_kl  D = KL(p||q)                     dD/du = p (log p - log q - D)        dD/du_r = q - p
     forward_kl  D = KL(q||p)                     dD/du = p - q                        dD/du_r = q (log q - log p - D)
-    jsd         D = b KL(q||m) + (1-b) KL(p||m)  dD/du = (1-b) p (log p - log m - K)   dD/du_r = b q (log q - log m - K_r)
+    jsd         D = b KL(q||m) + (1-b) KL(p||m)  dD/du = (1-b) p (log p - log m - K) dD/du_r = b q (log q - log m - K_r)
                 m = b q + (1-b) p,  K = KL(p||m),  K_r = KL(q||m)
 
 Forward: one program per row (rows on grid axis x). The two KLs are one pass over both rows, online: running maxima
@@ -191,11 +191,28 @@ def divergence_forward(student, teacher, token_ids, kind, beta, temperature, wit
     block, num_warps = _tiling(vocab, forward_jsd=kind == "jsd")
     with device_guard(student):
         _divergence_fwd_kernel[row_grid(n)](
-            student, teacher, token_ids, div, lp if with_logprobs else div, lse, lse_ref, kl_student, kl_teacher,
-            seq_len, vocab, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-            1.0 / temperature, float(beta),
-            KIND=_KIND[kind], WITH_LOGPROBS=with_logprobs, BLOCK_V=block, num_warps=num_warps,
-        )  # fmt: skip
+            student,
+            teacher,
+            token_ids,
+            div,
+            lp if with_logprobs else div,
+            lse,
+            lse_ref,
+            kl_student,
+            kl_teacher,
+            seq_len,
+            vocab,
+            student.stride(0),
+            student.stride(1),
+            teacher.stride(0),
+            teacher.stride(1),
+            1.0 / temperature,
+            float(beta),
+            KIND=_KIND[kind],
+            WITH_LOGPROBS=with_logprobs,
+            BLOCK_V=block,
+            num_warps=num_warps,
+        )
     return div, lp, lse, lse_ref, kl_student, kl_teacher
 
 
@@ -288,9 +305,21 @@ def _divergence_bwd_kernel(
 
 
 def divergence_backward(
-    student, teacher, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div, grad_lp, kind, beta, temperature,
-    out_student, out_teacher,
-) -> None:  # fmt: skip
+    student,
+    teacher,
+    token_ids,
+    lse,
+    lse_ref,
+    kl_student,
+    kl_teacher,
+    grad_div,
+    grad_lp,
+    kind,
+    beta,
+    temperature,
+    out_student,
+    out_teacher,
+) -> None:
     """Write ``d/dz`` of ``sum_t (grad_div_t D_t + grad_lp_t lp_t)`` into ``out_student`` and ``d/dz_ref`` of
     ``sum_t grad_div_t D_t`` into ``out_teacher`` (either may be None)."""
     _, seq_len, vocab = student.shape
@@ -303,10 +332,33 @@ def divergence_backward(
     grad_lp = grad_lp.float().contiguous() if grad_lp is not None else None
     with device_guard(student):
         _divergence_bwd_kernel[row_block_grid(n, vocab, block)](
-            student, teacher, os_, ot, token_ids, lse, lse_ref, kl_student, kl_teacher, grad_div,
+            student,
+            teacher,
+            os_,
+            ot,
+            token_ids,
+            lse,
+            lse_ref,
+            kl_student,
+            kl_teacher,
+            grad_div,
             grad_lp if grad_lp is not None else grad_div,
-            seq_len, vocab, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-            os_.stride(0), os_.stride(1), ot.stride(0), ot.stride(1), 1.0 / temperature, float(beta),
-            KIND=_KIND[kind], STUDENT_GRAD=out_student is not None, TEACHER_GRAD=out_teacher is not None,
-            HAS_GRAD_LP=grad_lp is not None, BLOCK_V=block, num_warps=num_warps,
-        )  # fmt: skip
+            seq_len,
+            vocab,
+            student.stride(0),
+            student.stride(1),
+            teacher.stride(0),
+            teacher.stride(1),
+            os_.stride(0),
+            os_.stride(1),
+            ot.stride(0),
+            ot.stride(1),
+            1.0 / temperature,
+            float(beta),
+            KIND=_KIND[kind],
+            STUDENT_GRAD=out_student is not None,
+            TEACHER_GRAD=out_teacher is not None,
+            HAS_GRAD_LP=grad_lp is not None,
+            BLOCK_V=block,
+            num_warps=num_warps,
+        )

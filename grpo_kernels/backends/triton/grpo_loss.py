@@ -61,8 +61,21 @@ def _min_grad(a, b, da, db):
 
 
 @triton.jit
-def _policy(rho, adv, lp, clip_low, clip_high, eps_high, delta, dual_clip, sapo_pos, sapo_neg,
-            FAMILY: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr):  # fmt: skip
+def _policy(
+    rho,
+    adv,
+    lp,
+    clip_low,
+    clip_high,
+    eps_high,
+    delta,
+    dual_clip,
+    sapo_pos,
+    sapo_neg,
+    FAMILY: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
+    HAS_DUAL_CLIP: tl.constexpr,
+):
     """``(P, dP/dr, dP/dlp|direct)`` of docs/math.md section 4 for the ratio ``rho = exp(r)``."""
     if FAMILY == GPG:  # no ratio: the REINFORCE term
         p, dp_dr, dp_dlp = -adv * lp, 0.0, -adv
@@ -192,8 +205,21 @@ def _grpo_loss_fwd_kernel(
         log_ratio = lp - tl.load(old_ptr + row)
     rho = tl.exp(log_ratio)
 
-    loss, dl_dr, dl_dlp = _policy(rho, adv, lp, clip_low, clip_high, eps_high, delta, dual_clip, sapo_pos, sapo_neg,
-                                  FAMILY, HAS_DELTA, HAS_DUAL_CLIP)  # fmt: skip
+    loss, dl_dr, dl_dlp = _policy(
+        rho,
+        adv,
+        lp,
+        clip_low,
+        clip_high,
+        eps_high,
+        delta,
+        dual_clip,
+        sapo_pos,
+        sapo_neg,
+        FAMILY,
+        HAS_DELTA,
+        HAS_DUAL_CLIP,
+    )
     if HAS_IS_WEIGHTS:
         w = tl.load(is_weights_ptr + row)
         loss, dl_dr, dl_dlp = loss * w, dl_dr * w, dl_dlp * w
@@ -239,20 +265,44 @@ def grpo_loss_forward(logits: torch.Tensor, batch: TokenBatch, config: LossConfi
         unused = batch.coef  # stands in for absent optional inputs (never read: their mode flag is off)
         with device_guard(logits):
             _grpo_loss_fwd_kernel[row_grid(n)](
-                logits, batch.token_ids, batch.coef, batch.advantages,
+                logits,
+                batch.token_ids,
+                batch.coef,
+                batch.advantages,
                 unused if batch.old_logprobs is None else batch.old_logprobs,
                 batch.ref_logprobs if has_kl else unused,
                 unused if batch.is_weights is None else batch.is_weights,
-                lp, lse, entropy if with_entropy else lp, grad, loss_t, kl, flags,
-                seq_len, vocab, logits.stride(0), logits.stride(1),
-                1.0 / config.temperature, config.beta, 1.0 - config.epsilon_low, 1.0 + config.epsilon_high,
-                config.epsilon_high, config.delta or 0.0, config.dual_clip or 0.0,
-                config.sapo_temperature_pos, config.sapo_temperature_neg,
-                FAMILY=_FAMILY[config.loss_type], ESTIMATOR=_ESTIMATOR[config.kl_estimator],
-                HAS_OLD=batch.old_logprobs is not None, HAS_KL=has_kl, HAS_IS_WEIGHTS=batch.is_weights is not None,
-                HAS_DELTA=config.delta is not None, HAS_DUAL_CLIP=config.dual_clip is not None,
-                BIAS_CORRECTED=config.bias_corrected_kl, WITH_ENTROPY=with_entropy,
-                BLOCK_V=block, num_warps=num_warps,
-            )  # fmt: skip
+                lp,
+                lse,
+                entropy if with_entropy else lp,
+                grad,
+                loss_t,
+                kl,
+                flags,
+                seq_len,
+                vocab,
+                logits.stride(0),
+                logits.stride(1),
+                1.0 / config.temperature,
+                config.beta,
+                1.0 - config.epsilon_low,
+                1.0 + config.epsilon_high,
+                config.epsilon_high,
+                config.delta or 0.0,
+                config.dual_clip or 0.0,
+                config.sapo_temperature_pos,
+                config.sapo_temperature_neg,
+                FAMILY=_FAMILY[config.loss_type],
+                ESTIMATOR=_ESTIMATOR[config.kl_estimator],
+                HAS_OLD=batch.old_logprobs is not None,
+                HAS_KL=has_kl,
+                HAS_IS_WEIGHTS=batch.is_weights is not None,
+                HAS_DELTA=config.delta is not None,
+                HAS_DUAL_CLIP=config.dual_clip is not None,
+                BIAS_CORRECTED=config.bias_corrected_kl,
+                WITH_ENTROPY=with_entropy,
+                BLOCK_V=block,
+                num_warps=num_warps,
+            )
     loss = (batch.coef * loss_t).sum()
     return LossForward(loss, lp, lse, entropy, grad, loss_t, kl, flags)

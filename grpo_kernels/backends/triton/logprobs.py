@@ -116,10 +116,20 @@ def token_logprobs_forward(logits: torch.Tensor, token_ids: torch.Tensor, temper
     block, num_warps = vocab_tiling(vocab, logits.element_size())
     with device_guard(logits):
         _token_logprobs_fwd_kernel[row_grid(n)](
-            logits, token_ids, lp, lse, entropy if with_entropy else lp,
-            seq_len, vocab, logits.stride(0), logits.stride(1), 1.0 / temperature,
-            WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=num_warps,
-        )  # fmt: skip
+            logits,
+            token_ids,
+            lp,
+            lse,
+            entropy if with_entropy else lp,
+            seq_len,
+            vocab,
+            logits.stride(0),
+            logits.stride(1),
+            1.0 / temperature,
+            WITH_ENTROPY=with_entropy,
+            BLOCK_V=block,
+            num_warps=num_warps,
+        )
     return lp, lse, entropy
 
 
@@ -179,8 +189,21 @@ def token_logprobs_backward(logits, token_ids, lse, entropy, grad_lp, grad_entro
     has_entropy_grad = grad_entropy is not None
     with device_guard(logits):
         _token_logprobs_bwd_kernel[row_block_grid(n, vocab, block)](
-            logits, out, token_ids, lse, entropy if has_entropy_grad else lse, grad_lp,
+            logits,
+            out,
+            token_ids,
+            lse,
+            entropy if has_entropy_grad else lse,
+            grad_lp,
             grad_entropy if has_entropy_grad else grad_lp,
-            seq_len, vocab, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), 1.0 / temperature,
-            HAS_ENTROPY_GRAD=has_entropy_grad, BLOCK_V=block, num_warps=num_warps,
-        )  # fmt: skip
+            seq_len,
+            vocab,
+            logits.stride(0),
+            logits.stride(1),
+            out.stride(0),
+            out.stride(1),
+            1.0 / temperature,
+            HAS_ENTROPY_GRAD=has_entropy_grad,
+            BLOCK_V=block,
+            num_warps=num_warps,
+        )
