@@ -42,54 +42,17 @@ class TritonBackend(Backend):
             )
         return f"Triton kernels run on CUDA devices (or on the CPU under TRITON_INTERPRET=1), not on {device.type}"
 
-    def token_logprobs_forward(self, logits, token_ids, temperature, with_entropy):
-        return token_logprobs_forward(logits, token_ids, temperature, with_entropy)
+    token_logprobs_forward = staticmethod(token_logprobs_forward)
 
-    def token_logprobs_backward(self, logits, token_ids, lse, entropy, grad_lp, grad_entropy, temperature, out):
-        token_logprobs_backward(logits, token_ids, lse, entropy, grad_lp, grad_entropy, temperature, out)
+    token_logprobs_backward = staticmethod(token_logprobs_backward)
 
-    def grpo_loss_forward(self, logits, batch, config, with_entropy):
-        return grpo_loss_forward(logits, batch, config, with_entropy)
+    grpo_loss_forward = staticmethod(grpo_loss_forward)
 
-    def group_advantages(self, rewards, weights, layout, config, lengths=None):
-        return group_advantages(rewards, weights, layout, config, lengths)
+    group_advantages = staticmethod(group_advantages)
 
-    def divergence_forward(self, student, teacher, token_ids, kind, beta, temperature, with_logprobs):
-        return divergence_forward(student, teacher, token_ids, kind, beta, temperature, with_logprobs)
+    divergence_forward = staticmethod(divergence_forward)
 
-    def divergence_backward(
-        self,
-        student,
-        teacher,
-        token_ids,
-        lse,
-        lse_ref,
-        kl_student,
-        kl_teacher,
-        grad_div,
-        grad_lp,
-        kind,
-        beta,
-        temperature,
-        out_student,
-        out_teacher,
-    ):
-        divergence_backward(
-            student,
-            teacher,
-            token_ids,
-            lse,
-            lse_ref,
-            kl_student,
-            kl_teacher,
-            grad_div,
-            grad_lp,
-            kind,
-            beta,
-            temperature,
-            out_student,
-            out_teacher,
-        )
+    divergence_backward = staticmethod(divergence_backward)
 
 
 BACKEND = TritonBackend()
