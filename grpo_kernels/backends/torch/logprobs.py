@@ -1,9 +1,18 @@
 """The torch backend's passes over the logits: chunked log-probs / entropy and their hand-written gradient.
 
-Never materialises a full ``[N, V]`` float32 softmax: rows are processed in blocks of about ``_BLOCK_BYTES`` of
-float32, and the gradient w.r.t. the logits is written directly (``g (1[v=y] - p_v) / tau`` plus the entropy term),
-into a new buffer or over the logits. Traffic: forward reads the logits once; backward reads them once and writes
-the gradient once (3 passes in all, like the fused GPU kernels), plus block-local temporaries.
+Two implementations of the same two passes:
+
+* on the CPU, for float32 / bfloat16 / float16 logits, the compiled loops of ``cpu_kernels.cpp`` (:mod:`.native`):
+  each row read once from memory in the forward (lse, lp and the entropy together), read once and its gradient
+  written once in the backward, on ``torch.get_num_threads()`` threads;
+* everywhere else (float64, other devices, no C++ compiler, ``GRPO_KERNELS_CPU_NATIVE=0``) torch ops over blocks
+  of rows, below.
+
+Neither materialises a full ``[N, V]`` float32 softmax: the torch-ops path processes rows in blocks of about
+``_BLOCK_BYTES`` of float32, and writes the gradient w.r.t. the logits directly (``g (1[v=y] - p_v) / tau`` plus
+the entropy term), into a new buffer or over the logits. Traffic: forward reads the logits once; backward reads
+them once and writes the gradient once (3 passes in all, like the fused GPU kernels), plus (torch-ops path only)
+block-local temporaries.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from collections.abc import Iterator
 import torch
 
 from ... import _alloc
+from . import native
 
 # Rows per block: about this many bytes of float32 temporaries. Measured on a 2-core CPU (benchmarks/NOTES.md):
 # small enough to stay in L2/L3 between the passes of a block, large enough to amortise per-op overhead.
@@ -49,6 +59,10 @@ def _rows_per_block(vocab: int) -> int:
 
 
 def token_logprobs_forward(logits, token_ids, temperature, with_entropy):
+    if native.usable(logits):
+        out = native.token_logprobs_forward(logits, token_ids, temperature, with_entropy)
+        if out is not None:
+            return out
     acc = _acc_dtype(logits)
     n = token_ids.shape[0]
     lp = _alloc.empty(n, dtype=acc, device=logits.device)
@@ -78,6 +92,7 @@ def token_logprobs_forward(logits, token_ids, temperature, with_entropy):
         entropy = torch.where(valid, entropy, zero)
     return lp, lse, entropy
 
+
 def token_logprobs_backward(logits, token_ids, lse, entropy, grad_lp, grad_entropy, temperature, out):
     acc = _acc_dtype(logits)
     valid = token_ids >= 0
@@ -85,6 +100,10 @@ def token_logprobs_backward(logits, token_ids, lse, entropy, grad_lp, grad_entro
     zero = torch.zeros((), dtype=acc, device=logits.device)
     g = torch.where(valid, grad_lp.to(acc), zero) / temperature
     g_h = None if grad_entropy is None else torch.where(valid, grad_entropy.to(acc), zero) / temperature
+    if native.usable(logits, out) and native.token_logprobs_backward(
+        logits, token_ids, lse, entropy, g, g_h, temperature, out
+    ):
+        return
     safe_ids = token_ids.clamp(min=0).unsqueeze(1)
     all_valid = bool(valid.all())
     tensors = [logits] if out is logits else [logits, out]

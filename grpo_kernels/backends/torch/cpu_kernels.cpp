@@ -1,0 +1,495 @@
+// The torch backend's passes over the logits on the CPU, in plain C++ (no torch headers: it compiles in about a
+// second and is loaded through ctypes; see native.py, which builds it with -O3 -march=native and falls back to the
+// torch ops when it cannot).
+//
+//   forward   per row: lse, lp = u_y - lse and optionally H, in ONE read of the row: blocks of kBlock logits are
+//             read once from memory (their max), then re-read from L1 (exp and the sums), the row's running max and
+//             sums rescaled when a block raises the max (online log-sum-exp over blocks, exact per block).
+//   backward  per row: one read of the logits and one write of the gradient,
+//             d/dz = (g 1[v=y] - p (g + gH (log p + H))) / tau     with g, gH already divided by tau.
+//
+// u = z / tau is computed in float32 as z * (1 / tau) (a division costs a cycle per logit; the two differ by an ulp,
+// and forward and backward here use the same u), the row's sums in float32 inside a block
+// and in double across blocks; the per-row finish (log, lse, lp, H) in double. Each row is computed by one thread
+// in a fixed order, whatever the thread count: the results are bitwise the same run to run and for any nthreads.
+//
+// Non-finite values follow the torch path exactly: a NaN in a row makes lse, lp and H NaN; with the entropy a row
+// whose max is +-inf is NaN (as u - max is NaN somewhere); without it, logsumexp's rule (+inf -> lse = +inf, all
+// -inf -> lse = -inf); -inf logits contribute p = 0 (log p clamped at kLogpFloor, so 0 * log 0 = 0). Rows with
+// ids < 0 (not taking part) are never read: lp = H = 0, lse = 0, a gradient row of zeros.
+//
+// Vectors are GCC/Clang vector extensions of 16 floats: AVX-512 registers where the CPU has them, two AVX2 or four
+// SSE/NEON registers elsewhere. exp is a Cephes-style polynomial (max relative error ~2e-7, exp(0) = 1 exactly,
+// subnormal results kept, exp(-inf) = 0, NaN in -> NaN out).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int kW = 16;          // floats per vector
+constexpr int64_t kBlock = 2048;  // logits per block of the forward: 8 KB of float32, stays in L1 between its passes
+// log p is clamped here (NaN kept): exp(-104) rounds to 0 in float32, so every p below it is 0 as it is without the
+// clamp, and 0 * log p stays 0 for masked (-inf) logits. (logprobs.py clamps at -1e4: the same results.)
+constexpr float kLogpFloor = -104.0f;
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+#if defined(__FLT16_MAX__)
+typedef _Float16 vf16 __attribute__((vector_size(32)));
+#endif
+
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+inline vf splat(float x) { return vf{} + x; }
+
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+// max(x, kLogpFloor), NaN kept.
+inline vf vfloor(vf x) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_max_ps(_mm512_set1_ps(kLogpFloor), (__m512)x);  // vmaxps returns its 2nd operand on NaN
+#else
+  return x < splat(kLogpFloor) ? splat(kLogpFloor) : x;  // a NaN compares false and stays
+#endif
+}
+
+// exp(x) for a vector whose lanes are >= kLogpFloor or NaN (vfloor): n = round(x / ln 2), r = x - n ln 2
+// (two-part ln 2), exp(r) by Cephes' expf polynomial, times 2^n. exp(kLogpFloor) = 0 (below half the smallest
+// subnormal); subnormal results are kept; x > 88.73 gives inf (kUpper = false: the caller knows x <= 0, as the
+// forward's u - max); NaN gives NaN.
+template <bool kUpper>
+inline vf vexp(vf x) {
+#if defined(__AVX512F__)
+  __m512 v = (__m512)x;
+  if (kUpper) v = _mm512_min_ps(_mm512_set1_ps(89.0f), v);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return (vf)_mm512_scalef_ps(y, n);  // y 2^n, rounded once: subnormals, 0 and inf come out right
+#else
+  if (kUpper) x = x > splat(89.0f) ? splat(89.0f) : x;
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer (|t| < 2^22)
+  vf n = (x * splat(1.44269504088896341f) + magic) - magic;
+  vf r = x - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  vf y = p * (r * r) + r + splat(1.0f);
+  vi ni = __builtin_convertvector(n, vi);
+  vi n1 = ni >> 1;  // 2^n as 2^n1 2^n2: both factors normal for n in [-150, 128]
+  vi n2 = ni - n1;
+  return y * (vf)((n1 + 127) << 23) * (vf)((n2 + 127) << 23);
+#endif
+}
+
+inline double hsum(vf v) {
+  double s = 0.0;
+  for (int i = 0; i < kW; ++i) s += v[i];
+  return s;
+}
+
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < kW; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// loads and stores of kW logits (full vectors and a tail of n < kW, padded with `pad`)
+// ---------------------------------------------------------------------------------------------------------------
+struct F32 {
+  using T = float;
+  static vf load(const T* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static void store(T* p, vf v) { std::memcpy(p, &v, sizeof v); }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static vf load(const T* p) {
+    vh h;
+    std::memcpy(&h, p, sizeof h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+  }
+  static void store(T* p, vf v) {  // round to nearest even; NaN -> 0x7FC0 (as c10::BFloat16)
+    vu u = (vu)v;
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const vu quiet_nan = vu{} + 0x7FC0u;
+    u = (v != v) ? quiet_nan : u;
+    vh h = __builtin_convertvector(u, vh);
+    std::memcpy(p, &h, sizeof h);
+  }
+};
+
+#if defined(__FLT16_MAX__)
+struct F16 {
+  using T = _Float16;
+  static vf load(const T* p) {
+    vf16 h;
+    std::memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, vf);
+  }
+  static void store(T* p, vf v) {
+    vf16 h = __builtin_convertvector(v, vf16);
+    std::memcpy(p, &h, sizeof h);
+  }
+};
+#endif
+
+template <class D>
+inline vf load_tail(const typename D::T* p, int64_t n, float pad) {
+  typename D::T buf[kW];
+  std::memcpy(buf, p, n * sizeof(typename D::T));
+  vf v = D::load(buf);
+  for (int64_t i = n; i < kW; ++i) v[i] = pad;
+  return v;
+}
+
+template <class D>
+inline void store_tail(typename D::T* p, int64_t n, vf v) {
+  typename D::T buf[kW];
+  D::store(buf, v);
+  std::memcpy(p, buf, n * sizeof(typename D::T));
+}
+
+template <class D>
+inline float load_one(const typename D::T* p) {
+  return load_tail<D>(p, 1, 0.0f)[0];
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// rows: [B, T, V] with unit stride along V; row n = (n / T, n % T)
+// ---------------------------------------------------------------------------------------------------------------
+struct Rows {
+  int64_t rows, seq_len, vocab, stride_b, stride_t;  // strides in elements
+  int64_t offset(int64_t n) const { return (n / seq_len) * stride_b + (n % seq_len) * stride_t; }
+};
+
+// Calls body(row) for every row on nthreads threads (the caller's included), in chunks handed out in order.
+template <class F>
+void parallel_rows(int64_t rows, int64_t vocab, int nthreads, F body) {
+  const int64_t chunk = std::max<int64_t>(1, 16384 / std::max<int64_t>(vocab, 1));  // >= ~16k logits per chunk
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  int workers = static_cast<int>(std::min<int64_t>(std::max(nthreads, 1), chunks));
+  if (rows * vocab < (1 << 17)) workers = 1;  // a thread costs more than it saves below ~128k logits
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      const int64_t end = std::min(rows, (c + 1) * chunk);
+      for (int64_t n = c * chunk; n < end; ++n) body(n);
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(workers - 1);
+  for (int i = 1; i < workers; ++i) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------------------------------------------
+// A row's log-sum-exp state: running max m, s0 = sum exp(u - m), s1 = sum exp(u - m) (u - m), any NaN seen.
+struct RowSums {
+  double m = -std::numeric_limits<double>::infinity(), s0 = 0.0, s1 = 0.0;
+  bool nan = false;
+
+  // Adds sums b0, b1 taken relative to `ref` (ref <= new_max), the block's max being new_max: rescaled to it.
+  void merge(double ref, double new_max, double b0, double b1) {
+    if (new_max > m) {
+      const double c_new = std::exp(ref - new_max);
+      if (m == -std::numeric_limits<double>::infinity()) {  // nothing so far (a first block, or all -inf before)
+        s1 = c_new * (b1 + (ref - new_max) * b0);
+        s0 = c_new * b0;
+      } else {
+        const double c_old = std::exp(m - new_max);
+        s1 = c_old * (s1 + (m - new_max) * s0) + c_new * (b1 + (ref - new_max) * b0);
+        s0 = c_old * s0 + c_new * b0;
+      }
+      m = new_max;
+    } else {
+      s1 += b1 + (ref - m) * b0;
+      s0 += b0;
+    }
+  }
+};
+
+// The exp-pass over a block in registers: sums of e = exp(floor(u - ref)) and e * floor(u - ref).
+template <bool kEntropy>
+struct ExpSums {
+  vf a0 = vf{}, b0 = vf{}, a1 = vf{}, b1 = vf{};
+  inline void add(vf u, vf ref, vf& acc0, vf& acc1) {
+    const vf s = vfloor(u - ref);
+    const vf e = vexp<false>(s);  // s <= 0 (exact blocks) or s <= kHeadroom (checked after the block)
+    acc0 += e;
+    if (kEntropy) acc1 += e * s;
+  }
+  double sum0() const { return hsum(a0 + b0); }
+  double sum1() const { return kEntropy ? hsum(a1 + b1) : 0.0; }
+};
+
+// Most a block's max may exceed the reference of a one-pass block: exp(64) * kBlock stays far from float32's max.
+constexpr float kHeadroom = 64.0f;
+
+// One block, two passes over it: its max (the logits read from memory into buf), then the exp-pass from L1 relative
+// to the new running max. Handles every value (NaN, +-inf, a first block).
+template <class D, bool kEntropy, bool kTemperature>
+void add_block_exact(const typename D::T* z, int64_t len, float inv_tau, RowSums& row) {
+  const float inf = std::numeric_limits<float>::infinity();
+  vf buf[kBlock / kW];
+  const int64_t full = len / kW, tail = len % kW, count = full + (tail ? 1 : 0);
+  vf bmax = splat(-inf);
+  vi nan_seen = vi{};
+  for (int64_t j = 0; j < count; ++j) {
+    vf u = j < full ? D::load(z + j * kW) : load_tail<D>(z + j * kW, tail, -inf);
+    if (kTemperature) u = u * splat(inv_tau);
+    buf[j] = u;
+    nan_seen |= (u != u);
+    bmax = vmax(bmax, u);
+  }
+  for (int i = 0; i < kW; ++i) row.nan |= nan_seen[i] != 0;
+  const double new_max = std::max<double>(row.m, hmax(bmax));
+  if (row.nan || !std::isfinite(new_max)) {  // the row's result is decided by these alone (see finish)
+    row.m = std::max(row.m, new_max);
+    return;
+  }
+  const vf ref = splat(static_cast<float>(new_max));
+  ExpSums<kEntropy> e;
+  int64_t j = 0;
+  for (; j + 1 < count; j += 2) {
+    e.add(buf[j], ref, e.a0, e.a1);
+    e.add(buf[j + 1], ref, e.b0, e.b1);
+  }
+  if (j < count) e.add(buf[j], ref, e.a0, e.a1);
+  row.merge(new_max, new_max, e.sum0(), e.sum1());
+}
+
+// One block, one pass: max and exp relative to the running max (finite) together. False (nothing added) when the
+// block's max exceeds it by more than kHeadroom or is +inf: the caller then adds the block exactly.
+template <class D, bool kEntropy, bool kTemperature>
+bool add_block_online(const typename D::T* z, int64_t len, float inv_tau, RowSums& row) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const int64_t full = len / kW, tail = len % kW;
+  const float ref_f = static_cast<float>(row.m);
+  const vf ref = splat(ref_f);
+  vf bmax0 = splat(-inf), bmax1 = splat(-inf);
+  ExpSums<kEntropy> e;
+  int64_t j = 0;
+  for (; j + 1 < full; j += 2) {
+    vf u = D::load(z + j * kW), v = D::load(z + (j + 1) * kW);
+    if (kTemperature) {
+      u = u * splat(inv_tau);
+      v = v * splat(inv_tau);
+    }
+    bmax0 = vmax(bmax0, u);
+    bmax1 = vmax(bmax1, v);
+    e.add(u, ref, e.a0, e.a1);
+    e.add(v, ref, e.b0, e.b1);
+  }
+  for (; j < full + (tail ? 1 : 0); ++j) {
+    vf u = j < full ? D::load(z + j * kW) : load_tail<D>(z + j * kW, tail, -inf);
+    if (kTemperature) u = u * splat(inv_tau);
+    bmax0 = vmax(bmax0, u);
+    e.add(u, ref, e.a0, e.a1);
+  }
+  const float block_max = hmax(vmax(bmax0, bmax1));
+  if (!(block_max - ref_f <= kHeadroom)) return false;  // +inf (or a far larger max): redo exactly
+  const double b0 = e.sum0();
+  if (std::isnan(b0)) {  // a NaN logit reached the sums
+    row.nan = true;
+    return true;
+  }
+  row.merge(row.m, std::max<double>(row.m, block_max), b0, e.sum1());
+  return true;
+}
+
+template <class D, bool kEntropy, bool kTemperature>
+void forward_row(const typename D::T* z, int64_t vocab, int64_t target, float tau, float* lp, float* lse,
+                 float* entropy) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const float inv_tau = 1.0f / tau;
+  RowSums row;
+  for (int64_t start = 0; start < vocab; start += kBlock) {
+    const int64_t len = std::min(kBlock, vocab - start);
+    const bool online = std::isfinite(row.m) && !row.nan;
+    if (!online || !add_block_online<D, kEntropy, kTemperature>(z + start, len, inv_tau, row))
+      add_block_exact<D, kEntropy, kTemperature>(z + start, len, inv_tau, row);
+  }
+  // NaN anywhere: NaN. With the entropy a max of +-inf is NaN too (u - max is NaN somewhere, as in the torch path);
+  // without it logsumexp's rule: +inf -> +inf, all -inf -> -inf.
+  double lse_d;
+  if (row.nan || (kEntropy && !std::isfinite(row.m))) {
+    lse_d = nan;
+  } else if (!std::isfinite(row.m)) {
+    lse_d = row.m;
+  } else {
+    lse_d = row.m + std::log(row.s0);
+  }
+  const float row_lse = static_cast<float>(lse_d);
+  float u_y = load_one<D>(z + target);
+  if (kTemperature) u_y = u_y * inv_tau;
+  *lse = row_lse;
+  *lp = std::isfinite(lse_d) ? static_cast<float>(static_cast<double>(u_y) - lse_d) : u_y - row_lse;
+  if (kEntropy) *entropy = std::isfinite(lse_d) ? static_cast<float>(std::log(row.s0) - row.s1 / row.s0) : nan;
+}
+
+template <class D, bool kEntropy, bool kTemperature>
+void forward(const void* logits, const Rows& r, const int64_t* ids, float tau, float* lp, float* lse, float* entropy,
+             int nthreads) {
+  const auto* z = static_cast<const typename D::T*>(logits);
+  parallel_rows(r.rows, r.vocab, nthreads, [&](int64_t n) {
+    if (ids[n] < 0) {
+      lp[n] = 0.0f;
+      lse[n] = 0.0f;
+      if (kEntropy) entropy[n] = 0.0f;
+      return;
+    }
+    forward_row<D, kEntropy, kTemperature>(z + r.offset(n), r.vocab, ids[n], tau, lp + n, lse + n,
+                                           kEntropy ? entropy + n : nullptr);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// backward
+// ---------------------------------------------------------------------------------------------------------------
+template <class D, bool kEntropy, bool kTemperature>
+void backward_row(const typename D::T* z, typename D::T* out, int64_t vocab, int64_t target, float tau, float lse,
+                  float h, float g, float gh) {
+  const float inv_tau = 1.0f / tau;
+  const vf lse_v = splat(lse), h_v = splat(h), g_v = splat(g), gh_v = splat(gh), neg_g = splat(-g);
+  auto grad = [&](vf u, int64_t j) {
+    if (kTemperature) u = u * splat(inv_tau);
+    const vf s = vfloor(u - lse_v);
+    vf w;
+    if (kEntropy) {
+      w = -(((s + h_v) * gh_v + g_v) * vexp<true>(s));
+    } else {
+      w = vexp<true>(s) * neg_g;
+    }
+    if (static_cast<uint64_t>(target - j) < static_cast<uint64_t>(kW)) w[target - j] += g;
+    return w;
+  };
+  const int64_t full = vocab / kW * kW;
+  int64_t j = 0;
+  for (; j < full; j += kW) D::store(out + j, grad(D::load(z + j), j));
+  if (j < vocab) store_tail<D>(out + j, vocab - j, grad(load_tail<D>(z + j, vocab - j, 0.0f), j));
+}
+
+template <class D, bool kEntropy, bool kTemperature>
+void backward(const void* logits, const Rows& r, void* grad_out, int64_t out_stride_b, int64_t out_stride_t,
+              const int64_t* ids, const float* lse, const float* entropy, const float* g, const float* gh, float tau,
+              int nthreads) {
+  const auto* z = static_cast<const typename D::T*>(logits);
+  auto* out = static_cast<typename D::T*>(grad_out);
+  parallel_rows(r.rows, r.vocab, nthreads, [&](int64_t n) {
+    typename D::T* o = out + (n / r.seq_len) * out_stride_b + (n % r.seq_len) * out_stride_t;
+    if (ids[n] < 0) {
+      std::memset(static_cast<void*>(o), 0, r.vocab * sizeof(typename D::T));  // +0.0 in every dtype
+      return;
+    }
+    backward_row<D, kEntropy, kTemperature>(z + r.offset(n), o, r.vocab, ids[n], tau, lse[n],
+                                            kEntropy ? entropy[n] : 0.0f, g[n], kEntropy ? gh[n] : 0.0f);
+  });
+}
+
+template <template <class, bool, bool> class Op, class... Args>
+int dispatch(int dtype, bool entropy, bool temperature, Args... args) {
+  auto run = [&](auto tag) {
+    using D = decltype(tag);
+    if (entropy && temperature) Op<D, true, true>::run(args...);
+    if (entropy && !temperature) Op<D, true, false>::run(args...);
+    if (!entropy && temperature) Op<D, false, true>::run(args...);
+    if (!entropy && !temperature) Op<D, false, false>::run(args...);
+  };
+  switch (dtype) {
+    case kFloat32:
+      run(F32{});
+      return 0;
+    case kBFloat16:
+      run(BF16{});
+      return 0;
+#if defined(__FLT16_MAX__)
+    case kFloat16:
+      run(F16{});
+      return 0;
+#endif
+    default:
+      return 1;
+  }
+}
+
+template <class D, bool E, bool T>
+struct Forward {
+  template <class... A>
+  static void run(A... a) { forward<D, E, T>(a...); }
+};
+
+template <class D, bool E, bool T>
+struct Backward {
+  template <class... A>
+  static void run(A... a) { backward<D, E, T>(a...); }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Bit i set: dtype i is compiled in (0 float32, 1 bfloat16, 2 float16).
+int grpo_cpu_dtypes() {
+#if defined(__FLT16_MAX__)
+  return 0b111;
+#else
+  return 0b011;
+#endif
+}
+
+// lp, lse [N] and entropy [N] (nullptr: not computed) of logits [B, T, V] (strides in elements, unit along V).
+// Returns 0, or 1 for a dtype that is not compiled in.
+int grpo_cpu_token_logprobs_forward(const void* logits, int dtype, int64_t batch, int64_t seq_len, int64_t vocab,
+                                    int64_t stride_b, int64_t stride_t, const int64_t* ids, float temperature,
+                                    float* lp, float* lse, float* entropy, int nthreads) {
+  const Rows r{batch * seq_len, seq_len, vocab, stride_b, stride_t};
+  return dispatch<Forward>(dtype, entropy != nullptr, temperature != 1.0f, logits, r, ids, temperature, lp, lse,
+                           entropy, nthreads);
+}
+
+// grad_out [B, T, V] (its own strides; may be the logits themselves) from lse, entropy, g = grad_lp / tau and
+// gh = grad_entropy / tau [N] (gh nullptr: no entropy term), zero on rows with ids < 0.
+int grpo_cpu_token_logprobs_backward(const void* logits, int dtype, int64_t batch, int64_t seq_len, int64_t vocab,
+                                     int64_t stride_b, int64_t stride_t, void* grad_out, int64_t out_stride_b,
+                                     int64_t out_stride_t, const int64_t* ids, const float* lse, const float* entropy,
+                                     const float* g, const float* gh, float temperature, int nthreads) {
+  const Rows r{batch * seq_len, seq_len, vocab, stride_b, stride_t};
+  return dispatch<Backward>(dtype, gh != nullptr, temperature != 1.0f, logits, r, grad_out, out_stride_b,
+                            out_stride_t, ids, lse, entropy, g, gh, temperature, nthreads);
+}
+
+}  // extern "C"
