@@ -44,6 +44,7 @@ EPSILON = 0.2  # clip range, low and high (TRL's default epsilon); loss_type "da
 # Input names each op's objective takes, in order, and the inputs its gradient is taken with respect to.
 ARGS = {
     "token_logprobs": ("logits", "token_ids"),
+    "token_logprobs_entropy_forward": ("logits", "token_ids"),
     "token_logprobs_entropy": ("logits", "token_ids", "grad_lp", "grad_entropy"),
     "grpo_loss": ("logits", "token_ids", "advantages", "mask", "old_logprobs", "ref_logprobs"),
     "group_advantages": ("rewards",),
@@ -68,6 +69,10 @@ def _eager_token_logprobs(logits, token_ids):
     return eager.eager_logprobs(logits, token_ids)[0]
 
 
+def _eager_token_logprobs_entropy_forward(logits, token_ids):
+    return eager.eager_logprobs(logits, token_ids, return_entropy=True)
+
+
 def _eager_token_logprobs_entropy(logits, token_ids, grad_lp, grad_entropy):
     lp, entropy = eager.eager_logprobs(logits, token_ids, return_entropy=True)
     return (lp * grad_lp).sum() + (entropy * grad_entropy).sum()
@@ -90,6 +95,7 @@ def _eager_fused_linear(hidden, weight, token_ids, advantages, mask, old_logprob
 
 EAGER = {
     "token_logprobs": _eager_token_logprobs,
+    "token_logprobs_entropy_forward": _eager_token_logprobs_entropy_forward,
     "token_logprobs_entropy": _eager_token_logprobs_entropy,
     "grpo_loss": _eager_grpo_loss,
     "group_advantages": _eager_group_advantages,
@@ -115,6 +121,10 @@ def _compile(op: str, statics: dict) -> Callable:
 # ----------------------------------------------------------------------------------------------------------------
 def _ours_token_logprobs(logits, token_ids, *, backend):
     return token_logprobs(logits, token_ids, backend=backend)
+
+
+def _ours_token_logprobs_entropy_forward(logits, token_ids, *, backend):
+    return token_logprobs(logits, token_ids, return_entropy=True, backend=backend)
 
 
 def _ours_token_logprobs_entropy(logits, token_ids, grad_lp, grad_entropy, *, backend):
@@ -143,6 +153,7 @@ def _ours_fused_linear(hidden, weight, token_ids, advantages, mask, old_logprobs
 
 OURS_OBJECTIVES = {
     "token_logprobs": _ours_token_logprobs,
+    "token_logprobs_entropy_forward": _ours_token_logprobs_entropy_forward,
     "token_logprobs_entropy": _ours_token_logprobs_entropy,
     "grpo_loss": _ours_grpo_loss,
     "group_advantages": _ours_group_advantages,
@@ -186,6 +197,12 @@ def _trl_token_logprobs(logits, token_ids):
     return selective_log_softmax_and_entropy(logits, token_ids)[0]  # computes the entropy too: it has no lp-only mode
 
 
+def _trl_lp_entropy_fwd(logits, token_ids):
+    from trl.kernels import selective_log_softmax_and_entropy
+
+    return selective_log_softmax_and_entropy(logits, token_ids)
+
+
 def _trl_token_logprobs_entropy(logits, token_ids, grad_lp, grad_entropy):
     from trl.kernels import selective_log_softmax_and_entropy
 
@@ -219,6 +236,7 @@ EXTERNAL = {
     ("liger", "grpo_loss"): (_liger_grpo_loss, True, "liger_kernel.transformers.grpo_loss"),
     ("liger", "fused_linear_grpo_loss"): (_liger_fused_linear, False, "liger_kernel.chunked_loss"),
     ("trl", "token_logprobs"): (_trl_token_logprobs, True, "trl.kernels.logprob_entropy"),
+    ("trl", "token_logprobs_entropy_forward"): (_trl_lp_entropy_fwd, True, "trl.kernels.logprob_entropy"),
     ("trl", "token_logprobs_entropy"): (_trl_token_logprobs_entropy, True, "trl.kernels.logprob_entropy"),
     ("trl", "grpo_loss"): (_trl_grpo_loss, True, "trl.kernels.logprob_entropy"),
     ("trl", "fused_linear_grpo_loss"): (_trl_fused_linear, False, "trl.kernels.chunked_logprob"),
@@ -309,7 +327,8 @@ def objective(provider: str, case: Case) -> tuple[Callable, tuple[str, ...], tup
 def build(provider: str, case: Case, inputs: dict) -> Callable[[], tuple]:
     """The timed call: the objective (under ``no_grad`` for forward-only ops), then its gradient for backward ops.
 
-    Returns ``(objective,)`` or ``(objective, *gradients)``.
+    Returns ``(objective,)`` (``(lp, entropy)`` for ``token_logprobs_entropy_forward``) or
+    ``(objective, *gradients)``.
     """
     fn, arg_names, wrt_names = objective(provider, case)
     args = [inputs[name] for name in arg_names]
@@ -324,7 +343,8 @@ def build(provider: str, case: Case, inputs: dict) -> Callable[[], tuple]:
 
     def run_no_grad():
         with torch.no_grad():
-            return (fn(*args),)
+            out = fn(*args)
+        return out if isinstance(out, tuple) else (out,)  # (lp,) or (lp, entropy)
 
     return run_no_grad
 

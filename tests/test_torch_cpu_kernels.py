@@ -1,0 +1,248 @@
+"""The torch backend's compiled CPU passes (grpo_kernels/backends/torch/cpu_kernels.cpp) on their own: against
+reference.py in float64 on the shapes and values that take their different code paths (vector tails, one-pass and
+exact blocks, non-temporal stores, masked rows, strides, in place), bitwise the same for any thread count and when
+traced by torch.compile, and the fallback to the torch-ops path (switched off, no compiler) with its logged reason.
+The tests of the public API (test_token_logprobs.py, test_grpo_loss.py, ...) run through these passes too."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import low_precision_ok, rel_err
+from reliability_helpers import assert_matches
+
+from grpo_kernels import grpo_loss, token_logprobs
+from grpo_kernels import reference as ref
+from grpo_kernels.backends.torch import logprobs as torch_logprobs
+from grpo_kernels.backends.torch import native
+
+pytestmark = pytest.mark.skipif(
+    native.unavailable_reason() is not None, reason=f"compiled CPU passes unavailable: {native.unavailable_reason()}"
+)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _randn(*shape, seed, scale=2.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+
+
+def _ids(rows, vocab, seed):
+    return torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(seed))
+
+
+def _passes(z, ids, temperature, entropy, g, gh, out=None):
+    """Forward and backward (of sum g lp + gH H) through the backend functions: the compiled passes here."""
+    assert native.usable(z)
+    lp, lse, h = torch_logprobs.token_logprobs_forward(z, ids, temperature, entropy)
+    out = torch.empty_like(z) if out is None else out
+    torch_logprobs.token_logprobs_backward(z, ids, lse, h, g, gh if entropy else None, temperature, out)
+    return lp, lse, h, out
+
+
+def _reference(z, ids, temperature, g, gh):
+    """float64 lp, H and d/dz (sum g lp + gH H) over the rows with ids >= 0 (zeros elsewhere)."""
+    z64 = z.detach().double().reshape(-1, z.shape[-1]).requires_grad_(True)
+    lp, h = ref.token_logprobs(z64, ids, ignore_index=-1, temperature=temperature)
+    loss = (lp * g.double()).sum() + ((h * gh.double()).sum() if gh is not None else 0.0)
+    (grad,) = torch.autograd.grad(loss, z64)
+    return lp, h, grad.reshape(z.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# values against float64
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab", [1, 7, 15, 16, 17, 2047, 2048, 2049, 4099, 32000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_float32_matches_reference_on_every_tail_and_block_boundary(vocab, temperature):
+    rows = 9
+    z = _randn(1, rows, vocab, seed=vocab).float()
+    ids = _ids(rows, vocab, seed=1)
+    ids[4] = -1
+    g, gh = _randn(rows, seed=2, scale=1.0).float(), _randn(rows, seed=3, scale=1.0).float()
+    lp, _, h, grad = _passes(z, ids, temperature, True, g, gh)
+    lp64, h64, grad64 = _reference(z, ids, temperature, g, gh)
+    assert rel_err(lp, lp64) < 1e-6 and rel_err(h, h64) < 1e-6
+    assert rel_err(grad, grad64) < 1e-6
+    assert lp[4].item() == 0.0 and h[4].item() == 0.0 and torch.equal(grad[0, 4], torch.zeros(vocab))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_eager_error(dtype):
+    if dtype not in native._state["dtypes"]:
+        pytest.skip(f"{dtype} not compiled in (the compiler has no _Float16)")
+    rows, vocab = 6, 5003
+    z = _randn(1, rows, vocab, seed=5).to(dtype)
+    ids = _ids(rows, vocab, seed=6)
+    g, gh = _randn(rows, seed=7, scale=1.0).float(), _randn(rows, seed=8, scale=1.0).float()
+    lp, _, h, grad = _passes(z, ids, 1.0, True, g, gh)
+    lp64, h64, grad64 = _reference(z, ids, 1.0, g, gh)
+    ze = z.detach().clone().reshape(rows, vocab).requires_grad_(True)
+    lpe, he = ref.token_logprobs(ze, ids, compute_in=dtype)
+    (grade,) = torch.autograd.grad((lpe * g).sum() + (he * gh).sum(), ze)
+    assert grad.dtype == dtype
+    assert low_precision_ok(rel_err(lp, lp64), rel_err(lpe, lp64))
+    assert low_precision_ok(rel_err(h, h64), rel_err(he, h64))
+    assert low_precision_ok(rel_err(grad, grad64), rel_err(grade.reshape(grad.shape), grad64), floor=1e-3)
+
+
+def test_rows_whose_max_rises_block_after_block():
+    """The forward's one-pass blocks use the running max of the blocks before; a block whose max is more than 64
+    above it is redone exactly. Rows: a steep ramp (every block redone), a gentle ramp (one-pass blocks that raise
+    the max), a peak in the last block, -inf blocks before the first finite one, a flat row."""
+    vocab = 5 * 2048 + 3
+    ramp = torch.linspace(-300.0, 300.0, vocab, dtype=torch.float64)
+    rows = [ramp, ramp / 20, _randn(vocab, seed=9), _randn(vocab, seed=10), torch.full((vocab,), 0.5)]
+    rows[2][-5] = 80.0
+    rows[3][: 2 * 2048 + 7] = -math.inf
+    z = torch.stack(rows).float().unsqueeze(0)
+    ids = torch.tensor([vocab - 1, 17, vocab - 5, 2 * 2048 + 100, 3])
+    g, gh = _randn(5, seed=11, scale=1.0).float(), _randn(5, seed=12, scale=1.0).float()
+    lp, _, h, grad = _passes(z, ids, 1.0, True, g, gh)
+    lp64, h64, grad64 = _reference(z, ids, 1.0, g, gh)
+    assert rel_err(lp, lp64) < 1e-6 and rel_err(h, h64) < 1e-6 and rel_err(grad, grad64) < 1e-6
+    assert torch.equal(grad[0, 3, : 2 * 2048 + 7], torch.zeros(2 * 2048 + 7))  # -inf logits: exact zeros
+
+
+@pytest.mark.parametrize("entropy", [True, False])
+def test_non_finite_logits_as_the_torch_ops_path(entropy):
+    """NaN anywhere in a row (here in its last block) -> NaN; +inf -> NaN with the entropy, lse = +inf without; a
+    row of -inf -> NaN with the entropy, lse = -inf without; the same patterns as the torch-ops path."""
+    vocab = 3 * 2048 + 5
+    z = _randn(1, 4, vocab, seed=13).float()
+    z[0, 0, -2] = math.nan
+    z[0, 1, 2048 * 2 + 3] = math.inf
+    z[0, 2] = -math.inf
+    ids = torch.tensor([1, 2, 3, 4])
+    got = torch_logprobs.token_logprobs_forward(z, ids, 1.0, entropy)
+    usable = native.usable
+    try:
+        native.usable = lambda *a: False
+        expect = torch_logprobs.token_logprobs_forward(z, ids, 1.0, entropy)
+    finally:
+        native.usable = usable
+    for ours, theirs in zip(got, expect):
+        if ours.numel():
+            assert_matches(ours, theirs.double(), tol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layouts and stores
+# ----------------------------------------------------------------------------------------------------------------
+def test_strided_logits_in_place_and_streamed_stores_are_bitwise_the_plain_ones():
+    """logits[:, :-1] (B, T strides that do not merge), the gradient written over the logits, and a gradient of
+    >= 16 MiB (non-temporal stores, huge-page advice) all give bitwise what row-by-row calls give."""
+    batch, seq, vocab = 4, 33, 32768 + 5  # 17.3 MB of float32 gradient
+    full = _randn(batch, seq + 1, vocab, seed=14).float()
+    z = full[:, :-1]
+    ids = _ids(batch * seq, vocab, seed=15)
+    ids[7] = -1
+    g, gh = _randn(batch * seq, seed=16, scale=1.0).float(), _randn(batch * seq, seed=17, scale=1.0).float()
+    lp, lse, h, grad = _passes(z, ids, 0.9, True, g, gh)
+    for n in (0, 7, 40, batch * seq - 1):  # one row at a time: small calls, plain stores
+        b, t = divmod(n, seq)
+        row = z[b : b + 1, t : t + 1]
+        lp1, lse1, h1, grad1 = _passes(row, ids[n : n + 1], 0.9, True, g[n : n + 1], gh[n : n + 1])
+        assert torch.equal(lp1, lp[n : n + 1]) and torch.equal(lse1, lse[n : n + 1]) and torch.equal(h1, h[n : n + 1])
+        assert torch.equal(grad1[0, 0], grad[b, t])
+    in_place = z.clone()
+    _passes(in_place, ids, 0.9, True, g, gh, out=in_place)
+    assert torch.equal(in_place, grad)
+
+
+def test_bitwise_the_same_for_any_thread_count_and_run():
+    z = _randn(2, 64, 3001, seed=18).float()
+    ids = _ids(128, 3001, seed=19)
+    g, gh = _randn(128, seed=20, scale=1.0).float(), _randn(128, seed=21, scale=1.0).float()
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 1):
+            torch.set_num_threads(n)
+            results.append(_passes(z, ids, 1.0, True, g, gh))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_torch_compile_traces_the_op_and_runs_the_compiled_passes():
+    """fullgraph=True traces the custom op (its fake implementation): the compiled CPU passes are called at run time
+    only, never while tracing, and give the eager call's numbers (bitwise for the op alone)."""
+    z = _randn(2, 5, 999, seed=22).float().requires_grad_(True)
+    ids = _ids(10, 999, seed=23).view(2, 5)
+    adv = _randn(2, seed=24, scale=1.0).float()
+    mask = torch.ones(2, 5)
+
+    def loss_fn(z, ids, adv, mask):
+        out = grpo_loss(z, ids, adv, mask=mask, backend="torch", return_entropy=True)
+        return out.loss + 0.01 * out.entropy.sum()
+
+    calls = []
+    forward = native.token_logprobs_forward
+
+    def spy(*args):
+        calls.append(torch.compiler.is_compiling())
+        return forward(*args)
+
+    native.token_logprobs_forward = spy
+    try:
+        compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+        got = compiled(z, ids, adv, mask)
+        (grad,) = torch.autograd.grad(got, z)
+    finally:
+        native.token_logprobs_forward = forward
+    assert calls and not any(calls)  # called, and never while tracing
+    expect = loss_fn(z, ids, adv, mask)
+    (expect_grad,) = torch.autograd.grad(expect, z)
+    torch.testing.assert_close(got, expect, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, expect_grad, rtol=1e-6, atol=1e-9)
+    lp = token_logprobs(z.detach(), ids, backend="torch")
+    traced = torch.compile(lambda z, i: token_logprobs(z, i, backend="torch"), fullgraph=True, backend="aot_eager")
+    assert torch.equal(traced(z.detach(), ids), lp)
+
+
+def test_float64_and_other_layouts_take_the_torch_ops_path():
+    z = _randn(1, 3, 50, seed=25)
+    assert not native.usable(z)  # float64: exact, the torch-ops path
+    assert not native.usable(z.float().transpose(1, 2))  # V not unit stride
+    assert native.usable(z.float())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# availability: switched off, no compiler, the cache
+# ----------------------------------------------------------------------------------------------------------------
+_PROBE = """
+import json, logging, torch
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from grpo_kernels import token_logprobs
+from grpo_kernels.backends.torch import native
+z = torch.randn(2, 3, 40, generator=torch.Generator().manual_seed(0))
+ids = torch.randint(0, 40, (2, 3), generator=torch.Generator().manual_seed(1))
+lp = token_logprobs(z, ids, backend="torch")
+lp = token_logprobs(z, ids, backend="torch")
+print(json.dumps(dict(reason=native.unavailable_reason(), lp=lp.tolist())))
+"""
+
+
+def _probe(tmp_path, **env):
+    full_env = dict(os.environ, PYTHONPATH=ROOT, GRPO_KERNELS_CACHE_DIR=str(tmp_path / "cache"), **env)
+    proc = subprocess.run([sys.executable, "-c", _PROBE], env=full_env, capture_output=True, text=True, timeout=300,
+                          check=True, cwd=ROOT)  # fmt: skip
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def test_fallback_when_switched_off_or_without_a_compiler_logs_the_reason_once(tmp_path):
+    built, log = _probe(tmp_path)
+    assert built["reason"] is None and "compiled the torch backend's CPU kernels" in log
+    cached, log = _probe(tmp_path)
+    assert cached["reason"] is None and "loaded from the cache" in log
+    off, log = _probe(tmp_path, GRPO_KERNELS_CPU_NATIVE="0")
+    assert off["reason"] == "GRPO_KERNELS_CPU_NATIVE=0" and log.count("torch-ops path") == 1
+    no_cxx, log = _probe(tmp_path, CXX="/nonexistent/c++")
+    assert "could not build" in no_cxx["reason"] and log.count("torch-ops path") == 1
+    for other in (off, no_cxx):  # the torch-ops path: the same log-probs to float32 rounding
+        assert max(abs(a - b) for ra, rb in zip(other["lp"], built["lp"]) for a, b in zip(ra, rb)) < 1e-5
