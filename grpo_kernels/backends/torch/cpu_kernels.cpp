@@ -173,10 +173,15 @@ struct F32 {
 
 struct BF16 {
   using T = uint16_t;
-  static vf load(const T* p) {
+  static vf load(const T* p) {  // bfloat16 is the top half of a float32
+#if defined(__AVX512F__)
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);  // GCC 12 splits the generic widening in four
+#else
     vh h;
     std::memcpy(&h, p, sizeof h);
     return (vf)(__builtin_convertvector(h, vu) << 16);
+#endif
   }
   static vh bits(vf v) {  // round to nearest even; NaN -> 0x7FC0 (as c10::BFloat16)
     vu u = (vu)v;
@@ -436,29 +441,30 @@ void backward_row(const typename D::T* z, typename D::T* out, int64_t vocab, int
                   float h, float g, float gh, bool stream) {
   const float inv_tau = 1.0f / tau;
   const vf lse_v = splat(lse), h_v = splat(h), g_v = splat(g), gh_v = splat(gh), neg_g = splat(-g);
-  auto grad = [&](vf u, int64_t j) {  // the gradient of logits j .. j + kW - 1
+  auto grad = [&](vf u) {  // -p (g + gH (log p + H)) for kW logits
     if (kTemperature) u = u * splat(inv_tau);
     const vf s = vfloor(u - lse_v);
-    vf w;
-    if (kEntropy) {
-      w = -(((s + h_v) * gh_v + g_v) * vexp<true>(s));
-    } else {
-      w = vexp<true>(s) * neg_g;
-    }
-    if (static_cast<uint64_t>(target - j) < static_cast<uint64_t>(kW)) w[target - j] += g;
-    return w;
+    if (kEntropy) return -(((s + h_v) * gh_v + g_v) * vexp<true>(s));
+    return vexp<true>(s) * neg_g;
   };
+  const vf target_z = load_tail<D>(z + target, 1, 0.0f);  // read before the loop: out may be z itself
   int64_t j = 0;
   if (stream) {  // a partial first vector up to the alignment of a vector's bytes, then non-temporal stores
     constexpr uintptr_t kAlign = kW * sizeof(typename D::T);
     const int64_t head = std::min<int64_t>(
         vocab, ((kAlign - reinterpret_cast<uintptr_t>(out) % kAlign) % kAlign) / sizeof(typename D::T));
-    if (head) store_tail<D>(out, head, grad(load_tail<D>(z, head, 0.0f), 0));
-    for (j = head; j + kW <= vocab; j += kW) D::stream(out + j, grad(D::load(z + j), j));
+    if (head) store_tail<D>(out, head, grad(load_tail<D>(z, head, 0.0f)));
+    for (j = head; j + kW <= vocab; j += kW) D::stream(out + j, grad(D::load(z + j)));
   } else {
-    for (; j + kW <= vocab; j += kW) D::store(out + j, grad(D::load(z + j), j));
+    for (; j + kW <= vocab; j += kW) D::store(out + j, grad(D::load(z + j)));
   }
-  if (j < vocab) store_tail<D>(out + j, vocab - j, grad(load_tail<D>(z + j, vocab - j, 0.0f), j));
+  if (j < vocab) store_tail<D>(out + j, vocab - j, grad(load_tail<D>(z + j, vocab - j, 0.0f)));
+  // the target's g, added in float32 before the rounding to the logits' dtype: its lane recomputed (lanes are
+  // independent: the same value as in the loop) and stored again, after the streamed stores are ordered
+  if (stream) store_fence();
+  vf w = grad(target_z);
+  w[0] += g;
+  store_tail<D>(out + target, 1, w);
 }
 
 // Gradients at least this large go to memory with non-temporal stores (when not written over the logits): they
