@@ -219,6 +219,7 @@ def machine_info(device: torch.device) -> dict:
         liger_kernel=_package_version("liger-kernel"),
         trl=_package_version("trl"),
         transformers=_package_version("transformers"),
+        load_average=list(os.getloadavg()),  # 1, 5, 15 minutes (uptime's), when the run started
         git_commit=_command(["git", "rev-parse", "HEAD"]),
         git_dirty=bool(_command(["git", "status", "--porcelain", "--untracked-files=no"])),
     )

@@ -280,6 +280,15 @@ def _cpu_goals(rows: list[dict]) -> list[str]:
     return out
 
 
+def _load_text(run: dict) -> str:
+    """The load average (1, 5, 15 min, as uptime prints it) at the run's start and end, where recorded."""
+    start, end = run["info"].get("load_average"), run.get("load_average_end")
+    if start is None:
+        return ""
+    text = "; load average " + ", ".join(f"{x:.2f}" for x in start) + " at the start"
+    return text + (" and " + ", ".join(f"{x:.2f}" for x in end) + " at the end" if end else "")
+
+
 def _machine_line(info: dict) -> str:
     if info["device_type"] != "cuda":
         threads = f"{info['cpu_count']} logical CPUs, {info['torch_threads']} torch threads"
@@ -303,7 +312,7 @@ def markdown(results: dict) -> str:
         lines.append(f"- Run {i + 1}: {info['date_utc']}, commit {commit}, preset {run['preset']}{threads}; copy "
                      f"{copy['bytes_per_s'] / 1e9:.1f} GB/s (a {copy['bytes'] / 2 / 2**20:.0f} MiB copy, read + "
                      f"written), matmul {matmul['flop_per_s'] / 1e12:.2f} TFLOP/s ({matmul['dtype']}, n = "
-                     f"{matmul['n']})" + (f"; note: {run['note']}" if run["note"] else ""))  # fmt: skip
+                     f"{matmul['n']})" + _load_text(run) + (f"; note: {run['note']}" if run["note"] else ""))  # fmt: skip
     if first["device_type"] == "cuda":
         timer = "`triton.testing.do_bench` median (CUDA events, L2 flushed before each run), after two warm-up calls"
     elif results["runs"][0]["in_process"]:

@@ -371,6 +371,7 @@ def run_report(args: argparse.Namespace) -> Path:
         if workers is not None:
             workers.close()
             scratch.cleanup()
+    results["runs"][run_index]["load_average_end"] = list(os.getloadavg())
     save_results(out, results)
     render.write_report(out, results)
     if stopped:

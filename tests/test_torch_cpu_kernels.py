@@ -246,3 +246,36 @@ def test_fallback_when_switched_off_or_without_a_compiler_logs_the_reason_once(t
     assert "could not build" in no_cxx["reason"] and log.count("torch-ops path") == 1
     for other in (off, no_cxx):  # the torch-ops path: the same log-probs to float32 rounding
         assert max(abs(a - b) for ra, rb in zip(other["lp"], built["lp"]) for a, b in zip(ra, rb)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_torch_ops_path_still_matches_reference(monkeypatch, dtype):
+    """With the compiled passes off (no compiler, GRPO_KERNELS_CPU_NATIVE=0) the torch-ops path serves float32 and
+    low precision again: the public API's values and gradients still meet the project's tolerances (checked for
+    both paths)."""
+    batch, seq, vocab = 3, 4, 1003
+    z0 = _randn(batch, seq, vocab, seed=26).to(dtype)
+    ids = _ids(batch * seq, vocab, seed=27).view(batch, seq)
+    mask = torch.ones(batch, seq)
+    mask[1, 2:] = 0
+    runs = {}
+    for name in ("compiled", "torch-ops"):
+        if name == "torch-ops":
+            monkeypatch.setattr(native, "usable", lambda *a: False)
+        z = z0.clone().requires_grad_(True)
+        lp, h = token_logprobs(z, ids, mask=mask, temperature=0.8, return_entropy=True, backend="torch")
+        (grad,) = torch.autograd.grad((lp * 0.3).sum() - h.sum(), z)
+        runs[name] = (lp, h, grad)
+    z64 = z0.double().requires_grad_(True)
+    lp64, h64 = ref.token_logprobs(z64, ids, mask=mask, temperature=0.8)
+    (grad64,) = torch.autograd.grad((lp64 * 0.3).sum() - h64.sum(), z64)
+    ze = z0.clone().requires_grad_(True)
+    lpe, he = ref.token_logprobs(ze, ids, mask=mask, temperature=0.8, compute_in=dtype)
+    (grade,) = torch.autograd.grad((lpe * 0.3).sum() - he.sum(), ze)
+    for lp, h, grad in runs.values():
+        if dtype == torch.float32:
+            assert rel_err(lp, lp64) < 1e-5 and rel_err(h, h64) < 1e-5 and rel_err(grad, grad64) < 1e-5
+        else:
+            assert low_precision_ok(rel_err(lp, lp64), rel_err(lpe, lp64))
+            assert low_precision_ok(rel_err(h, h64), rel_err(he, h64))
+            assert low_precision_ok(rel_err(grad, grad64), rel_err(grade, grad64), floor=1e-3)
