@@ -163,6 +163,14 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
     return dict(bytes=moved, median_ms=t["median_ms"], bytes_per_s=moved / (t["median_ms"] * 1e-3))
 
 
+def fresh_write_bandwidth(nbytes: int = 256 << 20) -> dict:
+    """CPU: bytes / s of a first write of ``nbytes`` of new memory (``torch.empty`` then ``fill_``), page faults
+    included: what returning a new buffer of that size costs at the least, on top of computing it."""
+    device = torch.device("cpu")
+    t = time_ms(lambda: torch.empty(nbytes // 4).fill_(1.0), device)
+    return dict(bytes=nbytes, median_ms=t["median_ms"], bytes_per_s=nbytes / (t["median_ms"] * 1e-3))
+
+
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None) -> dict:
     """FLOP/s of an ``n x n @ n x n`` product on random data (default n = 8192 on a GPU, 1024 on the CPU)."""
     n = n or (8192 if device.type == "cuda" else 1024)

@@ -234,7 +234,8 @@ def _cpu_goals(rows: list[dict]) -> list[str]:
         "torch.compile's. `t / compile` = our time / compile's (≤ 1 met); `t / eager` likewise (< 1 met); "
         "`mem / compile` = our peak extra / compile's (≤ 0.33 met; n/a where compile's peak is under 1 MiB, i.e. "
         "only the N-sized outputs: nothing to compare). `grad share` (backward ops) = the gradient's own bytes "
-        "(N·V·s, returned to the caller, so in every provider's peak) / compile's peak: when it exceeds 1/3 the memory "
+        "(N·V·s, returned to the caller, so in every provider's peak) / compile's peak: when it exceeds 1/3 the "
+        "memory "
         "goal cannot be met by any implementation that returns a new gradient buffer (`inplace_backward=True` "
         "writes it over the logits instead)."
     )
@@ -280,6 +281,14 @@ def _cpu_goals(rows: list[dict]) -> list[str]:
     return out
 
 
+def _fresh_text(ceilings: dict) -> str:
+    fresh = ceilings.get("fresh_write")
+    if fresh is None:
+        return ""
+    return (f"; first write of new memory {fresh['bytes_per_s'] / 1e9:.1f} GB/s (a {fresh['bytes'] / 2**20:.0f} "
+            "MiB `torch.empty(...).fill_`, page faults included)")  # fmt: skip
+
+
 def _load_text(run: dict) -> str:
     """The load average (1, 5, 15 min, as uptime prints it) at the run's start and end, where recorded."""
     start, end = run["info"].get("load_average"), run.get("load_average_end")
@@ -311,8 +320,9 @@ def markdown(results: dict) -> str:
         copy, matmul = c["copy"], c["matmul"]
         lines.append(f"- Run {i + 1}: {info['date_utc']}, commit {commit}, preset {run['preset']}{threads}; copy "
                      f"{copy['bytes_per_s'] / 1e9:.1f} GB/s (a {copy['bytes'] / 2 / 2**20:.0f} MiB copy, read + "
-                     f"written), matmul {matmul['flop_per_s'] / 1e12:.2f} TFLOP/s ({matmul['dtype']}, n = "
-                     f"{matmul['n']})" + _load_text(run) + (f"; note: {run['note']}" if run["note"] else ""))  # fmt: skip
+                     f"written){_fresh_text(c)}, matmul {matmul['flop_per_s'] / 1e12:.2f} TFLOP/s "
+                     f"({matmul['dtype']}, n = {matmul['n']})" + _load_text(run)
+                     + (f"; note: {run['note']}" if run["note"] else ""))  # fmt: skip
     if first["device_type"] == "cuda":
         timer = "`triton.testing.do_bench` median (CUDA events, L2 flushed before each run), after two warm-up calls"
     elif results["runs"][0]["in_process"]:

@@ -18,9 +18,11 @@ compilations (``torch.compile``, the torch backend's CPU kernels) are made once 
 cases go shape by shape, each shape's providers one after the other (only one worker holds that shape's inputs at a
 time), so the providers of a case are measured minutes apart at most. A worker measures a case as: one untimed
 call (compilation, first touch; its time is recorded as ``first_call_ms``), then the peak resident set is reset
-(``malloc_trim`` first; ``MALLOC_MMAP_THRESHOLD_`` is fixed so that freed buffers leave the process) and the
-timed calls run; peak extra = the highest resident set during them minus the resident set before them.
-``--in-process`` measures everything in this process instead (faster start, looser memory: the CI smoke test).
+(``malloc_trim`` first) and the timed calls run; peak extra = the highest resident set during them minus the
+resident set before them. The workers keep the allocator's defaults (a user's process): a buffer of N·V values is
+fresh memory in every call (glibc maps anything over 32 MiB anew), so its first write, page faults included, is in
+every provider's time. ``--in-process`` measures everything in this process instead (faster start, looser memory:
+the CI smoke test).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,6 +57,7 @@ from benchmarks.cases import (
 from benchmarks.measure import (
     _release_free_heap,
     copy_bandwidth,
+    fresh_write_bandwidth,
     machine_info,
     matmul_rate,
     peak_extra_bytes,
@@ -72,9 +76,6 @@ TIMING = {
     "cpu": dict(warmup_ms=0.0, rep_ms=600.0, min_runs=3),
     "smoke": dict(warmup_ms=0.0, rep_ms=5.0, min_runs=3),
 }
-# CPU workers: glibc returns freed blocks above this size to the kernel at once (and stops adapting the threshold),
-# so the resident set follows what is allocated
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 # Free memory a CPU measurement wants, in units of the logits' bytes (N·V·s) on top of its inputs: eager keeps
 # log p, its gradient and the gather's zero gradient; compile about two of them; ours the gradient. A measurement
 # the machine cannot hold is skipped with the reason (the machine is shared: an OOM kill would hit someone else).
@@ -188,7 +189,7 @@ class CpuWorkers:
     def _proc(self, provider: str) -> subprocess.Popen:
         if provider not in self.procs:
             spec = json.dumps(dict(provider=provider, timing=self.timing, threads=self.threads))
-            env = dict(os.environ, **WORKER_ENV)
+            env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
             self.procs[provider] = subprocess.Popen([sys.executable, "-m", "benchmarks.report", "--serve", spec],
                                                     cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -219,9 +220,15 @@ class CpuWorkers:
             self._ask(provider, dict(release=True))
 
     def close(self) -> None:
+        """End the workers: EOF on their stdin, then a kill for one still busy after 10 s (an interrupted run)."""
         for proc in self.procs.values():
             proc.stdin.close()
-            proc.wait()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         self.procs.clear()
 
 
@@ -286,6 +293,7 @@ def save_results(path: Path, results: dict) -> None:
 
 
 def run_report(args: argparse.Namespace) -> Path:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still ends its workers, removes its files
     device = torch.device(args.device)
     preset = args.preset or default_preset(device)
     torch.set_num_threads(args.threads)
@@ -298,12 +306,19 @@ def run_report(args: argparse.Namespace) -> Path:
         f"{info['device_name']}: measuring the ceilings ({copy_bytes >> 20} MiB copy, {matmul_n}^3 matmul)", flush=True
     )
     ceilings = dict(copy=copy_bandwidth(device, copy_bytes), matmul=matmul_rate(device, dtype, matmul_n))
+    if device.type == "cpu":
+        ceilings["fresh_write"] = fresh_write_bandwidth(copy_bytes)
     run_index = len(results["runs"])
     in_process = device.type == "cuda" or args.in_process
     results["runs"].append(dict(info=info, ceilings=ceilings, preset=preset, argv=sys.argv[1:], note=args.note,
                                 in_process=in_process))  # fmt: skip
     copy, matmul = ceilings["copy"], ceilings["matmul"]
-    print(f"copy {copy['bytes_per_s'] / 1e9:.1f} GB/s, matmul {matmul['flop_per_s'] / 1e12:.2f} TFLOP/s "
+    fresh = (
+        f", first write of new memory {ceilings['fresh_write']['bytes_per_s'] / 1e9:.1f} GB/s"
+        if "fresh_write" in ceilings
+        else ""
+    )
+    print(f"copy {copy['bytes_per_s'] / 1e9:.1f} GB/s{fresh}, matmul {matmul['flop_per_s'] / 1e12:.2f} TFLOP/s "
           f"({matmul['dtype']})", flush=True)  # fmt: skip
 
     done = {(m["case_id"], m["provider"]) for m in results["measurements"] if m["status"] in ("ok", "oom")}
