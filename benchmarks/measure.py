@@ -229,7 +229,12 @@ def machine_info(device: torch.device) -> dict:
         transformers=_package_version("transformers"),
         load_average=list(os.getloadavg()),  # 1, 5, 15 minutes (uptime's), when the run started
         git_commit=_command(["git", "rev-parse", "HEAD"]),
-        git_dirty=bool(_command(["git", "status", "--porcelain", "--untracked-files=no"])),
+        # code only: result files written into benchmarks/results/ by earlier runs do not make a run "dirty"
+        git_dirty=bool(
+            _command(
+                ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"]
+            )
+        ),  # fmt: skip
     )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -362,11 +362,15 @@ def summarize(case: Case, outputs: tuple) -> dict:
 
 
 def _norm(t: torch.Tensor, chunk: int = 1 << 24) -> float:
-    """2-norm accumulated in float64, a chunk at a time (a float64 copy of a GPU case's gradient would be 20 GB)."""
+    """2-norm accumulated in float64, a chunk at a time through one reused buffer (a float64 copy of a GPU case's
+    gradient would be 20 GB; a new buffer per chunk would page-fault in every chunk on the CPU)."""
     flat = t.detach().reshape(-1)
     total = torch.zeros((), dtype=torch.float64, device=t.device)
+    buffer = torch.empty(min(chunk, flat.numel()), dtype=torch.float64, device=t.device)
     for start in range(0, flat.numel(), chunk):
-        total += flat[start : start + chunk].double().square().sum()
+        part = buffer[: min(chunk, flat.numel() - start)]
+        part.copy_(flat[start : start + chunk])
+        total += part.square_().sum()
     return float(total.sqrt())
 
 
