@@ -3,6 +3,7 @@
 Ops (``Case.op``):
 
 * ``token_logprobs``: log-probs only, no gradient (old / reference log-probs of a batch).
+* ``token_logprobs_entropy_forward``: log-probs and entropy, forward only (what a rollout's logging asks for).
 * ``token_logprobs_entropy``: log-probs and entropy, forward + backward of both (an entropy-regularised loss).
 * ``grpo_loss``: the fused GRPO loss, forward + backward, ``loss_type="dapo"`` (TRL's default), clip 0.2, old
   log-probs given (ratios straddle the clip range), importance sampling per token or per sequence, beta 0 or 0.04.
@@ -27,13 +28,14 @@ import torch
 
 OPS = (
     "token_logprobs",
+    "token_logprobs_entropy_forward",
     "token_logprobs_entropy",
     "grpo_loss",
     "group_advantages",
     "fused_linear_grpo_loss",
     "distill_loss",
 )
-LOGITS_OPS = ("token_logprobs", "token_logprobs_entropy", "grpo_loss")
+LOGITS_OPS = ("token_logprobs", "token_logprobs_entropy_forward", "token_logprobs_entropy", "grpo_loss")
 BACKWARD_OPS = ("token_logprobs_entropy", "grpo_loss", "fused_linear_grpo_loss", "distill_loss")
 
 
@@ -75,7 +77,9 @@ class Case:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the grids: GPU sizes from the issue; CPU sizes that finish in minutes; a smoke size for CI
+# the grids: GPU sizes from the issues; CPU sizes of issue 20 (the torch backend against torch.compile); a smoke
+# size for CI. ``dtypes`` are the logits ops' dtypes (default: ``dtype``, which the other ops and the matmul ceiling
+# use); ``ops`` the ops a report runs by default (default: all).
 # ----------------------------------------------------------------------------------------------------------------
 PRESETS = {
     "gpu": dict(
@@ -88,17 +92,20 @@ PRESETS = {
         fused_linear=((4096, 4096, 151936), (16384, 4096, 151936)),  # (N, H, V)
         distill=((4096, 151936), (16384, 151936)),  # (N, V)
         divergences=(("jsd", 0.5), ("reverse_kl", 0.0), ("forward_kl", 0.0)),
+        ops=tuple(op for op in OPS if op != "token_logprobs_entropy_forward"),
     ),
     "cpu": dict(
         dtype="float32",
-        tokens=(256, 1024),
-        vocab=(32000, 128256),
+        dtypes=("float32", "bfloat16"),
+        tokens=(1024, 4096),
+        vocab=(32000, 128256, 151936),
         seq_len=128,
         rewards=(4096, 1 << 20),
         group_size=16,
         fused_linear=((256, 256, 32000), (1024, 256, 32000)),
         distill=((1024, 32000), (256, 128256)),
         divergences=(("jsd", 0.5), ("reverse_kl", 0.0)),
+        ops=("token_logprobs", "token_logprobs_entropy_forward", "grpo_loss", "distill_loss"),
     ),
     "smoke": dict(
         dtype="float32",
@@ -119,20 +126,27 @@ def default_preset(device: torch.device) -> str:
     return "gpu" if device.type == "cuda" else "cpu"
 
 
-def build_cases(preset: str, ops: tuple[str, ...] = OPS) -> list[Case]:
+def preset_ops(preset: str) -> tuple[str, ...]:
+    """The ops a report of this preset runs by default."""
+    return PRESETS[preset].get("ops", OPS)
+
+
+def build_cases(preset: str, ops: tuple[str, ...] | None = None) -> list[Case]:
     """Every case of a preset, in report order. The smoke preset keeps one variant per op."""
     p = PRESETS[preset]
+    ops = preset_ops(preset) if ops is None else ops
     variants = VARIANTS[1:2] if preset == "smoke" else VARIANTS
     cases = []
     for op in ops:
         if op in LOGITS_OPS:
-            for n in p["tokens"]:
-                for v in p["vocab"]:
-                    common = dict(op=op, dtype=p["dtype"], tokens=n, seq_len=min(p["seq_len"], n), vocab=v)
-                    if op == "grpo_loss":
-                        cases += [Case(**common, importance_sampling_level=lvl, beta=b) for lvl, b in variants]
-                    else:
-                        cases.append(Case(**common))
+            for dtype in p.get("dtypes", (p["dtype"],)):
+                for n in p["tokens"]:
+                    for v in p["vocab"]:
+                        common = dict(op=op, dtype=dtype, tokens=n, seq_len=min(p["seq_len"], n), vocab=v)
+                        if op == "grpo_loss":
+                            cases += [Case(**common, importance_sampling_level=lvl, beta=b) for lvl, b in variants]
+                        else:
+                            cases.append(Case(**common))
         elif op == "group_advantages":
             cases += [Case(op=op, dtype="float32", rewards=b, group_size=p["group_size"]) for b in p["rewards"]]
         elif op == "fused_linear_grpo_loss":
@@ -168,8 +182,9 @@ def traffic(case: Case) -> dict:
     """Bytes the case must move: ``terms`` [(what, bytes)], ``bytes`` (3-pass count), ``bytes_min`` (fewest)."""
     s = case.torch_dtype.itemsize
     n, v, h = case.tokens, case.vocab, case.hidden
-    if case.op == "token_logprobs":
-        terms = [("read logits N·V·s", n * v * s), ("read token ids N·8", n * 8), ("write lp N·4", n * 4)]
+    if case.op in ("token_logprobs", "token_logprobs_entropy_forward"):
+        out = ("write lp N·4", n * 4) if case.op == "token_logprobs" else ("write lp, H N·8", n * 8)
+        terms = [("read logits N·V·s", n * v * s), ("read token ids N·8", n * 8), out]
         return dict(terms=terms, bytes=sum(b for _, b in terms), bytes_min=sum(b for _, b in terms))
     if case.op in ("token_logprobs_entropy", "grpo_loss"):
         if case.op == "token_logprobs_entropy":
@@ -226,6 +241,12 @@ def flops(case: Case) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # inputs: random, never zeros; the same seed gives the same inputs in every process on one device
 # ----------------------------------------------------------------------------------------------------------------
+def inputs_key(case: Case) -> tuple:
+    """Cases with equal keys get equal inputs from :func:`make_inputs` (every logits op of one shape and dtype)."""
+    kind = "logits" if case.op in LOGITS_OPS else case.op
+    return (kind, case.dtype, case.tokens, case.seq_len, case.vocab, case.hidden, case.rewards, case.group_size)
+
+
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict:
     """Random inputs of a case. Logits cases get ``logits_full`` ``[B, T+1, V]`` (the model's output; Liger wants
     it) and ``logits`` = ``logits_full[:, :-1]`` as a leaf that shares its storage (what everyone else takes, not

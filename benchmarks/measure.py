@@ -167,6 +167,14 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
     return dict(bytes=moved, median_ms=t["median_ms"], bytes_per_s=moved / (t["median_ms"] * 1e-3))
 
 
+def fresh_write_bandwidth(nbytes: int = 256 << 20) -> dict:
+    """CPU: bytes / s of a first write of ``nbytes`` of new memory (``torch.empty`` then ``fill_``), page faults
+    included: what returning a new buffer of that size costs at the least, on top of computing it."""
+    device = torch.device("cpu")
+    t = time_ms(lambda: torch.empty(nbytes // 4).fill_(1.0), device)
+    return dict(bytes=nbytes, median_ms=t["median_ms"], bytes_per_s=nbytes / (t["median_ms"] * 1e-3))
+
+
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None) -> dict:
     """FLOP/s of an ``n x n @ n x n`` product on random data (default n = 8192 on a GPU, 1024 on the CPU)."""
     n = n or (8192 if device.type == "cuda" else 1024)
@@ -227,9 +235,15 @@ def machine_info(device: torch.device) -> dict:
         liger_kernel=_package_version("liger-kernel"),
         trl=_package_version("trl"),
         transformers=_package_version("transformers"),
+        load_average=list(os.getloadavg()),  # 1, 5, 15 minutes (uptime's), when the run started
         # a tree copied without .git (the lent GPU machine): the commit benchmarks/gpu_run.sh was told
         git_commit=_command(["git", "rev-parse", "HEAD"]) or os.environ.get("GPU_RUN_COMMIT"),
-        git_dirty=bool(_command(["git", "status", "--porcelain", "--untracked-files=no"])),
+        # code only: result files written into benchmarks/results/ by earlier runs do not make a run "dirty"
+        git_dirty=bool(
+            _command(
+                ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"]
+            )
+        ),
     )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

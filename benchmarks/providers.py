@@ -48,6 +48,7 @@ EPSILON = 0.2  # clip range, low and high (TRL's default epsilon); loss_type "da
 # Input names each op's objective takes, in order, and the inputs its gradient is taken with respect to.
 ARGS = {
     "token_logprobs": ("logits", "token_ids"),
+    "token_logprobs_entropy_forward": ("logits", "token_ids"),
     "token_logprobs_entropy": ("logits", "token_ids", "grad_lp", "grad_entropy"),
     "grpo_loss": ("logits", "token_ids", "advantages", "mask", "old_logprobs", "ref_logprobs"),
     "group_advantages": ("rewards",),
@@ -78,6 +79,10 @@ def _statics(case: Case) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 def _eager_token_logprobs(logits, token_ids):
     return eager.eager_logprobs(logits, token_ids)[0]
+
+
+def _eager_token_logprobs_entropy_forward(logits, token_ids):
+    return eager.eager_logprobs(logits, token_ids, return_entropy=True)
 
 
 def _eager_token_logprobs_entropy(logits, token_ids, grad_lp, grad_entropy):
@@ -115,6 +120,7 @@ def _eager_distill_loss(logits, teacher_logits, token_ids, *, divergence, beta):
 EAGER = {
     "distill_loss": _eager_distill_loss,
     "token_logprobs": _eager_token_logprobs,
+    "token_logprobs_entropy_forward": _eager_token_logprobs_entropy_forward,
     "token_logprobs_entropy": _eager_token_logprobs_entropy,
     "grpo_loss": _eager_grpo_loss,
     "group_advantages": _eager_group_advantages,
@@ -140,6 +146,10 @@ def _compile(op: str, statics: dict) -> Callable:
 # ----------------------------------------------------------------------------------------------------------------
 def _ours_token_logprobs(logits, token_ids, *, backend):
     return token_logprobs(logits, token_ids, backend=backend)
+
+
+def _ours_token_logprobs_entropy_forward(logits, token_ids, *, backend):
+    return token_logprobs(logits, token_ids, return_entropy=True, backend=backend)
 
 
 def _ours_token_logprobs_entropy(logits, token_ids, grad_lp, grad_entropy, *, backend):
@@ -196,6 +206,7 @@ def _ours_distill_loss(logits, teacher_logits, token_ids, *, divergence, beta, b
 OURS_OBJECTIVES = {
     "distill_loss": _ours_distill_loss,
     "token_logprobs": _ours_token_logprobs,
+    "token_logprobs_entropy_forward": _ours_token_logprobs_entropy_forward,
     "token_logprobs_entropy": _ours_token_logprobs_entropy,
     "grpo_loss": _ours_grpo_loss,
     "group_advantages": _ours_group_advantages,
@@ -266,6 +277,12 @@ def _trl_token_logprobs(logits, token_ids):
     return selective_log_softmax_and_entropy(logits, token_ids)[0]  # computes the entropy too: it has no lp-only mode
 
 
+def _trl_lp_entropy_fwd(logits, token_ids):
+    from trl.kernels import selective_log_softmax_and_entropy
+
+    return selective_log_softmax_and_entropy(logits, token_ids)
+
+
 def _trl_token_logprobs_entropy(logits, token_ids, grad_lp, grad_entropy):
     from trl.kernels import selective_log_softmax_and_entropy
 
@@ -314,6 +331,7 @@ EXTERNAL = {
     ("liger", "grpo_loss"): (_liger_grpo_loss, True, "liger_kernel.transformers.grpo_loss"),
     ("liger", "fused_linear_grpo_loss"): (_liger_fused_linear, False, "liger_kernel.chunked_loss"),
     ("trl", "token_logprobs"): (_trl_token_logprobs, True, "trl.kernels.logprob_entropy"),
+    ("trl", "token_logprobs_entropy_forward"): (_trl_lp_entropy_fwd, True, "trl.kernels.logprob_entropy"),
     ("trl", "token_logprobs_entropy"): (_trl_token_logprobs_entropy, True, "trl.kernels.logprob_entropy"),
     ("trl", "grpo_loss"): (_trl_grpo_loss, True, "trl.kernels.logprob_entropy"),
     ("trl", "fused_linear_grpo_loss"): (_trl_fused_linear, False, "trl.kernels.chunked_logprob"),
@@ -415,7 +433,8 @@ def objective(provider: str, case: Case) -> tuple[Callable, tuple[str, ...], tup
 def build(provider: str, case: Case, inputs: dict) -> Callable[[], tuple]:
     """The timed call: the objective (under ``no_grad`` for forward-only ops), then its gradient for backward ops.
 
-    Returns ``(objective,)`` or ``(objective, *gradients)``.
+    Returns ``(objective,)`` (``(lp, entropy)`` for ``token_logprobs_entropy_forward``) or
+    ``(objective, *gradients)``.
     """
     fn, arg_names, wrt_names = objective(provider, case)
     args = [inputs[name] for name in arg_names]
@@ -430,7 +449,8 @@ def build(provider: str, case: Case, inputs: dict) -> Callable[[], tuple]:
 
     def run_no_grad():
         with torch.no_grad():
-            return (fn(*args),)
+            out = fn(*args)
+        return out if isinstance(out, tuple) else (out,)  # (lp,) or (lp, entropy)
 
     return run_no_grad
 
@@ -448,11 +468,15 @@ def summarize(case: Case, outputs: tuple) -> dict:
 
 
 def _norm(t: torch.Tensor, chunk: int = 1 << 24) -> float:
-    """2-norm accumulated in float64, a chunk at a time (a float64 copy of a GPU case's gradient would be 20 GB)."""
+    """2-norm accumulated in float64, a chunk at a time through one reused buffer (a float64 copy of a GPU case's
+    gradient would be 20 GB; a new buffer per chunk would page-fault in every chunk on the CPU)."""
     flat = t.detach().reshape(-1)
     total = torch.zeros((), dtype=torch.float64, device=t.device)
+    buffer = torch.empty(min(chunk, flat.numel()), dtype=torch.float64, device=t.device)
     for start in range(0, flat.numel(), chunk):
-        total += flat[start : start + chunk].double().square().sum()
+        part = buffer[: min(chunk, flat.numel() - start)]
+        part.copy_(flat[start : start + chunk])
+        total += part.square_().sum()
     return float(total.sqrt())
 
 

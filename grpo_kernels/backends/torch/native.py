@@ -202,7 +202,7 @@ def token_logprobs_forward(logits, token_ids, temperature, with_entropy):
     from ... import _alloc
 
     batch, seq, vocab = logits.shape
-    ids = token_ids.contiguous()
+    ids = token_ids.to(torch.int64).contiguous()
     if not _ids_in_range(ids, vocab):
         return None
     n = ids.shape[0]
@@ -233,7 +233,7 @@ def token_logprobs_backward(logits, token_ids, lse, entropy, g, g_h, temperature
     """Write the gradient into ``out`` from ``g``, ``g_h`` (float32 [N], already / tau, 0 on rows not taking part);
     False (nothing written) when the ids are out of range."""
     batch, seq, vocab = logits.shape
-    ids = token_ids.contiguous()
+    ids = token_ids.to(torch.int64).contiguous()
     if not _ids_in_range(ids, vocab):
         return False
     lse = lse.to(torch.float32).contiguous()
