@@ -724,7 +724,15 @@ class Trainer:
         return self._finish()
 
     def _finish(self) -> dict:
-        summary = {"step": self.step, "output_dir": str(self.out), "evals": self.evals}
+        trainable = sum(p.numel() for p in self._trainable())
+        total = sum(p.numel() for p in self.model.parameters())
+        summary = {
+            "step": self.step,
+            "output_dir": str(self.out),
+            "evals": self.evals,
+            "trainable_parameters": trainable,
+            "parameters": total,
+        }
         if self.dist.main:
             final = self.out / "final"
             if self.lora:
@@ -743,6 +751,7 @@ class Trainer:
                     f"  after GRPO  (step {after['step']}): {100 * after['accuracy']:5.1f}%   "
                     f"({100 * (after['accuracy'] - before['accuracy']):+.1f} points)"
                 )
+            print(f"parameters: {trainable:,} trainable of {total:,}")
             print(f"metrics: {metrics}   model: {final}")
         self.dist.barrier()
         return summary
