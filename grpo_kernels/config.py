@@ -113,7 +113,7 @@ class LossConfig:
     )
     importance_sampling_level: str = knob("token", "ratio per token, or per sequence (GSPO)", choices=IS_LEVELS)
     kl_estimator: str = knob(
-        "k3", "KL to the reference policy: a sampled-token estimator, or exact (needs ref_logits)", choices=KL_ESTIMATORS
+        "k3", "KL to the reference: a sampled-token estimator, or exact (needs ref_logits)", choices=KL_ESTIMATORS
     )
     bias_corrected_kl: bool = knob(False, "multiply the KL by the ratio (TRL's use_bias_correction_kl)")
     sapo_temperature_pos: float = knob(1.0, "SAPO temperature for positive advantages", low=0, low_inclusive=False)
@@ -169,8 +169,8 @@ class LossConfig:
                     )
         if self.exact_kl and self.bias_corrected_kl:
             raise ValueError(
-                "bias_corrected_kl reweights a sampled-token KL estimate by the ratio; kl_estimator='exact' sums the KL "
-                "over the whole vocabulary, which needs no such correction: leave bias_corrected_kl False"
+                "bias_corrected_kl reweights a sampled-token KL estimate by the ratio; kl_estimator='exact' sums the "
+                "KL over the whole vocabulary, which needs no such correction: leave bias_corrected_kl False"
             )
         if not torch.compiler.is_compiling() and not self.clip_cov_lb < self.clip_cov_ub:  # floats: eager only
             raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {self.clip_cov_lb} and {self.clip_cov_ub}")
