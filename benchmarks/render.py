@@ -193,9 +193,10 @@ def _traffic_line(op: str, results: dict) -> str:
     if case.op != "group_advantages":
         line += f" (s = {case.torch_dtype.itemsize} B, {case.dtype})"
     if case.op in ("distill_loss", "grpo_loss_exact_kl"):
+        reads = "the jsd's forward reads them twice" if case.op == "distill_loss" else "the forward reads them once"
         line += (
-            ". GB/s and % copy count all of it (our design: the backward re-reads both rows, the jsd's forward "
-            "reads them twice); min bytes = both rows read once and the gradient written once"
+            f". GB/s and % copy count all of it (our design: the backward re-reads both rows, {reads}); min bytes = "
+            "both rows read once and the gradient written once"
         )
     elif info["bytes_min"] != info["bytes"]:
         line += (
