@@ -13,6 +13,8 @@ Ops (``Case.op``):
 * ``distill_loss``: an exact divergence (jsd / reverse_kl / forward_kl) between the student's logits and a teacher's
   over the whole vocabulary at every position, labels given (log-probs from the same pass), forward + backward
   w.r.t. the student's logits.
+* ``grpo_loss_exact_kl``: ``grpo_loss(kl_estimator="exact", ref_logits=...)``, dapo, token level, beta 0.04: the
+  exact KL(p||q) over the vocabulary to a reference's logits as the KL term, forward + backward w.r.t. the logits.
 
 Every case states its traffic next to it (:func:`traffic`): the bytes it must move through memory, term by term,
 ``bytes`` as the 3-pass kernels move them (forward read, backward read, gradient write) and ``bytes_min`` as the
@@ -34,9 +36,10 @@ OPS = (
     "group_advantages",
     "fused_linear_grpo_loss",
     "distill_loss",
+    "grpo_loss_exact_kl",
 )
 LOGITS_OPS = ("token_logprobs", "token_logprobs_entropy_forward", "token_logprobs_entropy", "grpo_loss")
-BACKWARD_OPS = ("token_logprobs_entropy", "grpo_loss", "fused_linear_grpo_loss", "distill_loss")
+BACKWARD_OPS = ("token_logprobs_entropy", "grpo_loss", "fused_linear_grpo_loss", "distill_loss", "grpo_loss_exact_kl")
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class Case:
         if self.op == "group_advantages":
             return f"{self.op}-B{self.rewards}-G{self.group_size}"
         parts = [self.op, f"N{self.tokens}", f"V{self.vocab}"] + ([f"H{self.hidden}"] if self.hidden else [])
-        if self.op in ("grpo_loss", "fused_linear_grpo_loss"):
+        if self.op in ("grpo_loss", "fused_linear_grpo_loss", "grpo_loss_exact_kl"):
             parts += [f"is-{self.importance_sampling_level}", f"beta{self.beta:g}"]
         if self.op == "distill_loss":
             parts += [self.divergence] + ([f"beta{self.beta:g}"] if self.divergence == "jsd" else [])
@@ -92,6 +95,7 @@ PRESETS = {
         fused_linear=((4096, 4096, 151936), (16384, 4096, 151936)),  # (N, H, V)
         distill=((4096, 151936), (16384, 151936)),  # (N, V)
         divergences=(("jsd", 0.5), ("reverse_kl", 0.0), ("forward_kl", 0.0)),
+        exact_kl=((16384, 151936),),  # (N, V)
         ops=tuple(op for op in OPS if op != "token_logprobs_entropy_forward"),
     ),
     "cpu": dict(
@@ -105,7 +109,8 @@ PRESETS = {
         fused_linear=((256, 256, 32000), (1024, 256, 32000)),
         distill=((1024, 32000), (256, 128256)),
         divergences=(("jsd", 0.5), ("reverse_kl", 0.0)),
-        ops=("token_logprobs", "token_logprobs_entropy_forward", "grpo_loss", "distill_loss"),
+        exact_kl=((256, 32000), (1024, 32000)),
+        ops=("token_logprobs", "token_logprobs_entropy_forward", "grpo_loss", "distill_loss", "grpo_loss_exact_kl"),
     ),
     "smoke": dict(
         dtype="float32",
@@ -117,6 +122,7 @@ PRESETS = {
         fused_linear=((32, 16, 500),),
         distill=((32, 500),),
         divergences=(("jsd", 0.5),),
+        exact_kl=((32, 500),),
     ),
 }
 VARIANTS = (("token", 0.0), ("token", 0.04), ("sequence", 0.0), ("sequence", 0.04))  # (IS level, beta)
@@ -170,6 +176,9 @@ def build_cases(preset: str, ops: tuple[str, ...] | None = None) -> list[Case]:
                     Case(op=op, dtype=p["dtype"], tokens=n, seq_len=min(p["seq_len"], n), vocab=v, divergence=d, beta=b)
                     for d, b in p["divergences"]
                 ]
+        elif op == "grpo_loss_exact_kl":
+            for n, v in p["exact_kl"]:
+                cases.append(Case(op=op, dtype=p["dtype"], tokens=n, seq_len=min(p["seq_len"], n), vocab=v, beta=0.04))
         else:
             raise ValueError(f"unknown op {op!r}; ops are {OPS}")
     return cases
@@ -230,6 +239,19 @@ def traffic(case: Case) -> dict:
         ]
         # fewest: each row of both read once, the gradient written once (a design keeping rows on chip)
         return dict(terms=terms, bytes=sum(b for _, b in terms), bytes_min=3 * rows + n * 76)
+    if case.op == "grpo_loss_exact_kl":
+        # Our design (grpo_kernels/ops/grpo_loss.py::grpo_loss_exact_kl): the forward reads the policy's and the
+        # reference's rows once (KL(p||q), lp and both log-sum-exps, online); the backward reads both once and writes
+        # the policy's gradient. Per-token vectors: ids 8, mask 4, old lp 4, advantage 4 in; lp 4, loss 4, KL 4 out;
+        # lse 8 + lse_ref 8, g 4, c 4 kept for the backward and read there.
+        rows = n * v * s  # policy; the reference has the policy's dtype in these cases
+        terms = [
+            ("read logits + ref logits (forward) 2·N·V·s", 2 * rows),
+            ("read logits + ref logits (backward) 2·N·V·s", 2 * rows),
+            ("write grad logits N·V·s", rows),
+            ("per-token vectors N·56", n * 56),
+        ]
+        return dict(terms=terms, bytes=sum(b for _, b in terms), bytes_min=3 * rows + n * 56)
     raise ValueError(f"unknown op {case.op!r}")
 
 
@@ -275,11 +297,11 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict:
         out["logits"] = full.detach()[:, :-1].requires_grad_()
         with torch.no_grad():
             lp = _logprobs_by_row(lambda i: full[i, :-1], out["token_ids"])
-            if case.op == "distill_loss":  # a teacher near the student (moderate divergences), one sequence at a time
+            if case.op in ("distill_loss", "grpo_loss_exact_kl"):  # a teacher / reference near the policy
                 teacher = torch.empty(b, t, v, dtype=dtype, device=device)
-                for i in range(b):
+                for i in range(b):  # (moderate divergences), one sequence at a time
                     teacher[i] = full[i, :-1] * 0.8 + randn(t, v, dtype=dtype)
-                out["teacher_logits"] = teacher
+                out["teacher_logits" if case.op == "distill_loss" else "ref_logits"] = teacher
     # old / reference policies near the current one, so that ratios straddle the clip range
     out["old_logprobs"] = lp + 0.3 * randn(b, t)
     out["ref_logprobs"] = lp + 0.3 * randn(b, t)

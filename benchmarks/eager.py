@@ -132,3 +132,37 @@ def eager_distill_loss(
         )
     mask = labels != -100
     return jsd[mask].sum() / mask.sum().clamp_min(1)
+
+
+def eager_grpo_loss_exact_kl(
+    logits: torch.Tensor,  # [B, T, V]
+    ref_logits: torch.Tensor,  # [B, T, V]
+    token_ids: torch.Tensor,  # [B, T]
+    advantages: torch.Tensor,  # [B]
+    *,
+    mask: torch.Tensor,  # [B, T]
+    old_logprobs: torch.Tensor,
+    beta: float,
+    epsilon_low: float = 0.2,
+    importance_sampling_level: str = "token",
+) -> torch.Tensor:
+    """The dapo GRPO loss with the exact KL(p||q) over the vocabulary as its KL term, written the eager way: two
+    ``log_softmax`` over the whole vocabulary in the logits' dtype, ``F.kl_div`` element-wise (``sum_v p (log p -
+    log q)``), the policy term from the gathered log-probs, a masked mean of both (dapo's aggregation is linear, so
+    the KL's masked mean adds to the policy's)."""
+    import torch.nn.functional as F
+
+    logp = F.log_softmax(logits, dim=-1)
+    logq = F.log_softmax(ref_logits, dim=-1)
+    kl = F.kl_div(logq, logp, reduction="none", log_target=True).sum(-1).float()  # [B, T]
+    lp = logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1).float()
+    policy = eager_loss_from_logprobs(
+        lp,
+        advantages,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        epsilon_low=epsilon_low,
+        importance_sampling_level=importance_sampling_level,
+    )
+    m = mask.float()
+    return policy + beta * (kl * m).sum() / m.sum().clamp(min=1.0)

@@ -54,18 +54,20 @@ ARGS = {
     "group_advantages": ("rewards",),
     "fused_linear_grpo_loss": ("hidden", "weight", "token_ids", "advantages", "mask", "old_logprobs", "ref_logprobs"),
     "distill_loss": ("logits", "teacher_logits", "token_ids"),
+    "grpo_loss_exact_kl": ("logits", "ref_logits", "token_ids", "advantages", "mask", "old_logprobs"),
 }
 WRT = {
     "token_logprobs_entropy": ("logits",),
     "grpo_loss": ("logits",),
     "fused_linear_grpo_loss": ("hidden", "weight"),
     "distill_loss": ("logits",),
+    "grpo_loss_exact_kl": ("logits",),
 }
 
 
 def _statics(case: Case) -> dict:
     """The case's compile-time constants, passed to objectives as keywords."""
-    if case.op in ("grpo_loss", "fused_linear_grpo_loss"):
+    if case.op in ("grpo_loss", "fused_linear_grpo_loss", "grpo_loss_exact_kl"):
         return dict(beta=case.beta, level=case.importance_sampling_level)
     if case.op == "group_advantages":
         return dict(group_size=case.group_size)
@@ -117,8 +119,23 @@ def _eager_distill_loss(logits, teacher_logits, token_ids, *, divergence, beta):
     return eager.eager_distill_loss(logits, teacher_logits, token_ids, divergence=divergence, beta=beta)
 
 
+def _eager_grpo_loss_exact_kl(logits, ref_logits, token_ids, advantages, mask, old_logprobs, *, beta, level):
+    return eager.eager_grpo_loss_exact_kl(
+        logits,
+        ref_logits,
+        token_ids,
+        advantages,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        beta=beta,
+        epsilon_low=EPSILON,
+        importance_sampling_level=level,
+    )
+
+
 EAGER = {
     "distill_loss": _eager_distill_loss,
+    "grpo_loss_exact_kl": _eager_grpo_loss_exact_kl,
     "token_logprobs": _eager_token_logprobs,
     "token_logprobs_entropy_forward": _eager_token_logprobs_entropy_forward,
     "token_logprobs_entropy": _eager_token_logprobs_entropy,
@@ -203,8 +220,25 @@ def _ours_distill_loss(logits, teacher_logits, token_ids, *, divergence, beta, b
     return distill_loss(logits, teacher_logits, token_ids, divergence=divergence, beta=beta, backend=backend).loss
 
 
+def _ours_grpo_loss_exact_kl(logits, ref_logits, token_ids, advantages, mask, old_logprobs, *, beta, level, backend):
+    return grpo_loss(
+        logits,
+        token_ids,
+        advantages,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        ref_logits=ref_logits,
+        kl_estimator="exact",
+        beta=beta,
+        epsilon_low=EPSILON,
+        importance_sampling_level=level,
+        backend=backend,
+    ).loss
+
+
 OURS_OBJECTIVES = {
     "distill_loss": _ours_distill_loss,
+    "grpo_loss_exact_kl": _ours_grpo_loss_exact_kl,
     "token_logprobs": _ours_token_logprobs,
     "token_logprobs_entropy_forward": _ours_token_logprobs_entropy_forward,
     "token_logprobs_entropy": _ours_token_logprobs_entropy,
@@ -363,8 +397,8 @@ def _reason(provider: str, op: str, device_type: str, interpreter: bool) -> str 
     if provider in OURS:
         if provider == "triton" and device_type == "cpu" and not interpreter:
             return "Triton runs on the CPU only through its interpreter: not benchmarked"
-        if provider == "cuda" and op == "distill_loss":
-            return "the CUDA backend has no divergence kernels (distill_loss runs on triton or torch)"
+        if provider == "cuda" and op in ("distill_loss", "grpo_loss_exact_kl"):
+            return "the CUDA backend has no divergence kernels (the exact divergences run on triton or torch)"
         reason = registry.unavailable_reason(provider, device)
         if reason is None and op == "fused_linear_grpo_loss":
             reason = _fused_linear_reason(provider, device)

@@ -20,6 +20,7 @@ TITLES = {
     "group_advantages": "group_advantages: grouped z-score",
     "fused_linear_grpo_loss": "fused_linear_grpo_loss: from hidden states and the LM head, forward + backward",
     "distill_loss": "distill_loss: exact divergence to a teacher over the vocabulary, forward + backward",
+    "grpo_loss_exact_kl": "grpo_loss, kl_estimator='exact': exact KL to the reference's logits, forward + backward",
 }
 # Goals from the issues (Triton #3, CUDA #4, fused-linear #5), checked on the case each issue names.
 LOSS_GOALS = {
@@ -130,7 +131,7 @@ def _case_columns(op: str) -> list[tuple[str, callable]]:
         return [("B", lambda c: c.rewards), ("G", lambda c: c.group_size)]
     cols = [("N", lambda c: c.tokens)] + ([("H", lambda c: c.hidden)] if op == "fused_linear_grpo_loss" else [])
     cols.append(("V", lambda c: c.vocab))
-    if op in ("grpo_loss", "fused_linear_grpo_loss"):
+    if op in ("grpo_loss", "fused_linear_grpo_loss", "grpo_loss_exact_kl"):
         cols += [("IS", lambda c: c.importance_sampling_level), ("β", lambda c: f"{c.beta:g}")]
     if op == "distill_loss":
         cols += [
@@ -192,10 +193,11 @@ def _traffic_line(op: str, results: dict) -> str:
     line = f"Bytes per case: {terms}"
     if case.op != "group_advantages":
         line += f" (s = {case.torch_dtype.itemsize} B, {case.dtype})"
-    if case.op == "distill_loss":
+    if case.op in ("distill_loss", "grpo_loss_exact_kl"):
+        reads = "the jsd's forward reads them twice" if case.op == "distill_loss" else "the forward reads them once"
         line += (
-            ". GB/s and % copy count all of it (our design: the backward re-reads both rows, the jsd's forward "
-            "reads them twice); min bytes = both rows read once and the gradient written once"
+            f". GB/s and % copy count all of it (our design: the backward re-reads both rows, {reads}); min bytes = "
+            "both rows read once and the gradient written once"
         )
     elif info["bytes_min"] != info["bytes"]:
         line += (
@@ -443,7 +445,7 @@ def _short(case: Case) -> str:
     if case.op == "group_advantages":
         return f"B{case.rewards}\nG{case.group_size}"
     label = f"N{case.tokens}\n" + (f"H{case.hidden} " if case.hidden else "") + f"V{case.vocab}"
-    if case.op in ("grpo_loss", "fused_linear_grpo_loss"):
+    if case.op in ("grpo_loss", "fused_linear_grpo_loss", "grpo_loss_exact_kl"):
         label += f"\n{case.importance_sampling_level[:3]} β{case.beta:g}"
     if case.op == "distill_loss":
         label += f"\n{case.divergence}" + (f" β{case.beta:g}" if case.divergence == "jsd" else "")
@@ -515,7 +517,7 @@ def predictions(cases: list[Case], ceilings: dict[str, tuple[float, float]]) -> 
         for bandwidth, rate in ceilings.values():
             if f:
                 floors.append(f"{f / rate * 1e3:.3g} (matmul)")
-            elif case.op == "distill_loss":
+            elif case.op in ("distill_loss", "grpo_loss_exact_kl"):
                 floors.append(
                     f"{t['bytes'] / bandwidth * 1e3:.3g} (ours), {t['bytes_min'] / bandwidth * 1e3:.3g} (min)"
                 )

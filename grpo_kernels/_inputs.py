@@ -190,6 +190,44 @@ def check_cu_seqlens(cu_seqlens: Tensor, n: int, device, source: str = "logits")
     return cu
 
 
+# the arguments that hold the reference policy for kl_estimator="exact", by the entry point's source tensor
+_REFERENCE = {"logits": "ref_logits", "hidden": "ref_hidden and ref_weight"}
+
+
+def check_ref_logits(ref_logits, logits: Tensor, config: LossConfig) -> Tensor | None:
+    """``ref_logits`` of :func:`grpo_kernels.grpo_loss`: required by ``kl_estimator="exact"`` with ``beta != 0``,
+    refused by the other estimators; the logits' shape and device, float16/bfloat16/float32 (float64 only with
+    float64 logits), stride 1 along V. Returned detached (no gradient reaches the reference), None when unused."""
+    if not config.exact_kl:
+        if ref_logits is not None:
+            raise ValueError(
+                f"ref_logits is read only by kl_estimator='exact' (got kl_estimator={config.kl_estimator!r}, which "
+                "takes ref_logprobs)"
+            )
+        return None
+    if ref_logits is None:
+        if config.uses_reference:
+            raise ValueError(
+                "kl_estimator='exact' with beta != 0 needs ref_logits: the reference model's logits, in the layout of "
+                f"logits {_shape(logits)}"
+            )
+        return None
+    check_tensor("ref_logits", ref_logits, logits.device)
+    check_same_shape("ref_logits", ref_logits, logits.shape, "logits")
+    allowed = LOGITS_DTYPES if logits.dtype == torch.float64 else LOGITS_DTYPES[:3]
+    if ref_logits.dtype not in allowed:
+        raise TypeError(
+            "ref_logits must be float16, bfloat16 or float32 (float64 only with float64 logits), got "
+            f"{ref_logits.dtype} with {logits.dtype} logits"
+        )
+    if ref_logits.stride(-1) != 1 and ref_logits.numel() > 0:
+        raise ValueError(
+            f"ref_logits must be contiguous in the vocabulary dimension (stride 1), got strides "
+            f"{list(ref_logits.stride())}"
+        )
+    return ref_logits.detach() if config.uses_reference else None
+
+
 class LossInputs(NamedTuple):
     """A validated loss call in the backends' terms (shared by :func:`grpo_loss` and the fused-linear loss)."""
 
@@ -234,7 +272,13 @@ def prepare_loss_inputs(
             check_tensor(name, x, device, source)
             check_float(name, x)
             check_same_shape(name, x, token_shape, "token_ids")
-    if config.uses_reference and ref_logprobs is None:
+    if config.exact_kl:
+        if ref_logprobs is not None:
+            raise ValueError(
+                f"kl_estimator='exact' reads the reference policy's whole distribution ({_REFERENCE[source]}), not "
+                "ref_logprobs: pass ref_logprobs=None"
+            )
+    elif config.uses_reference and ref_logprobs is None:
         raise ValueError("beta != 0 needs ref_logprobs (the reference model's per-token log-probs)")
     if is_weights is not None:
         check_tensor("is_weights", is_weights, device, source)
@@ -247,7 +291,12 @@ def prepare_loss_inputs(
                 )
         else:
             check_number("num_items_in_batch", num_items_in_batch, low=0)
-    name = resolve_backend(backend, device, float64=float64)
+    if config.exact_kl and config.uses_reference:  # the divergence kernels: "auto" never picks cuda (it has none)
+        from .divergence import divergence_backend
+
+        name = divergence_backend(backend, device, float64)
+    else:
+        name = resolve_backend(backend, device, float64=float64)
     acc = torch.float64 if float64 else torch.float32
 
     # --- layout: sequences as contiguous runs of the N flattened tokens ----------------------------------------

@@ -20,6 +20,7 @@ from ._inputs import (
     check_logits,
     check_mask,
     check_number,
+    check_ref_logits,
     check_token_ids,
     compiling,
     kernel_token_ids,
@@ -209,6 +210,7 @@ def grpo_loss(
     mask: Tensor | None = None,
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
+    ref_logits: Tensor | None = None,
     is_weights: Tensor | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
     return_entropy: bool = False,
@@ -228,7 +230,7 @@ def grpo_loss(
         L = -min(rho1 A, clip(rho, 1 - eps_low, 1 + eps_high) A)   rho1 = min(rho, delta) if delta else rho
             (dual clip c: for A < 0, L = min(L, -c A));  cispo: -sg(min(rho, eps_high)) A lp;
             sapo: -(4 / tau_s) sigmoid(tau_s (rho - 1)) A
-        L = L * w_is + beta * KL(lp, lp_ref)  (KL *= rho when bias_corrected_kl)
+        L = L * w_is + beta * KL(lp, lp_ref)  (KL *= rho when bias_corrected_kl; kl_estimator="exact": KL(p||q))
 
     aggregated by ``loss_type`` (section 6): grpo/sapo ``mean_b(sum_t m L / max(1, sum_t m))``, bnpo
     ``sum m L / max(1, sum m)``, dr_grpo ``sum m L / (B * max_completion_length)``, dapo/cispo
@@ -243,7 +245,12 @@ def grpo_loss(
         mask: completion mask ``[B, T]`` (any dtype); 0 = not taking part. Positions that do not take part are
             ignored entirely (their other inputs, even NaN, have no effect).
         old_logprobs: ``[B, T]`` log-probs of the sampling policy; None = on-policy (ratio 1, gradient kept).
-        ref_logprobs: ``[B, T]`` reference-policy log-probs; required when ``beta != 0``.
+        ref_logprobs: ``[B, T]`` reference-policy log-probs; required when ``beta != 0`` (except with
+            ``kl_estimator="exact"``, which refuses them).
+        ref_logits: the reference model's logits, in the layout of ``logits`` (float16/bfloat16/float32, any of
+            them whatever the logits' dtype; float64 with float64 logits): required by ``kl_estimator="exact"``
+            when ``beta != 0`` (unused when ``beta == 0``), refused by the other estimators. No gradient reaches
+            them.
         beta: KL coefficient (TRL default 0.0). epsilon_low / epsilon_high: clip range (epsilon_high None means
             epsilon_low; for cispo epsilon_high is the cap of the ratio itself). delta: two-sided clip, > 1.
             dual_clip: c > 1 (verl). temperature: > 0, divides the logits.
@@ -252,7 +259,10 @@ def grpo_loss(
             dr_grpo, dapo) instead of ``loss_type``'s own. vespo_k_pos / vespo_lambda_pos / vespo_k_neg /
             vespo_lambda_neg, clip_cov_ratio / clip_cov_lb / clip_cov_ub, kl_cov_ratio / ppo_kl_coef: their knobs.
         importance_sampling_level: "token" or "sequence" (GSPO).
-        kl_estimator: k3 (default, TRL), k1, k2, low_var_kl (verl). bias_corrected_kl: KL *= rho (TRL's
+        kl_estimator: k3 (default, TRL), k1, k2, low_var_kl (verl), or "exact": the exact KL(p||q) over the
+            vocabulary between ``softmax(logits / tau)`` and ``softmax(ref_logits / tau)`` (docs/math.md section
+            11; its gradient goes to the logits directly, ``kl_mean`` is the exact KL; torch and Triton backends,
+            not with ``grad_in_forward`` or ``bias_corrected_kl``). bias_corrected_kl: KL *= rho (TRL's
             ``use_bias_correction_kl``).
         is_weights: rollout importance weights ``[B]``, ``[B, 1]`` or ``[B, T]`` (e.g. vLLM's IS ratio).
         max_completion_length: required for dr_grpo. num_items_in_batch: dapo/cispo normaliser (int, float or
@@ -286,6 +296,7 @@ def grpo_loss(
         mask=mask,
         old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs,
+        ref_logits=ref_logits,
         is_weights=is_weights,
         num_items_in_batch=num_items_in_batch,
         cu_seqlens=cu_seqlens,
@@ -298,7 +309,7 @@ def grpo_loss(
     )
 
 
-with_knob_parameters(grpo_loss, LossConfig, after="ref_logprobs")
+with_knob_parameters(grpo_loss, LossConfig, after="ref_logits")
 
 
 def _grpo_loss(
@@ -310,6 +321,7 @@ def _grpo_loss(
     mask,
     old_logprobs,
     ref_logprobs,
+    ref_logits,
     is_weights,
     num_items_in_batch,
     cu_seqlens,
@@ -332,6 +344,12 @@ def _grpo_loss(
     check_number("loss_scale", loss_scale)
     if loss_scale == 0:
         raise ValueError("loss_scale must be != 0 (the backward divides the incoming gradient by it)")
+    ref_logits = check_ref_logits(ref_logits, logits, config)
+    if ref_logits is not None and grad_in_forward:
+        raise ValueError(
+            "grad_in_forward=True is not implemented for kl_estimator='exact' (its gradient is the divergence "
+            "backward's, over both logits); pass grad_in_forward=False"
+        )
     inputs = prepare_loss_inputs(
         "logits",
         logits.shape[:-1],
@@ -352,7 +370,9 @@ def _grpo_loss(
     )
     inplace = bool(inplace_backward and logits.requires_grad)
     call = dict(batch=inputs.batch, config=config, with_entropy=bool(return_entropy), backend=inputs.backend)
-    if grad_in_forward and logits.requires_grad and torch.is_grad_enabled():
+    if ref_logits is not None:
+        out = grpo_loss_op.grpo_loss_exact_kl(as_3d(logits), as_3d(ref_logits), inplace_backward=inplace, **call)[:8]
+    elif grad_in_forward and logits.requires_grad and torch.is_grad_enabled():
         out = grad_in_forward_op.grpo_loss(as_3d(logits), inplace=inplace, loss_scale=float(loss_scale), **call)
     else:
         out = grpo_loss_op.grpo_loss(as_3d(logits), inplace_backward=inplace, **call)
@@ -429,6 +449,7 @@ class GRPOLoss(ConfiguredLoss):
         mask: Tensor | None = None,
         old_logprobs: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
+        ref_logits: Tensor | None = None,
         is_weights: Tensor | None = None,
         num_items_in_batch: int | float | Tensor | None = None,
         cu_seqlens: Tensor | None = None,
@@ -441,6 +462,7 @@ class GRPOLoss(ConfiguredLoss):
             mask=mask,
             old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs,
+            ref_logits=ref_logits,
             is_weights=is_weights,
             num_items_in_batch=num_items_in_batch,
             cu_seqlens=cu_seqlens,

@@ -42,7 +42,10 @@ DEFAULT_AGGREGATION = {
 }
 # loss types with a ratio of their own (verl's): the token-level ratio only, no delta / dual clip
 OWN_RATIO_LOSS_TYPES = ("geo_mean", "gpg", "clip_cov", "kl_cov")
-KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+# estimators of the KL from the sampled token's two log-probs (docs/math.md section 5)
+SAMPLED_KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+# ... and "exact": KL(p||q) over the whole vocabulary from the reference policy's logits (docs/math.md section 11)
+KL_ESTIMATORS = SAMPLED_KL_ESTIMATORS + ("exact",)
 IS_LEVELS = ("token", "sequence")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 MULTI_REWARD_MODES = ("sum_then_normalize", "normalize_then_sum")
@@ -109,7 +112,9 @@ class LossConfig:
         1.0, "divides the logits before the softmax (the sampling temperature)", low=0, low_inclusive=False
     )
     importance_sampling_level: str = knob("token", "ratio per token, or per sequence (GSPO)", choices=IS_LEVELS)
-    kl_estimator: str = knob("k3", "estimator of the KL to the reference policy", choices=KL_ESTIMATORS)
+    kl_estimator: str = knob(
+        "k3", "KL to the reference: a sampled-token estimator, or exact (needs ref_logits)", choices=KL_ESTIMATORS
+    )
     bias_corrected_kl: bool = knob(False, "multiply the KL by the ratio (TRL's use_bias_correction_kl)")
     sapo_temperature_pos: float = knob(1.0, "SAPO temperature for positive advantages", low=0, low_inclusive=False)
     sapo_temperature_neg: float = knob(1.05, "SAPO temperature for negative advantages", low=0, low_inclusive=False)
@@ -162,6 +167,11 @@ class LossConfig:
                         f"{name} applies to the clip family (grpo, bnpo, dr_grpo, dapo), not to "
                         f"loss_type={self.loss_type!r}; leave it None"
                     )
+        if self.exact_kl and self.bias_corrected_kl:
+            raise ValueError(
+                "bias_corrected_kl reweights a sampled-token KL estimate by the ratio; kl_estimator='exact' sums the "
+                "KL over the whole vocabulary, which needs no such correction: leave bias_corrected_kl False"
+            )
         if not torch.compiler.is_compiling() and not self.clip_cov_lb < self.clip_cov_ub:  # floats: eager only
             raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {self.clip_cov_lb} and {self.clip_cov_ub}")
 
@@ -174,6 +184,12 @@ class LossConfig:
     def uses_reference(self) -> bool:
         """The loss reads the reference policy's log-probs (``beta != 0``)."""
         return self.beta != 0.0
+
+    @property
+    def exact_kl(self) -> bool:
+        """The KL term is the exact KL(p||q) over the vocabulary (``kl_estimator="exact"``): the loss reads the
+        reference policy's logits instead of its log-probs."""
+        return self.kl_estimator == "exact"
 
     @property
     def aggregation_mode(self) -> str:
@@ -360,6 +376,7 @@ __all__ = [
     "ESTIMATORS_WITH_LENGTHS",
     "IS_LEVELS",
     "KL_ESTIMATORS",
+    "SAMPLED_KL_ESTIMATORS",
     "KNOBS",
     "LOSS_TYPES",
     "MULTI_REWARD_MODES",

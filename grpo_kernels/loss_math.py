@@ -310,9 +310,18 @@ def kl_cov_selection(lp: torch.Tensor, adv: torch.Tensor, batch: TokenBatch, con
 # The fused loss's forward once lp is known
 # ----------------------------------------------------------------------------------------------------------------
 def loss_forward_from_logprobs(
-    lp: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, batch: TokenBatch, config: LossConfig
+    lp: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    batch: TokenBatch,
+    config: LossConfig,
+    exact_kl: torch.Tensor | None = None,
 ) -> LossForward:
-    """The fused loss's forward once ``lp`` is known: loss, ``g_t``, per-token loss, KL and clip flags."""
+    """The fused loss's forward once ``lp`` is known: loss, ``g_t``, per-token loss, KL and clip flags.
+
+    ``exact_kl`` ``[N]`` (``kl_estimator="exact"``): the exact KL(p||q) of each position, computed from both logits
+    rows. It enters ``L_t`` as ``beta K_t`` and adds nothing to ``g_t``: its gradient does not go through ``lp`` but
+    straight to the logits (``beta c_t dK/dz``, the divergence backward; docs/math.md section 11)."""
     valid = batch.token_ids >= 0
     zero = torch.zeros_like(lp)
     cast = lambda x: None if x is None else x.to(lp.dtype)  # noqa: E731
@@ -360,7 +369,10 @@ def loss_forward_from_logprobs(
             p, dp_dr, dp_dlp = p * w, dp_dr * w, dp_dlp * w
     loss_t, dl_dr, dl_dlp = p, dp_dr, dp_dlp
     kl = zero
-    if config.beta != 0.0:
+    if config.beta != 0.0 and config.exact_kl:
+        kl = exact_kl.to(lp.dtype)
+        loss_t = loss_t + config.beta * kl
+    elif config.beta != 0.0:
         kl, dkl, kl_plus_dkl = kl_and_grad(lp, ref, config.kl_estimator)
         if config.bias_corrected_kl:  # d(K rho)/dlp = K' rho + (K rho) dr/dlp
             if config.sequence_level:  # the (K rho) dr/dlp part goes through the sequence's sum

@@ -33,6 +33,7 @@ from .config import (  # noqa: F401 - the choices, re-exported for the tests
     KL_ESTIMATORS,
     LOSS_TYPES,
     MULTI_REWARD_MODES,
+    SAMPLED_KL_ESTIMATORS,
 )
 
 WHITEN_EPS = 1e-8  # reinforce_plus_plus_baseline: (x - mean) / sqrt(var + WHITEN_EPS), verl's masked_whiten
@@ -442,6 +443,7 @@ def grpo_loss(
     mask: torch.Tensor | None = None,
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
+    ref_logits: torch.Tensor | None = None,
     beta: float = 0.0,
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
@@ -476,6 +478,10 @@ def grpo_loss(
     Padded input: ``logits [B, T, V]``, per-token tensors ``[B, T]``, ``advantages``/``is_weights`` ``[B]``,
     ``[B, 1]`` or ``[B, T]``. Packed input: ``logits [N, V]`` with ``cu_seqlens [S+1]`` (absent: one sequence),
     per-token tensors ``[N]``, ``advantages``/``is_weights`` ``[S]`` or ``[N]``.
+
+    ``kl_estimator="exact"`` takes ``ref_logits`` (the layout of ``logits``) instead of ``ref_logprobs``: the KL
+    term is then KL(softmax(logits / tau) || softmax(ref_logits / tau)) over the vocabulary
+    (:func:`vocab_divergence`, section 11), differentiable w.r.t. ``logits`` only.
     """
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     packed = logits.dim() == 2
@@ -489,6 +495,7 @@ def grpo_loss(
         is_weights = _seq_or_token(is_weights, num_seqs, cu) if is_weights is not None else None
         old_logprobs = _pad(old_logprobs.reshape(-1), cu, 0.0) if old_logprobs is not None else None
         ref_logprobs = _pad(ref_logprobs.reshape(-1), cu, 0.0) if ref_logprobs is not None else None
+        ref_logits = _pad(ref_logits, cu, 0.0) if ref_logits is not None else None
 
     lp, entropy = token_logprobs(
         logits, token_ids, temperature=temperature, mask=mask, ignore_index=ignore_index, compute_in=compute_in
@@ -571,7 +578,17 @@ def grpo_loss(
         if w_is is not None:
             per_token_loss = per_token_loss * w_is
     kl = torch.zeros_like(lp)
-    if beta != 0.0:
+    if beta != 0.0 and kl_estimator == "exact":  # section 11: over the vocabulary, at the rows that take part
+        kl_valid = vocab_divergence(
+            logits[valid],
+            ref_logits[valid].detach(),
+            divergence="reverse_kl",
+            temperature=temperature,
+            compute_in=compute_in,
+        ).to(dtype)
+        kl = kl.masked_scatter(valid, kl_valid)
+        per_token_loss = per_token_loss + beta * kl
+    elif beta != 0.0:
         kl = kl_divergence(lp, ref, kl_estimator)
         if bias_corrected_kl:
             kl = kl * ratio
@@ -637,6 +654,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_TYPES",
     "MULTI_REWARD_MODES",
+    "SAMPLED_KL_ESTIMATORS",
     "compute_dtype",
     "gradient_of_loss_wrt_logprobs",
     "group_advantages",

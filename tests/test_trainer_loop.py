@@ -140,6 +140,7 @@ def test_every_grpo_loss_knob_is_a_flag():
         "mask",
         "old_logprobs",
         "ref_logprobs",
+        "ref_logits",
         "num_items_in_batch",
         "is_weights",
         "cu_seqlens",

@@ -61,7 +61,7 @@ def _variants():
     """Each (family, estimator, bias correction) with the binary options cycled so each meets both values."""
     cases = []
     for i, (family, estimator, corrected) in enumerate(
-        (f, e, c) for f in ("clip", "cispo", "sapo") for e in ref.KL_ESTIMATORS for c in (False, True)
+        (f, e, c) for f in ("clip", "cispo", "sapo") for e in ref.SAMPLED_KL_ESTIMATORS for c in (False, True)
     ):
         bits = [(i >> k) & 1 for k in range(5)]
         loss_type = ("grpo", "bnpo", "dr_grpo", "dapo")[i % 4] if family == "clip" else family

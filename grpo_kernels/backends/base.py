@@ -24,7 +24,8 @@ class Backend:
     :meth:`grpo_loss_forward`, :meth:`group_advantages`. Optional (a default here that is correct on every backend,
     which a backend overrides where it has a faster kernel): :meth:`grpo_loss_forward_with_grad`,
     :meth:`scale_gradient_`. Optional without a default (the default raises, naming the op):
-    :meth:`divergence_forward`, :meth:`divergence_backward`.
+    :meth:`divergence_forward`, :meth:`divergence_backward`, :meth:`grpo_loss_exact_kl_forward` (a backend with the
+    divergence kernels sets it to :func:`exact_kl_loss_forward`).
     """
 
     name: str
@@ -96,6 +97,15 @@ class Backend:
                 grad_loss.detach().to(torch.float64 if grad.dtype == torch.float64 else torch.float32) / loss_scale
             )
 
+    def grpo_loss_exact_kl_forward(self, logits, ref_logits, batch: TokenBatch, config: LossConfig, with_entropy: bool):
+        """Forward of the fused loss with ``kl_estimator="exact"``: ``(LossForward, lse_ref)``, where the
+        LossForward's ``lse`` and ``lse_ref`` ``[N]`` are float64 and its ``kl`` is the exact KL(p||q) per position
+        (what the divergence backward needs)."""
+        raise NotImplementedError(
+            f"backend {self.name!r} has no kernel for kl_estimator='exact' (the exact KL over the vocabulary): use "
+            "backend='triton' or 'torch'"
+        )
+
     def divergence_forward(self, student, teacher, token_ids, kind, beta, temperature, with_logprobs):
         """Exact per-row divergence of two ``[B, T, V]`` logits (see :mod:`grpo_kernels.divergence`):
         ``(div, lp, lse, lse_ref, kl_student, kl_teacher)``, each ``[N]`` (``lp`` ``[0]`` unless asked for)."""
@@ -121,3 +131,22 @@ class Backend:
         """Write the gradients of ``sum_t grad_div_t D_t (+ grad_lp_t lp_t)`` into ``out_student`` / ``out_teacher``
         (``[B, T, V]`` each, or None; ``out_student`` may be the student's logits: in place)."""
         raise RuntimeError(f"backend {self.name!r} has no kernel for the exact divergences (vocab_divergence)")
+
+
+def exact_kl_loss_forward(backend: Backend, logits, ref_logits, batch: TokenBatch, config: LossConfig, with_entropy):
+    """:meth:`Backend.grpo_loss_exact_kl_forward` from a backend's divergence kernels (torch, Triton).
+
+    One read of both logits rows (``divergence_forward``, kind ``reverse_kl``: the exact KL(p||q), ``lp``, both
+    log-sum-exps), then the ``[N]`` closed form of :mod:`grpo_kernels.loss_math` with the exact KL as the KL term.
+    The entropy, when asked for, is one more read of the policy's logits (the divergence kernel does not sum it).
+    """
+    from ..loss_math import loss_forward_from_logprobs
+
+    ids = batch.token_ids
+    kl, lp, lse, lse_ref, _, _ = backend.divergence_forward(
+        logits, ref_logits, ids, "reverse_kl", 0.0, config.temperature, True
+    )
+    entropy = lp.new_empty(0)
+    if with_entropy:
+        _, _, entropy = backend.token_logprobs_forward(logits, ids, config.temperature, True)
+    return loss_forward_from_logprobs(lp, lse, entropy.to(lp.dtype), batch, config, exact_kl=kl), lse_ref

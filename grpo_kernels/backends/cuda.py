@@ -129,7 +129,7 @@ class CudaBackend(Backend):
             _optional(batch.ref_logprobs) if config.beta != 0.0 else None,
             _optional(batch.is_weights),
             config.loss_type,
-            config.kl_estimator,
+            "k3" if config.exact_kl else config.kl_estimator,  # "exact" comes here only at beta = 0 (no KL term)
             float(config.beta),
             float(config.epsilon_low),
             float(config.epsilon_high),

@@ -79,10 +79,46 @@ def _check_head_options(logit_softcap, logit_scale, chunk_tokens) -> None:
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
 
 
-def _head_options(hidden, weight, logit_softcap, logit_scale, chunk_tokens) -> dict:
-    """The head's op options: softcap, scale, compute dtype, rows per tile."""
+def _check_reference(config: LossConfig, hidden, weight, ref_hidden, ref_weight, ref_bias):
+    """The reference's hidden states and head of ``kl_estimator="exact"``: required with ``beta != 0``, refused by
+    the other estimators. Returns ``(ref_hidden [N, H_ref], ref_weight, ref_bias)`` detached, or Nones."""
+    given = ref_hidden is not None or ref_weight is not None or ref_bias is not None
+    if not config.exact_kl:
+        if given:
+            raise ValueError(
+                "ref_hidden / ref_weight / ref_bias are read only by kl_estimator='exact' (got "
+                f"kl_estimator={config.kl_estimator!r}, which takes ref_logprobs)"
+            )
+        return None, None, None
+    if not config.uses_reference:
+        return None, None, None
+    if ref_hidden is None or ref_weight is None:
+        missing = "ref_hidden" if ref_hidden is None else "ref_weight"
+        raise ValueError(
+            f"kl_estimator='exact' with beta != 0 needs ref_hidden [B, T, H_ref] and ref_weight [V, H_ref] (the "
+            f"reference model's last hidden states and LM head); {missing} is missing"
+        )
+    for name, x in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+        if x is not None:
+            check_tensor(name, x, hidden.device, "hidden")
+            if x.dtype not in LOGITS_DTYPES:
+                raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    check_same_shape("ref_hidden", ref_hidden, (*hidden.shape[:-1], ref_hidden.shape[-1]), "hidden's positions")
+    if ref_weight.dim() != 2 or tuple(ref_weight.shape) != (weight.shape[0], ref_hidden.shape[-1]):
+        raise ValueError(
+            f"ref_weight must be the reference's LM head [V, H_ref] = [{weight.shape[0]}, {ref_hidden.shape[-1]}] "
+            f"(the policy's vocabulary, ref_hidden's size), got shape {list(ref_weight.shape)}"
+        )
+    if ref_bias is not None:
+        check_same_shape("ref_bias", ref_bias, weight.shape[:1], "weight's vocabulary dim")
+        ref_bias = ref_bias.detach()
+    return ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]), ref_weight.detach(), ref_bias
+
+
+def _head_options(hidden, weight, logit_softcap, logit_scale, chunk_tokens, ref_dtype=None) -> dict:
+    """The head's op options: softcap, scale, compute dtype, rows per tile (both tiles' with ``ref_dtype``)."""
     dtype = compute_dtype(hidden, weight)
-    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], dtype, logit_softcap is not None)
+    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], dtype, logit_softcap is not None, ref_dtype)
     softcap = None if logit_softcap is None else float(logit_softcap)
     return dict(logit_softcap=softcap, logit_scale=float(logit_scale), dtype=dtype, chunk_tokens=chunk)
 
@@ -97,6 +133,9 @@ def fused_linear_grpo_loss(
     mask: Tensor | None = None,
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    ref_bias: Tensor | None = None,
     is_weights: Tensor | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
     return_entropy: bool = False,
@@ -122,6 +161,10 @@ def fused_linear_grpo_loss(
         weight: the LM head ``[V, H]``, possibly tied to the input embedding (its gradient adds to the
             embedding's, as autograd does for any shared parameter).
         bias: optional ``[V]``.
+        ref_hidden, ref_weight, ref_bias: ``kl_estimator="exact"`` (with ``beta != 0``): the reference model's last
+            hidden states ``[B, T, H_ref]`` (the layout of ``hidden``), its LM head ``[V, H_ref]`` and optional bias
+            (the same softcap and scale as the policy's). Each tile's reference logits are projected next to the
+            policy's (2 N H_ref V more FLOPs; the default tile then holds both); no gradient reaches them.
         token_ids, advantages, mask, ..., ignore_index: as :func:`grpo_kernels.grpo_loss` (every argument of it
             except ``inplace_backward``: the logits tile is always overwritten by its gradient here).
         return_entropy: also return the per-token entropy and its mean. The entropy carries no gradient (the
@@ -159,6 +202,9 @@ def fused_linear_grpo_loss(
         mask=mask,
         old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
         is_weights=is_weights,
         num_items_in_batch=num_items_in_batch,
         return_entropy=return_entropy,
@@ -173,7 +219,7 @@ def fused_linear_grpo_loss(
     )
 
 
-with_knob_parameters(fused_linear_grpo_loss, LossConfig, after="ref_logprobs")
+with_knob_parameters(fused_linear_grpo_loss, LossConfig, after="ref_bias")
 
 
 def _fused_linear_grpo_loss(
@@ -187,6 +233,9 @@ def _fused_linear_grpo_loss(
     mask,
     old_logprobs,
     ref_logprobs,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
     is_weights,
     num_items_in_batch,
     return_entropy,
@@ -202,7 +251,14 @@ def _fused_linear_grpo_loss(
     """:func:`fused_linear_grpo_loss` once its configuration is built."""
     _check_head(hidden, weight, bias, logit_softcap, logit_scale, chunk_tokens)
     entropy_coef = check_number("entropy_coef", entropy_coef)
-    head = _head_options(hidden, weight, logit_softcap, logit_scale, chunk_tokens)
+    ref_hidden, ref_weight, ref_bias = _check_reference(config, hidden, weight, ref_hidden, ref_weight, ref_bias)
+    ref_dtype = None if ref_hidden is None else compute_dtype(ref_hidden, ref_weight)
+    if ref_dtype is not None and (ref_dtype == torch.float64) != (compute_dtype(hidden, weight) == torch.float64):
+        raise TypeError(
+            f"ref_hidden / ref_weight compute in {ref_dtype} and hidden / weight in {compute_dtype(hidden, weight)}: "
+            "float64 only with float64 on both sides (the torch backend's exact path)"
+        )
+    head = _head_options(hidden, weight, logit_softcap, logit_scale, chunk_tokens, ref_dtype)
     if entropy_weights is not None:
         check_tensor("entropy_weights", entropy_weights, hidden.device, "hidden")
         check_float("entropy_weights", entropy_weights)
@@ -237,6 +293,10 @@ def _fused_linear_grpo_loss(
         config=config,
         entropy_weights=entropy_weights,
         entropy_coef=entropy_coef,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+        ref_dtype=ref_dtype or head["dtype"],
         with_entropy=with_entropy,
         backend=inputs.backend,
         grad_hidden=needs[0],
@@ -349,6 +409,9 @@ class FusedLinearGRPOLoss(ConfiguredLoss):
         mask: Tensor | None = None,
         old_logprobs: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
+        ref_hidden: Tensor | None = None,
+        ref_weight: Tensor | None = None,
+        ref_bias: Tensor | None = None,
         is_weights: Tensor | None = None,
         num_items_in_batch: int | float | Tensor | None = None,
         cu_seqlens: Tensor | None = None,
@@ -364,6 +427,9 @@ class FusedLinearGRPOLoss(ConfiguredLoss):
             mask=mask,
             old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
             is_weights=is_weights,
             num_items_in_batch=num_items_in_batch,
             cu_seqlens=cu_seqlens,

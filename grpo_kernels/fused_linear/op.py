@@ -20,7 +20,7 @@ from ..backends import get_backend
 from ..config import LossConfig
 from ..loss_math import TokenBatch, loss_forward_from_logprobs
 from ..ops._define import struct_op
-from .tiles import acc_dtype, addmm_acc, gather, logprob_pass, make_head, plan_tiles, slice_batch
+from .tiles import acc_dtype, addmm_acc, exact_kl_pass, gather, logprob_pass, make_head, plan_tiles, slice_batch
 
 _HEAD_OPTIONS = {
     "logit_softcap": float | None,  # softcap(x) = c tanh(x / c) of the projection, or None
@@ -42,6 +42,10 @@ _HEAD_OPTIONS = {
     options={
         "entropy_weights": Tensor | None,  # [N]: loss -= sum_t w_t H_t
         "entropy_coef": float,  # loss -= entropy_coef sum_t c_t H_t
+        "ref_hidden": Tensor | None,  # [N, H_ref] kl_estimator="exact": the reference's hidden states ...
+        "ref_weight": Tensor | None,  # [V, H_ref] ... and LM head (same softcap / scale); no gradient
+        "ref_bias": Tensor | None,  # [V]
+        "ref_dtype": torch.dtype,  # compute dtype of the reference's projection
         **_HEAD_OPTIONS,
         "grad_hidden": bool,  # which gradients to compute
         "grad_weight": bool,
@@ -57,6 +61,10 @@ def fused_linear_grpo_loss(
     config,
     entropy_weights,
     entropy_coef,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
+    ref_dtype,
     logit_softcap,
     logit_scale,
     dtype,
@@ -68,7 +76,11 @@ def fused_linear_grpo_loss(
     grad_bias,
 ) -> tuple[Tensor, ...]:
     """-> loss [], lp [N], entropy [N] / [0], per-token loss [N], kl [N], clip flags [N] uint8,
-    d loss/d hidden [N, H] / [0], d loss/d weight [V, H] / [0], d loss/d bias [V] / [0]."""
+    d loss/d hidden [N, H] / [0], d loss/d weight [V, H] / [0], d loss/d bias [V] / [0].
+
+    With ``ref_hidden`` (kl_estimator="exact"), each tile's reference logits are projected next to the policy's,
+    the backend's exact-KL forward reads both, and the gradient of the tile is the divergence backward's
+    (``beta c_t dKL/dz + g_t dlp/dz``, written over the policy's tile): neither [N, V] tensor ever exists."""
     if logit_softcap is None:  # logits * scale / tau == logits / (tau / scale): the scale costs nothing
         config = dataclasses.replace(config, temperature=config.temperature / logit_scale)
     be = get_backend(backend)
@@ -79,6 +91,10 @@ def fused_linear_grpo_loss(
         batch, n = tokens.batch, tokens.hidden.shape[0]
         tiles, one_pass = plan_tiles(tokens.cu, chunk_tokens, config.coupling)
         head = make_head(weight, bias, dtype, logit_softcap, logit_scale, min(chunk_tokens, n))
+        exact = ref_hidden is not None
+        if exact:  # the reference's head: the same logit transform as the policy's, its own tile buffer
+            ref_head = make_head(ref_weight, ref_bias, ref_dtype, logit_softcap, logit_scale, min(chunk_tokens, n))
+            ref_rows = tokens.pick(ref_hidden).to(ref_dtype)
         d_h = torch.empty(n, hidden.shape[1], dtype=dtype, device=device) if grad_hidden else None
         d_w = torch.zeros(weight.shape, dtype=acc, device=device) if grad_weight else None  # float32 accumulator
         d_b = torch.zeros(bias.shape, dtype=acc, device=device) if grad_bias else None
@@ -90,11 +106,25 @@ def fused_linear_grpo_loss(
             w = tokens.pick(entropy_weights).to(acc)
             g_entropy = -w if g_entropy is None else g_entropy - w
 
-        def fold_gradient(start: int, end: int, logits: Tensor, lse: Tensor, entropy: Tensor, g: Tensor) -> None:
-            """Overwrite the tile's logits with d loss / d logits, then fold it into dH, dW and db."""
+        def fold_gradient(start, end, logits, lse, entropy, g, ref=None) -> None:
+            """Overwrite the tile's logits with d loss / d logits, then fold it into dH, dW and db. ``ref``:
+            ``(reference logits, lse_ref, KL)`` of the tile (kl_estimator="exact")."""
             z3 = logits.unsqueeze(0)
+            ids = batch.token_ids[start:end]
             g_h = None if g_entropy is None else g_entropy[start:end]
-            be.token_logprobs_backward(z3, batch.token_ids[start:end], lse, entropy, g, g_h, config.temperature, z3)
+            if ref is None:
+                be.token_logprobs_backward(z3, ids, lse, entropy, g, g_h, config.temperature, z3)
+            else:
+                z_ref, lse_ref, kl = ref
+                rows = (ids, lse, lse_ref, kl, torch.zeros_like(kl), batch.coef[start:end] * config.beta)
+                kind = ("reverse_kl", 0.0, config.temperature)
+                if g_h is None:
+                    be.divergence_backward(z3, z_ref.unsqueeze(0), *rows, g, *kind, z3, None)
+                else:  # the divergence kernel has no entropy term: its part in a buffer, the log-prob pass's over z
+                    part = torch.empty_like(z3)
+                    be.divergence_backward(z3, z_ref.unsqueeze(0), *rows, None, *kind, part, None)
+                    be.token_logprobs_backward(z3, ids, lse.to(acc), entropy, g, g_h, config.temperature, z3)
+                    z3.add_(part)
             grad = head.projection_grad(logits)  # [c, V] compute dtype
             if d_h is not None:
                 torch.mm(grad, head.weight, out=d_h[start:end])
@@ -110,25 +140,41 @@ def fused_linear_grpo_loss(
             flags, loss = new(n, torch.uint8), new(())
             for start, end in tiles:
                 logits = head.logits(tokens.hidden[start:end])
-                out = be.grpo_loss_forward(
-                    logits.unsqueeze(0), slice_batch(batch, start, end, tokens.cu), config, with_entropy
-                )
+                part = slice_batch(batch, start, end, tokens.cu)
+                ref = None
+                if exact:
+                    z_ref = ref_head.logits(ref_rows[start:end])
+                    out, lse_ref = be.grpo_loss_exact_kl_forward(
+                        logits.unsqueeze(0), z_ref.unsqueeze(0), part, config, with_entropy
+                    )
+                    ref = (z_ref, lse_ref, out.kl)
+                else:
+                    out = be.grpo_loss_forward(logits.unsqueeze(0), part, config, with_entropy)
                 lp[start:end], per_token_loss[start:end], kl[start:end] = out.logprobs, out.per_token_loss, out.kl
                 flags[start:end] = out.clip_flags
                 if with_entropy:
                     entropy[start:end] = out.entropy
                 loss += out.loss
                 if wants_grad:
-                    fold_gradient(start, end, logits, out.lse, out.entropy, out.grad_logprobs)
+                    fold_gradient(start, end, logits, out.lse, out.entropy, out.grad_logprobs, ref)
         else:  # a sequence (or a batch) longer than a tile: every log-prob first, then the [N] math, then gradients
-            lp, lse, entropy = logprob_pass(head, tokens, tiles, be, config.temperature, with_entropy)
-            out = loss_forward_from_logprobs(lp, lse, entropy, batch, config)
+            exact_kl = None
+            if exact:
+                lp, lse, lse_ref, entropy, exact_kl = exact_kl_pass(
+                    head, ref_head, tokens, ref_rows, tiles, be, config.temperature, with_entropy
+                )
+            else:
+                lp, lse, entropy = logprob_pass(head, tokens, tiles, be, config.temperature, with_entropy)
+            out = loss_forward_from_logprobs(lp, lse, entropy, batch, config, exact_kl=exact_kl)
             per_token_loss, kl, flags, loss = out.per_token_loss, out.kl, out.clip_flags, out.loss
             if wants_grad:
                 for start, end in tiles:
                     logits = head.logits(tokens.hidden[start:end])  # recomputed: 2 n H V more FLOPs
                     part = entropy[start:end] if with_entropy else entropy
-                    fold_gradient(start, end, logits, lse[start:end], part, out.grad_logprobs[start:end])
+                    ref = None
+                    if exact:  # and the reference's tile: 2 n H_ref V more
+                        ref = (ref_head.logits(ref_rows[start:end]), lse_ref[start:end], kl[start:end])
+                    fold_gradient(start, end, logits, lse[start:end], part, out.grad_logprobs[start:end], ref)
         if g_entropy is not None:
             loss = loss + (g_entropy * entropy).sum()
 
@@ -154,6 +200,10 @@ def _(
     batch,
     entropy_weights,
     entropy_coef,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
+    ref_dtype,
     logit_softcap,
     logit_scale,
     dtype,

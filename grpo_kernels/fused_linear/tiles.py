@@ -42,9 +42,14 @@ def compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def default_chunk_tokens(vocab: int, dtype: torch.dtype, softcap: bool = False) -> int:
-    """Rows per tile so that one tile of logits (+ its float32 copy with a softcap) is about ``_TILE_BYTES``."""
+def default_chunk_tokens(
+    vocab: int, dtype: torch.dtype, softcap: bool = False, ref_dtype: torch.dtype | None = None
+) -> int:
+    """Rows per tile so that one tile of logits (+ its float32 copy with a softcap) is about ``_TILE_BYTES``; with
+    ``ref_dtype`` (``kl_estimator="exact"``), the policy's and the reference's tiles together."""
     row_bytes = max(vocab, 1) * (dtype.itemsize + (4 if softcap else 0))
+    if ref_dtype is not None:
+        row_bytes += max(vocab, 1) * (ref_dtype.itemsize + (4 if softcap else 0))
     rows = max(1, _TILE_BYTES // row_bytes)
     return rows - rows % 128 if rows >= 128 else rows
 
@@ -227,3 +232,24 @@ def logprob_pass(head: _Head, tokens: _Tokens, tiles, be, temperature: float, wi
         if with_entropy:
             entropy[start:end] = entropy_t
     return lp, lse, entropy
+
+
+def exact_kl_pass(
+    head: _Head, ref_head: _Head, tokens: _Tokens, ref_hidden: Tensor, tiles, be, temperature, with_entropy
+):
+    """``lp, lse, lse_ref, entropy, kl`` (``[n]``; ``lse``, ``lse_ref`` float64; entropy ``[0]`` unless asked for)
+    over every tile, both logits tiles per tile (``kl_estimator="exact"``): 2 n (H + H_ref) V FLOPs."""
+    n, device, acc = tokens.hidden.shape[0], tokens.hidden.device, acc_dtype(head.weight.dtype)
+    new = lambda k, dtype=acc: torch.zeros(k, dtype=dtype, device=device)  # noqa: E731
+    lp, kl, entropy = new(n), new(n), new(n if with_entropy else 0)
+    lse, lse_ref = new(n, torch.float64), new(n, torch.float64)
+    for start, end in tiles:
+        z = head.logits(tokens.hidden[start:end]).unsqueeze(0)
+        z_ref = ref_head.logits(ref_hidden[start:end]).unsqueeze(0)
+        ids = tokens.batch.token_ids[start:end]
+        kl[start:end], lp[start:end], lse[start:end], lse_ref[start:end], _, _ = be.divergence_forward(
+            z, z_ref, ids, "reverse_kl", 0.0, temperature, True
+        )
+        if with_entropy:
+            entropy[start:end] = be.token_logprobs_forward(z, ids, temperature, True)[2]
+    return lp, lse, lse_ref, entropy, kl

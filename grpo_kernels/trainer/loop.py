@@ -180,6 +180,8 @@ class Trainer:
         self.loss_config = {k: getattr(cfg, k) for k in LOSS_KNOBS}
         self.loss_config.update(return_entropy=cfg.entropy)
         self.uses_reference = cfg.loss_config().uses_reference  # beta != 0: a frozen reference model
+        # --kl-estimator exact: the loss reads the reference's logits (computed next to the policy's, per micro-batch)
+        self.exact_kl = self.uses_reference and cfg.loss_config().exact_kl
         if cfg.resume is not None:
             self.load(resolve_resume(self.checkpoints, cfg.resume))
         else:
@@ -371,6 +373,14 @@ class Trainer:
         return self._logprobs(self.ref_model, batch)
 
     @torch.no_grad()
+    def _ref_logits(self, batch: Rollout) -> Tensor:
+        """``[B, C, V]`` logits of the reference policy (``--kl-estimator exact``), aligned as the policy's."""
+        if self.lora:
+            with self.model.disable_adapter():
+                return self._completion_logits(self.model, batch)
+        return self._completion_logits(self.ref_model, batch)
+
+    @torch.no_grad()
     def _sync_reference(self, optimizer_step: int) -> bool:
         """TRL's SyncRefModelCallback: after GRPO optimizer step k with k % N == 0,
         ref <- alpha * policy + (1 - alpha) * ref, parameter by parameter (in place, in the parameters' dtype)."""
@@ -484,7 +494,7 @@ class Trainer:
             group_std=adv.group_std,
             frac_zero_std=float(adv.frac_zero_std),
             old_logprobs=self._logprobs(self.model, rollout) if cfg.num_iterations > 1 else None,
-            ref_logprobs=self._ref_logprobs(rollout) if self.uses_reference else None,
+            ref_logprobs=self._ref_logprobs(rollout) if self.uses_reference and not self.exact_kl else None,
             correct=[answer_score(c, a) == 1.0 for c, a in zip(rollout.completions, answers, strict=True)],
             generation_time=generation_time,
         )
@@ -495,6 +505,8 @@ class Trainer:
         ``loss_scale`` is the factor the loss will be multiplied by before its backward; with ``--grad-in-forward``
         the op bakes it into the gradient it computes in the forward. With LoRA, the adapters' dropout is on here.
         """
+        # exact KL: the reference's logits now, not stored with the batch (one [B, C, V] tensor at a time)
+        ref_logits = self._ref_logits(batch.rollout) if self.exact_kl else None
         with adapter_dropout(self.model, active=self.lora and self.cfg.lora_dropout > 0):
             logits = self._completion_logits(self.policy, batch.rollout)
         return grpo_loss(
@@ -504,6 +516,7 @@ class Trainer:
             mask=batch.rollout.completion_mask,
             old_logprobs=batch.old_logprobs,
             ref_logprobs=batch.ref_logprobs,
+            ref_logits=ref_logits,
             num_items_in_batch=num_items_in_batch,
             loss_scale=loss_scale,
             **self.loss_config,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ...loss_math import LossConfig, LossForward, TokenBatch, loss_forward_from_logprobs
-from ..base import Backend
+from ..base import Backend, exact_kl_loss_forward
 from .advantages import group_advantages
 from .divergence import divergence_backward, divergence_forward
 from .logprobs import token_logprobs_backward, token_logprobs_forward
@@ -41,6 +41,8 @@ class TorchBackend(Backend):
     divergence_forward = staticmethod(divergence_forward)
 
     divergence_backward = staticmethod(divergence_backward)
+
+    grpo_loss_exact_kl_forward = exact_kl_loss_forward
 
 
 BACKEND = TorchBackend()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from triton.runtime.jit import JITFunction
 
-from ..base import Backend
+from ..base import Backend, exact_kl_loss_forward
 from .advantages import group_advantages
 from .divergence import divergence_backward, divergence_forward
 from .grpo_loss import grpo_loss_forward
@@ -53,6 +53,8 @@ class TritonBackend(Backend):
     divergence_forward = staticmethod(divergence_forward)
 
     divergence_backward = staticmethod(divergence_backward)
+
+    grpo_loss_exact_kl_forward = exact_kl_loss_forward
 
 
 BACKEND = TritonBackend()

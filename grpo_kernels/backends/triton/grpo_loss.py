@@ -293,7 +293,7 @@ def grpo_loss_forward(logits: torch.Tensor, batch: TokenBatch, config: LossConfi
                 config.sapo_temperature_pos,
                 config.sapo_temperature_neg,
                 FAMILY=_FAMILY[config.loss_type],
-                ESTIMATOR=_ESTIMATOR[config.kl_estimator],
+                ESTIMATOR=_ESTIMATOR[config.kl_estimator] if has_kl else 0,  # "exact" at beta = 0 comes here
                 HAS_OLD=batch.old_logprobs is not None,
                 HAS_KL=has_kl,
                 HAS_IS_WEIGHTS=batch.is_weights is not None,
