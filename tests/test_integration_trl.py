@@ -152,7 +152,7 @@ def make_inputs(model_dir, tokenizer, output_dir, forward_inputs=None):
     with torch.no_grad():
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
         mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-        extra = {k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw", "num_images")}
+        extra = {k: v for k, v in batch.items() if k in IMAGE_INPUT_KEYS}
         lp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, C, **extra)
 
     def noise(scale):
@@ -197,6 +197,7 @@ def assert_same(ours, stock):
 
 
 OPTIONAL_KEYS = ("sampling_per_token_logps", "importance_sampling_ratio", "tool_mask")
+IMAGE_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "mm_token_type_ids", "token_type_ids")
 
 
 def select(inputs, keep=(), drop=()):

@@ -2,6 +2,7 @@
 
 - Mixture-of-experts causal LMs (Qwen3-MoE, Mixtral, GPT-OSS), whose router load-balancing loss TRL adds to the
   training loss (``router_aux_loss_coef``, the ``aux_loss`` metric).
+- A vision-language model (Qwen2-VL) with an image in each prompt, the image inputs passed as TRL passes them.
 - TRL's own argument checks come first: what stock TRL refuses fails with TRL's exception and message.
 
 Tiny models built from configs in code (no download); the helpers and tolerances are those of
@@ -215,6 +216,143 @@ def test_moe_one_optimizer_step_matches_trl(moe_dirs, tokenizer, tmp_path, path)
     assert logs[0].keys() == logs[1].keys() and "aux_loss" in logs[1]
     for key in ("loss", "reward", "entropy", "aux_loss"):
         assert logs[0][key] == pytest.approx(logs[1][key], rel=1e-4, abs=1e-6), key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vision-language models: Qwen2-VL (vision tower, M-RoPE), images in the prompt as TRL passes them
+# ----------------------------------------------------------------------------------------------------------------
+VLM_VOCAB = 40  # the test tokenizer's 34 ids, then <|image_pad|> 36, <|video_pad|> 37, vision start 38 / end 39
+IMAGE_PAD, VISION_START, VISION_END = 36, 38, 39
+
+
+def qwen2_vl_model():
+    """A 1-layer Qwen2-VL: a 1-block vision tower (patch 4, 2x2 merge) and a 1-layer language model."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(7)
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=VLM_VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=1,
+        ),
+        vision_config=dict(
+            depth=1, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=2
+        ),
+        image_token_id=IMAGE_PAD,
+        video_token_id=37,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def qwen2_vl_images(trainer, batch):
+    """One image per prompt (a 2x2 grid of 4x4 patches, merged to 1 token) in the layout TRL's
+    _generate_and_score_completions builds: the last three prompt columns are <vision_start> <image_pad>
+    <vision_end>, pixel_values [4 B, 3 * 2 * 4 * 4] (patches of all images), image_grid_thw [B, 3], num_images, and
+    mm_token_type_ids over prompt + completion (1 at the image token, zeros over the completion)."""
+    g = torch.Generator().manual_seed(3)
+    device = batch["prompt_ids"].device
+    batch["prompt_ids"][:, -3:] = torch.tensor([VISION_START, IMAGE_PAD, VISION_END], device=device)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    rows = batch["prompt_ids"].shape[0]
+    return dict(
+        pixel_values=torch.randn(4 * rows, 96, generator=g).to(device),
+        image_grid_thw=torch.tensor([[1, 2, 2]] * rows, device=device),
+        num_images=[1] * rows,
+        mm_token_type_ids=(ids == IMAGE_PAD).long(),
+    )
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen2-vl")
+    qwen2_vl_model().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def vlm_inputs(vlm_dir, tokenizer, tmp_path_factory):
+    return make_inputs(vlm_dir, tokenizer, tmp_path_factory.mktemp("out-vlm"), forward_inputs=qwen2_vl_images)
+
+
+@needs_trl
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    "case, config",
+    [
+        ("dapo-beta", dict(loss_type="dapo", beta=0.04)),
+        ("grpo-sequence-bonus", dict(loss_type="grpo", importance_sampling_level="sequence", entropy_coef=0.05)),
+        ("vespo-accumulation-3", dict(loss_type="vespo", gradient_accumulation_steps=3, top_entropy_quantile=0.5)),
+    ],
+)
+def test_vlm_matches_trl(vlm_dir, vlm_inputs, tokenizer, tmp_path, case, config, path):
+    """Qwen2-VL with an image in every prompt: the image inputs reach the model as TRL passes them (the vision tower
+    and its patch embedding get gradients), and loss, every gradient and every metric equal stock TRL's. The
+    fused-linear path takes the language model's hidden states after the vision tower and projects with lm_head."""
+    from trl import GRPOTrainer as StockTrainer
+
+    from grpo_kernels.integrations.trl import GRPOTrainer
+
+    ours_trainer = make_trainer(GRPOTrainer, vlm_dir, tokenizer, tmp_path, path, **config)
+    stock_trainer = make_trainer(StockTrainer, vlm_dir, tokenizer, tmp_path, **config)
+    ours, stock = (loss_grads_metrics(t, select(vlm_inputs)) for t in (ours_trainer, stock_trainer))
+    assert_same(ours, stock)
+    vision = [g for name, g in stock[1].items() if "visual" in name]
+    assert vision and any(g.abs().max() > 0 for g in vision)
+    # the images matter: without them (text only, same token ids) the loss is another
+    text_only = {k: v for k, v in select(vlm_inputs).items() if k not in ("pixel_values", "image_grid_thw")}
+    text_only.pop("mm_token_type_ids")
+    text_only.pop("num_images")
+    assert not torch.allclose(loss_grads_metrics(ours_trainer, text_only)[0], ours[0], rtol=1e-4, atol=0)
+
+
+@needs_trl
+def test_vlm_without_a_plain_linear_head_falls_back_with_the_reason(tokenizer, tmp_path, vlm_inputs, caplog):
+    """A Qwen2-VL whose LM head has a forward of its own: the logits path, the reason logged once at INFO, the
+    image inputs still reach the model (the vision tower gets gradients)."""
+    import logging
+
+    from test_integration_trl import ShiftedLinear
+
+    from grpo_kernels.integrations.trl import GRPOTrainer
+
+    model = qwen2_vl_model()
+    model.lm_head = ShiftedLinear(16, VLM_VOCAB, bias=False)
+    with caplog.at_level(logging.INFO, logger="grpo_kernels.integrations.trl"):
+        trainer = make_trainer(GRPOTrainer, model, tokenizer, tmp_path, loss_type="dapo")
+    assert trainer.loss_path == "logits" and "not a plain torch.nn.Linear" in trainer.loss_path_reason
+    assert "fused-linear path is not available" in caplog.text
+    loss, grads, _ = loss_grads_metrics(trainer, select(vlm_inputs))
+    assert torch.isfinite(loss) and any(g.abs().max() > 0 for n, g in grads.items() if "visual" in n)
+
+
+@needs_trl
+def test_hf_helper_refuses_a_lora_adapter_on_the_lm_head(tokenizer):
+    """causal_lm_head_inputs used to project with lm_head.weight under a PEFT LoRA adapter on lm_head, silently
+    dropping the adapter; it now raises, naming the head and the alternatives (TRL 1.16 refuses the same)."""
+    from peft import LoraConfig, get_peft_model
+    from test_integration_trl import tiny_model
+
+    from grpo_kernels.integrations.hf import causal_lm_grpo_loss
+
+    model = tiny_model(tokenizer)
+    model.config.tie_word_embeddings = False
+    model.lm_head = torch.nn.Linear(16, len(tokenizer), bias=False)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    ids = torch.randint(3, len(tokenizer), (2, 6))
+    with pytest.raises(ValueError, match="the LM head is a Linear, not a plain torch.nn.Linear.*merge_and_unload"):
+        causal_lm_grpo_loss(peft_model.get_base_model(), ids, None, 3, torch.ones(2))
+    merged = peft_model.merge_and_unload()  # the alternative the message names: the adapter folded into the weight
+    assert torch.isfinite(causal_lm_grpo_loss(merged, ids, None, 3, torch.ones(2)).loss)
 
 
 # ----------------------------------------------------------------------------------------------------------------
