@@ -302,6 +302,8 @@ KNOBS = {
         keep=("importance_sampling_ratio", "tool_mask", "sampling_per_token_logps"),
         is_ratio_like_trl=True,
     ),
+    # TRL clamps the decay rates to 1e-4 (get_gamma_weights); so does the drop-in
+    "vespo_lambda_clamped": dict(config=dict(loss_type="vespo", vespo_lambda_pos=0.0, vespo_lambda_neg=-1.0)),
     "vespo_on_policy_sequence": dict(
         config=dict(loss_type="vespo", importance_sampling_level="sequence", beta=0.04), drop=("old_per_token_logps",)
     ),
@@ -657,7 +659,6 @@ def test_trains_end_to_end_with_trl_defaults(model_dir, tokenizer, tmp_path):
 @pytest.mark.parametrize(
     "config, message",
     [
-        (dict(loss_type="vespo", vespo_lambda_pos=0.0), "vespo_lambda_pos \\(VESPO's decay rate\\) must be > 0"),
         (dict(loss_type="not_a_loss"), "loss_type='not_a_loss' is not supported"),
         (dict(use_liger_kernel=True), "use_liger_kernel=True is not supported"),
         (dict(temperature=0.0), "temperature must be > 0"),

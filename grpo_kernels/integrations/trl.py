@@ -62,6 +62,7 @@ _LOSS_TYPES = {
     "luspo": "dr_grpo",
     "vespo": "vespo",
 }
+_VESPO_MIN_LAMBDA = 1e-4  # TRL 1.16's get_gamma_weights clamps both decay rates to at least this
 # GRPOTrainer (its GRPOConfig) -> the knobs of grpo_kernels.LossConfig: the one place where TRL's names meet ours.
 # Knobs not listed keep LossConfig's defaults (TRL 1.16 has no dual_clip, its KL estimator is k3).
 TRL_KNOBS = {
@@ -77,9 +78,9 @@ TRL_KNOBS = {
     "sapo_temperature_pos": lambda t: t.args.sapo_temperature_pos,
     "sapo_temperature_neg": lambda t: t.args.sapo_temperature_neg,
     "vespo_k_pos": lambda t: t.args.vespo_k_pos,
-    "vespo_lambda_pos": lambda t: t.args.vespo_lambda_pos,
+    "vespo_lambda_pos": lambda t: max(t.args.vespo_lambda_pos, _VESPO_MIN_LAMBDA),
     "vespo_k_neg": lambda t: t.args.vespo_k_neg,
-    "vespo_lambda_neg": lambda t: t.args.vespo_lambda_neg,
+    "vespo_lambda_neg": lambda t: max(t.args.vespo_lambda_neg, _VESPO_MIN_LAMBDA),
 }
 _ITEM_NORMALISED_LOSS_TYPES = ("dapo", "cispo", "vespo")  # TRL divides these by num_items_in_batch
 _CLIP_METRIC_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL logs clip_ratio/* for these
@@ -125,10 +126,6 @@ def check_config(args: GRPOConfig, loss_path: str = "auto") -> None:
         )
     if args.delta is not None and not args.delta > 1:
         raise ValueError(f"delta (the two-sided clip of the ratio) must be > 1, got {args.delta}")
-    if args.loss_type == "vespo":
-        for name in ("vespo_lambda_pos", "vespo_lambda_neg"):  # TRL clamps them at 1e-4 silently
-            if not getattr(args, name) > 0:
-                raise ValueError(f"{name} (VESPO's decay rate) must be > 0, got {getattr(args, name)}")
 
 
 def _route_loss_through_forward(model: nn.Module) -> None:
