@@ -356,6 +356,95 @@ def test_hf_helper_refuses_a_lora_adapter_on_the_lm_head(tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# multi-turn rollouts: rollout_func with an environment mask (TRL's tool_mask)
+# ----------------------------------------------------------------------------------------------------------------
+def multi_turn_rollout(tokenizer):
+    """A rollout_func (TRL's experimental hook) that plays a fixed two-turn episode per prompt: model tokens, a
+    tool result (env_mask 0: TRL's tool_mask, excluded from the loss), more model tokens. Seeded, so two trainers
+    fed the same prompts get the same rollouts; sampling log-probs near uniform, for the off-policy mask."""
+    g = torch.Generator().manual_seed(11)
+    vocab = len(tokenizer)
+
+    def rollout(prompts, trainer):
+        prompt_ids, completion_ids, logprobs, env_mask = [], [], [], []
+        for prompt in prompts:
+            turn, tool, reply = (int(n) for n in torch.randint(1, 4, (3,), generator=g))
+            ids = torch.randint(3, vocab, (turn + tool + reply,), generator=g).tolist()
+            prompt_ids.append(tokenizer(prompt)["input_ids"])
+            completion_ids.append(ids)
+            logprobs.append((-3.5 + 0.1 * torch.randn(len(ids), generator=g)).tolist())
+            env_mask.append([1] * turn + [0] * tool + [1] * reply)
+        return dict(prompt_ids=prompt_ids, completion_ids=completion_ids, logprobs=logprobs, env_mask=env_mask)
+
+    return rollout
+
+
+@needs_trl
+@pytest.mark.parametrize("path", PATHS)
+def test_multi_turn_rollout_func_one_optimizer_step_matches_trl(tokenizer, tmp_path, monkeypatch, path):
+    """trainer.train() with a rollout_func whose episodes hold tool-result tokens (env_mask -> tool_mask), with the
+    off-policy mask on the rollout's sampling log-probs: one SGD step over 2 accumulated micro-batches gives the
+    same update and the same logged metrics as stock TRL (on the Qwen3-MoE model: router auxiliary loss too)."""
+    from trl import GRPOTrainer as StockTrainer
+
+    from grpo_kernels.integrations.trl import GRPOTrainer
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    model_dir = str(tmp_path / "model")
+    moe_model("qwen3_moe", len(tokenizer)).save_pretrained(model_dir)
+    deltas, logs = [], []
+    for cls, loss_path in ((GRPOTrainer, path), (StockTrainer, None)):
+        from datasets import Dataset
+        from trl import GRPOConfig
+
+        args = GRPOConfig(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_completion_length=9,
+            gradient_accumulation_steps=2,
+            steps_per_generation=2,
+            max_steps=1,
+            learning_rate=0.1,
+            optim="sgd",
+            beta=0.04,
+            loss_type="grpo",
+            off_policy_mask_threshold=0.5,
+            router_aux_loss_coef=0.5,
+            bf16=False,
+            use_cpu=USE_CPU,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1,
+            seed=0,
+        )
+        extra = {} if loss_path is None else dict(loss_path=loss_path)
+        trainer = cls(
+            model=model_dir,
+            reward_funcs=reward_len_e,
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": ["hello", "the sky", "abc", "one two"]}),
+            processing_class=tokenizer,
+            rollout_func=multi_turn_rollout(tokenizer),
+            **extra,
+        )
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train()
+        deltas.append({n: (p.detach() - before[n], before[n].abs().max()) for n, p in trainer.model.named_parameters()})
+        logs.append(trainer.state.log_history[0])
+    ours, stock = deltas
+    assert any(d.abs().max() > 0 for d, _ in stock.values())
+    for name, (d_ref, size) in stock.items():
+        err = (ours[name][0] - d_ref).abs().max().item()
+        floor = 2 * torch.finfo(torch.float32).eps * size.item()
+        assert err <= 1e-5 * d_ref.abs().max().item() + floor, f"{name}: max |diff| {err:.3e}"
+    assert logs[0].keys() == logs[1].keys()
+    for key, value in logs[1].items():
+        if isinstance(value, float) and "time" not in key and "per_second" not in key:
+            assert logs[0][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # TRL's own checks come first
 # ----------------------------------------------------------------------------------------------------------------
 def stock_error(build):
