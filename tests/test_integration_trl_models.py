@@ -63,6 +63,17 @@ def moe_model(family, vocab_size):
     return model_class(config)
 
 
+def assert_same_update(ours, stock):
+    """name -> (update, max |parameter|) of two train() runs: equal to float32 rounding. The floor: one ulp of the
+    parameter's magnitude (the update is rounded onto float32 parameters), and 1e-7 of the largest update anywhere
+    (a zero-initialised parameter whose gradient is itself at rounding level, e.g. 1e-12 beside updates of 1e-2)."""
+    largest = max(d.abs().max().item() for d, _ in stock.values())
+    for name, (d_ref, size) in stock.items():
+        err = (ours[name][0] - d_ref).abs().max().item()
+        floor = 2 * torch.finfo(torch.float32).eps * size.item() + 1e-7 * largest
+        assert err <= 1e-5 * d_ref.abs().max().item() + floor, f"{name}: max |diff| {err:.3e}"
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer()
@@ -209,10 +220,7 @@ def test_moe_one_optimizer_step_matches_trl(moe_dirs, tokenizer, tmp_path, path)
         deltas.append({n: (p.detach() - before[n], before[n].abs().max()) for n, p in trainer.model.named_parameters()})
         logs.append(trainer.state.log_history[0])
     ours, stock = deltas
-    for name, (d_ref, size) in stock.items():
-        err = (ours[name][0] - d_ref).abs().max().item()
-        floor = 2 * torch.finfo(torch.float32).eps * size.item()
-        assert err <= 1e-5 * d_ref.abs().max().item() + floor, f"{name}: max |diff| {err:.3e}"
+    assert_same_update(ours, stock)
     assert logs[0].keys() == logs[1].keys() and "aux_loss" in logs[1]
     for key in ("loss", "reward", "entropy", "aux_loss"):
         assert logs[0][key] == pytest.approx(logs[1][key], rel=1e-4, abs=1e-6), key
@@ -355,6 +363,130 @@ def test_hf_helper_refuses_a_lora_adapter_on_the_lm_head(tokenizer):
     assert torch.isfinite(causal_lm_grpo_loss(merged, ids, None, 3, torch.ones(2)).loss)
 
 
+def llava_model_and_processor():
+    """A tiny LLaVA (1-layer CLIP vision tower on 8x8 images, 4 image tokens; 1-layer Llama) and its processor,
+    built locally: the test tokenizer plus an <image> token, a CLIP image processor, a chat template that renders
+    image blocks as <image>."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    template = (
+        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}"
+        "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} {% endif %}"
+    )
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}),
+        tokenizer=tokenizer,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=template,
+    )
+    torch.manual_seed(9)
+    config = LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=8,
+            patch_size=4,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=1,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+def reward_conversational(completions, **kwargs):
+    return [float(len(set(c[0]["content"])) + c[0]["content"].count("e")) for c in completions]
+
+
+@needs_trl
+@pytest.mark.parametrize("path", PATHS)
+def test_vlm_with_processor_one_optimizer_step_matches_trl(tmp_path, path):
+    """trainer.train() as a TRL user runs a vision-language model: a LLaVA with its processor as processing_class,
+    an image per conversational prompt; TRL generates with the images, then one SGD step over 2 accumulated
+    micro-batches: the same update (the vision tower's included) and the same logged metrics as stock TRL."""
+    import numpy as np
+    from datasets import Dataset
+    from PIL import Image
+    from trl import GRPOConfig
+    from trl import GRPOTrainer as StockTrainer
+
+    from grpo_kernels.integrations.trl import GRPOTrainer
+
+    model, processor = llava_model_and_processor()
+    model_dir = str(tmp_path / "llava")
+    model.save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((8, 8, 3)) * 255).astype("uint8")) for _ in range(4)]
+    dataset = Dataset.from_dict(
+        {"prompt": [[{"role": "user", "content": text}] for text in ("hi", "sky", "abc", "go")], "image": images}
+    )
+    deltas, logs = [], []
+    for cls, loss_path in ((GRPOTrainer, path), (StockTrainer, None)):
+        args = GRPOConfig(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_completion_length=6,
+            gradient_accumulation_steps=2,
+            steps_per_generation=2,
+            max_steps=1,
+            learning_rate=0.1,
+            optim="sgd",
+            beta=0.04,
+            loss_type="dapo",
+            bf16=False,
+            use_cpu=USE_CPU,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1,
+            seed=0,
+        )
+        extra = {} if loss_path is None else dict(loss_path=loss_path)
+        trainer = cls(
+            model=model_dir,
+            reward_funcs=reward_conversational,
+            args=args,
+            train_dataset=dataset,
+            processing_class=processor,
+            **extra,
+        )
+        assert trainer._is_vlm
+        if loss_path is not None:
+            assert trainer.loss_path == loss_path
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train()
+        deltas.append({n: (p.detach() - before[n], before[n].abs().max()) for n, p in trainer.model.named_parameters()})
+        logs.append(trainer.state.log_history[0])
+    ours, stock = deltas
+    largest = max(d.abs().max().item() for d, _ in stock.values())
+    assert max(d.abs().max().item() for n, (d, _) in stock.items() if "vision_tower" in n) > 1e-3 * largest
+    assert_same_update(ours, stock)
+    assert logs[0].keys() == logs[1].keys()
+    for key, value in logs[1].items():
+        if isinstance(value, float) and "time" not in key and "per_second" not in key:
+            assert logs[0][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # multi-turn rollouts: rollout_func with an environment mask (TRL's tool_mask)
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,10 +566,7 @@ def test_multi_turn_rollout_func_one_optimizer_step_matches_trl(tokenizer, tmp_p
         logs.append(trainer.state.log_history[0])
     ours, stock = deltas
     assert any(d.abs().max() > 0 for d, _ in stock.values())
-    for name, (d_ref, size) in stock.items():
-        err = (ours[name][0] - d_ref).abs().max().item()
-        floor = 2 * torch.finfo(torch.float32).eps * size.item()
-        assert err <= 1e-5 * d_ref.abs().max().item() + floor, f"{name}: max |diff| {err:.3e}"
+    assert_same_update(ours, stock)
     assert logs[0].keys() == logs[1].keys()
     for key, value in logs[1].items():
         if isinstance(value, float) and "time" not in key and "per_second" not in key:
