@@ -193,6 +193,7 @@ def test_moe_matrix_matches_trl(moe_dirs, moe_inputs, tokenizer, tmp_path, loss_
 # real training
 # ----------------------------------------------------------------------------------------------------------------
 @needs_trl
+@pytest.mark.slow  # the multi-turn rollout_func test below runs train() on this model in the default run
 @pytest.mark.parametrize("path", PATHS)
 def test_moe_one_optimizer_step_matches_trl(moe_dirs, tokenizer, tmp_path, path):
     """trainer.train() on Qwen3-MoE: generation, rewards, 2 accumulated micro-batches with the router auxiliary loss,
