@@ -27,6 +27,38 @@ def head_transform(config) -> tuple[float | None, float]:
     return softcap, 1.0 if scale is None else float(scale)
 
 
+def router_aux_loss(config, router_logits, attention_mask: Tensor | None) -> Tensor:
+    """The MoE load-balancing loss of one forward, as TRL 1.16's fused LM head computes it: transformers' Mixtral
+    ``load_balancing_loss_func`` (the one every MoE family shares) over every layer's router logits, with the
+    config's ``num_experts`` / ``num_experts_per_tok`` and the forward's ``attention_mask`` ``[B, L]`` (padding
+    excluded). ``router_logits``: the backbone's ``router_logits`` (one ``[B * L, num_experts]`` tensor per layer),
+    from a forward with ``output_router_logits=True``."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if router_logits is None:
+        raise ValueError("router_logits is None: run the backbone with output_router_logits=True")
+    return load_balancing_loss_func(router_logits, text.num_experts, text.num_experts_per_tok, attention_mask)
+
+
+def lm_head_weight(head: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """``(weight [V, H], bias [V] or None)`` that ``head`` computes ``hidden @ weight.T + bias`` with.
+
+    A plain ``nn.Linear`` gives its own parameters. Anything else (a PEFT adapter on the LM head, a quantised layer,
+    a subclass with its own ``forward``) raises ``ValueError``: its ``weight`` alone is not what it computes, and
+    projecting with it would silently drop the adapter (the adapter would never train). TRL 1.16 refuses a PEFT
+    adapter on ``lm_head`` for the same reason.
+    """
+    if isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward:
+        return head.weight, head.bias
+    raise ValueError(
+        f"the LM head is a {type(head).__name__}, not a plain torch.nn.Linear (e.g. a PEFT adapter or a quantised "
+        "layer on lm_head): its weight alone is not what it computes, so the fused-linear path cannot use it; merge "
+        "the adapter (merge_and_unload()), remove 'lm_head' from the adapter's target_modules, or compute the loss "
+        "from the model's logits (grpo_kernels.grpo_loss)"
+    )
+
+
 def causal_lm_head_inputs(
     model: nn.Module,
     input_ids: Tensor,  # [B, L]
@@ -35,14 +67,17 @@ def causal_lm_head_inputs(
     *,
     completion_mask: Tensor | None = None,  # [B, C]
     model_kwargs: dict | None = None,
+    return_backbone_output: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, dict]:
     """What :func:`causal_lm_grpo_loss` passes to :func:`fused_linear_grpo_loss`, for callers that make more than
     one fused call on one backbone run (e.g. a no-grad :func:`fused_linear_token_logprobs` pass, then the loss).
 
     Runs the backbone and returns ``(hidden [B, C, H], lm_head.weight, targets [B, C], head_kwargs)``: ``hidden`` a
     view of ``last_hidden_state`` whose row ``t`` predicts completion token ``t``, ``head_kwargs`` the ``bias``,
-    ``mask`` (``completion_mask``), ``logit_softcap`` and ``logit_scale`` keyword arguments of both fused functions.
-    Arguments as :func:`causal_lm_grpo_loss`.
+    ``mask`` (``completion_mask``), ``logit_softcap`` and ``logit_scale`` keyword arguments of both fused functions;
+    with ``return_backbone_output=True`` the backbone's whole output comes fifth (e.g. its ``router_logits`` for
+    :func:`router_aux_loss`). The LM head must be a plain ``nn.Linear`` (:func:`lm_head_weight`, else
+    ``ValueError``). Arguments as :func:`causal_lm_grpo_loss`.
     """
     length = input_ids.shape[1]
     if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or not 0 < logits_to_keep < length:
@@ -50,16 +85,17 @@ def causal_lm_head_inputs(
             f"logits_to_keep must be an int in [1, L) = [1, {length}) (the completion length; at least one prompt "
             f"token must precede the completion), got {logits_to_keep!r}"
         )
+    weight, bias = lm_head_weight(model.get_output_embeddings())  # before the backbone runs: fail early
     outputs = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **(model_kwargs or {})
     )
     hidden = outputs.last_hidden_state[:, length - logits_to_keep - 1 : length - 1]  # a view: no copy
     if completion_mask is None and attention_mask is not None:
         completion_mask = attention_mask[:, -logits_to_keep:]
-    head = model.get_output_embeddings()
     softcap, scale = head_transform(model.config)
-    kwargs = dict(bias=head.bias, mask=completion_mask, logit_softcap=softcap, logit_scale=scale)
-    return hidden, head.weight, input_ids[:, -logits_to_keep:], kwargs
+    kwargs = dict(bias=bias, mask=completion_mask, logit_softcap=softcap, logit_scale=scale)
+    result = (hidden, weight, input_ids[:, -logits_to_keep:], kwargs)
+    return (*result, outputs) if return_backbone_output else result
 
 
 def causal_lm_grpo_loss(
@@ -132,4 +168,11 @@ def causal_lm_token_logprobs(
         return fused_linear_token_logprobs(hidden, weight, targets, **{**kwargs, **logprob_kwargs})
 
 
-__all__ = ["causal_lm_grpo_loss", "causal_lm_head_inputs", "causal_lm_token_logprobs", "head_transform"]
+__all__ = [
+    "causal_lm_grpo_loss",
+    "causal_lm_head_inputs",
+    "causal_lm_token_logprobs",
+    "head_transform",
+    "lm_head_weight",
+    "router_aux_loss",
+]

@@ -41,7 +41,7 @@ from trl.trainer.utils import nanmax, nanmin
 
 from ..api import grpo_loss, token_logprobs
 from ..fused_linear import fused_linear_grpo_loss, fused_linear_token_logprobs
-from .hf import causal_lm_head_inputs, head_transform
+from .hf import causal_lm_head_inputs, head_transform, router_aux_loss
 
 if Version(trl.__version__) < Version("1.16"):
     raise ImportError(
@@ -62,6 +62,7 @@ _LOSS_TYPES = {
     "luspo": "dr_grpo",
     "vespo": "vespo",
 }
+_VESPO_MIN_LAMBDA = 1e-4  # TRL 1.16's get_gamma_weights clamps both decay rates to at least this
 # GRPOTrainer (its GRPOConfig) -> the knobs of grpo_kernels.LossConfig: the one place where TRL's names meet ours.
 # Knobs not listed keep LossConfig's defaults (TRL 1.16 has no dual_clip, its KL estimator is k3).
 TRL_KNOBS = {
@@ -77,15 +78,18 @@ TRL_KNOBS = {
     "sapo_temperature_pos": lambda t: t.args.sapo_temperature_pos,
     "sapo_temperature_neg": lambda t: t.args.sapo_temperature_neg,
     "vespo_k_pos": lambda t: t.args.vespo_k_pos,
-    "vespo_lambda_pos": lambda t: t.args.vespo_lambda_pos,
+    "vespo_lambda_pos": lambda t: max(t.args.vespo_lambda_pos, _VESPO_MIN_LAMBDA),
     "vespo_k_neg": lambda t: t.args.vespo_k_neg,
-    "vespo_lambda_neg": lambda t: t.args.vespo_lambda_neg,
+    "vespo_lambda_neg": lambda t: max(t.args.vespo_lambda_neg, _VESPO_MIN_LAMBDA),
 }
 _ITEM_NORMALISED_LOSS_TYPES = ("dapo", "cispo", "vespo")  # TRL divides these by num_items_in_batch
 _CLIP_METRIC_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL logs clip_ratio/* for these
 _LOSS_PATHS = ("auto", "fused_linear", "logits")
 _TRL_INIT_SIGNATURE = inspect.signature(TRLGRPOTrainer.__init__)
 _PROBE_TOKENS = 8  # sequence length of the construction-time check of the fused-linear path
+# The batch keys TRL 1.16's _compute_loss hands to _get_per_token_logps_and_entropies (image inputs)
+_TRL_LOGPS_PARAMETERS = list(inspect.signature(TRLGRPOTrainer._get_per_token_logps_and_entropies).parameters)
+_TRL_FORWARD_INPUTS = tuple(_TRL_LOGPS_PARAMETERS[_TRL_LOGPS_PARAMETERS.index("compute_aux_loss") + 1 :])
 
 
 def check_config(args: GRPOConfig, loss_path: str = "auto") -> None:
@@ -122,10 +126,6 @@ def check_config(args: GRPOConfig, loss_path: str = "auto") -> None:
         )
     if args.delta is not None and not args.delta > 1:
         raise ValueError(f"delta (the two-sided clip of the ratio) must be > 1, got {args.delta}")
-    if args.loss_type == "vespo":
-        for name in ("vespo_lambda_pos", "vespo_lambda_neg"):  # TRL clamps them at 1e-4 silently
-            if not getattr(args, name) > 0:
-                raise ValueError(f"{name} (VESPO's decay rate) must be > 0, got {getattr(args, name)}")
 
 
 def _route_loss_through_forward(model: nn.Module) -> None:
@@ -161,9 +161,10 @@ class GRPOTrainer(TRLGRPOTrainer):
     either ``importance_sampling_level``, with ``beta``, ``epsilon``/``epsilon_high``, ``delta``, ``temperature``,
     ``use_bias_correction_kl``, the vLLM importance-sampling ratio, ``top_entropy_quantile``, the entropy bonus (static
     or adaptive), ``off_policy_mask_threshold``, ``num_items_in_batch`` normalisation and gradient-accumulation
-    scaling, ``cast_lm_head_to_fp32``; logs TRL's metrics under TRL's names. Raises ``ValueError`` at construction for
-    what it does not support (other loss types, ``use_liger_kernel``, vision-language models, an MoE router auxiliary
-    loss, ``cast_lm_head_to_fp32`` under bf16/fp16 autocast on the logits path).
+    scaling, ``cast_lm_head_to_fp32``, the MoE router auxiliary loss (``router_aux_loss_coef``) and vision-language
+    models (TRL's image inputs); logs TRL's metrics under TRL's names. TRL's own constructor runs first, so what TRL
+    refuses fails with TRL's error; then ``ValueError`` for what this trainer does not compute exactly (other loss
+    types, ``use_liger_kernel``, ``cast_lm_head_to_fp32`` under bf16/fp16 autocast on the logits path; docs/trl.md).
 
     One keyword more than TRL's constructor:
 
@@ -180,21 +181,10 @@ class GRPOTrainer(TRLGRPOTrainer):
 
     @functools.wraps(TRLGRPOTrainer.__init__)
     def __init__(self, *args, loss_path: str = "auto", **kwargs):
-        config = _TRL_INIT_SIGNATURE.bind(self, *args, **kwargs).arguments.get("args")
-        if config is not None:
-            check_config(config, loss_path)  # before TRL loads the model
+        # TRL validates first, so that what stock TRL refuses fails here with TRL's exception and message; then the
+        # drop-in's own checks, for settings TRL accepts that it cannot compute exactly.
         super().__init__(*args, **kwargs)
-        check_config(self.args, loss_path)  # TRL's default config, when none was given
-        if self._is_vlm:
-            raise ValueError(
-                "grpo_kernels' GRPOTrainer supports text-only models; a vision-language processor was given "
-                "(use trl.GRPOTrainer for it)"
-            )
-        if self.aux_loss_enabled:
-            raise ValueError(
-                "grpo_kernels' GRPOTrainer does not add the MoE router auxiliary loss; set "
-                "GRPOConfig(router_aux_loss_coef=0.0) or use trl.GRPOTrainer"
-            )
+        check_config(self.args, loss_path)
         self.loss_path, self.loss_path_reason = self._choose_loss_path(loss_path)
         if self.loss_path == "logits":
             check_config(self.args, "logits")
@@ -291,6 +281,51 @@ class GRPOTrainer(TRLGRPOTrainer):
         return None
 
     # ------------------------------------------------------------------------------------------------------------
+    # what else the forward takes and gives: image inputs (vision-language models), the MoE router auxiliary loss
+    # ------------------------------------------------------------------------------------------------------------
+    def _forward_inputs(self, inputs, input_ids, attention_mask, logits_to_keep) -> dict:
+        """The keyword arguments besides ``input_ids`` / ``attention_mask`` that TRL 1.16's ``_compute_loss`` passes
+        to the model's forward: the image inputs of a vision-language model (``pixel_values``, ``image_grid_thw``,
+        ``token_type_ids``, ...) and ``output_router_logits=True`` when the router auxiliary loss is on.
+
+        Read off TRL's own ``_get_per_token_logps_and_entropies``, run on a stand-in model that records its keyword
+        arguments: which inputs go to which model family, and how they are sliced, stay TRL's code.
+        """
+        recorded = {}
+
+        def record(**kwargs):
+            recorded.update(kwargs)
+            zeros = input_ids.new_zeros(input_ids.shape, dtype=torch.float32)
+            return types.SimpleNamespace(log_probs=zeros, entropy=zeros, aux_loss=zeros.sum())
+
+        TRLGRPOTrainer._get_per_token_logps_and_entropies(
+            self,
+            record,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{name: inputs.get(name) for name in _TRL_FORWARD_INPUTS},
+        )
+        for name in ("input_ids", "attention_mask", "labels", "fused_lm_head"):
+            recorded.pop(name, None)
+        return recorded
+
+    def _router_aux_loss(self, router_logits, attention_mask) -> torch.Tensor:
+        """TRL 1.16's load-balancing loss of one forward: ``router_logits`` the per-layer router logits of the whole
+        prompt + completion, ``attention_mask`` ``[B, P + C]``."""
+        return router_aux_loss(self.model.config, router_logits, attention_mask)
+
+    def _add_router_aux_loss(self, loss, aux_loss, mode):
+        """TRL's ``loss + router_aux_loss_coef * aux / accumulation_steps`` (train) and its ``aux_loss`` metric."""
+        if aux_loss is None:
+            return loss
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        return loss + self.router_aux_loss_coef * aux_loss / normalizer
+
+    # ------------------------------------------------------------------------------------------------------------
     # the loss
     # ------------------------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
@@ -313,16 +348,19 @@ class GRPOTrainer(TRLGRPOTrainer):
         else:
             scale = 1.0 / self.current_gradient_accumulation_steps if mode == "train" else 1.0
         loss_args = (inputs, mask, advantages, old, mode)
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)  # [B, P + C]
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        forward_inputs = self._forward_inputs(inputs, input_ids, attention_mask, inputs["completion_ids"].shape[1])
         if self.loss_path == "fused_linear":
-            input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)  # [B, P + C]
-            attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-            loss_fn = functools.partial(self._fused_linear_loss, loss_args=loss_args, scale=scale)
+            loss_fn = functools.partial(
+                self._fused_linear_loss, loss_args=loss_args, scale=scale, model_kwargs=forward_inputs
+            )
             with self.accelerator.autocast():
-                out, bonus, entropy_mask = model(
+                out, bonus, entropy_mask, aux_loss = model(
                     input_ids=input_ids, attention_mask=attention_mask, grpo_kernels_loss=loss_fn
                 )
         else:
-            out, bonus, entropy_mask = self._logits_loss(model, *loss_args)
+            out, bonus, entropy_mask, aux_loss = self._logits_loss(model, *loss_args, forward_inputs=forward_inputs)
 
         loss = out.loss * scale
         if self._entropy_bonus_enabled:
@@ -336,13 +374,18 @@ class GRPOTrainer(TRLGRPOTrainer):
             if self.loss_type in _ITEM_NORMALISED_LOSS_TYPES:  # TRL logs the policy loss where it takes it: scaled
                 policy_loss = policy_loss * scale
             self._entropy_bonus_metrics(out.entropy.detach(), mask, entropy_mask, policy_loss, mode)
+        loss = self._add_router_aux_loss(loss, aux_loss, mode)
         self._log_metrics(mode, out, advantages, mask, old, inputs)
         return loss
 
-    def _logits_loss(self, model, inputs, mask, advantages, old, mode):
-        """``(GRPOLossOutput, entropy bonus or None, entropy mask or None)`` from the completion logits."""
+    def _logits_loss(self, model, inputs, mask, advantages, old, mode, forward_inputs):
+        """``(GRPOLossOutput, entropy bonus or None, entropy mask or None, router auxiliary loss or None)`` from the
+        completion logits."""
         completion_ids = inputs["completion_ids"]
-        logits = self._completion_logits(model, inputs)
+        if forward_inputs:
+            logits, aux_loss = self._completion_logits_with_forward_inputs(model, inputs, forward_inputs)
+        else:
+            logits, aux_loss = self._completion_logits(model, inputs), None
 
         def score():  # one more read of the logits, nothing of size [B, C, V] allocated
             return token_logprobs(logits, completion_ids, temperature=self.temperature, return_entropy=True, mask=mask)
@@ -365,21 +408,33 @@ class GRPOTrainer(TRLGRPOTrainer):
         )
         weights = self._entropy_bonus_weights(mask, entropy_mask, mode)
         bonus = None if weights is None else (weights * out.entropy).sum()
-        return out, bonus, entropy_mask
+        return out, bonus, entropy_mask, aux_loss
 
-    def _fused_linear_loss(self, model, input_ids, attention_mask, *, loss_args, scale, **unused):
-        """``(GRPOLossOutput, entropy bonus or None, entropy mask or None)`` from the hidden states and the LM head.
+    def _fused_linear_loss(self, model, input_ids, attention_mask, *, loss_args, scale, model_kwargs, **unused):
+        """``(GRPOLossOutput, entropy bonus or None, entropy mask or None, router auxiliary loss or None)`` from the
+        hidden states and the LM head.
 
         Runs inside the model's forward (see :func:`_route_loss_through_forward`; ``unused``: the None-valued
-        keywords a PEFT wrapper's forward passes on). The bonus goes into the fused op as per-token weights
-        (``entropy_weights``, divided by ``scale`` because the caller multiplies the op's loss by it); the returned
-        bonus is its detached value, for the policy-loss metric.
+        keywords a PEFT wrapper's forward passes on). ``model_kwargs`` go to the backbone (image inputs,
+        ``output_router_logits``: see :meth:`_forward_inputs`); the router auxiliary loss comes from this one
+        backbone run. The bonus goes into the fused op as per-token weights (``entropy_weights``, divided by
+        ``scale`` because the caller multiplies the op's loss by it); the returned bonus is its detached value, for
+        the policy-loss metric.
         """
         inputs, mask, advantages, old, mode = loss_args
         completion_length = inputs["completion_ids"].shape[1]
-        hidden, weight, targets, head = causal_lm_head_inputs(
-            model, input_ids, attention_mask, completion_length, completion_mask=mask
+        hidden, weight, targets, head, backbone_output = causal_lm_head_inputs(
+            model,
+            input_ids,
+            attention_mask,
+            completion_length,
+            completion_mask=mask,
+            model_kwargs=model_kwargs,
+            return_backbone_output=True,
         )
+        aux_loss = None
+        if model_kwargs.get("output_router_logits"):
+            aux_loss = self._router_aux_loss(backbone_output.router_logits, attention_mask)
 
         def score():  # 2 n H V more FLOPs and one tile of logits, no gradient
             return fused_linear_token_logprobs(
@@ -407,7 +462,7 @@ class GRPOTrainer(TRLGRPOTrainer):
                 **self._loss_config(),
             )
         bonus = None if weights is None else (weights * out.entropy.detach()).sum()
-        return out, bonus, entropy_mask
+        return out, bonus, entropy_mask, aux_loss
 
     def _completion_logits(self, model, inputs) -> torch.Tensor:
         """The completion logits ``[B, C, V]``: position t scores completion token t, and no bigger tensor holds them.
@@ -428,6 +483,31 @@ class GRPOTrainer(TRLGRPOTrainer):
                 use_cache=False,
             )
         return outputs.logits
+
+    def _completion_logits_with_forward_inputs(self, model, inputs, forward_inputs):
+        """``(logits [B, C, V], router auxiliary loss or None)`` from one forward on exactly TRL's inputs: the whole
+        prompt + completion with the image inputs (a vision-language model) and, for the router auxiliary loss, the
+        router logits of every token, the last completion token's included (which is why the shortcut of
+        :meth:`_completion_logits` does not apply). ``logits_to_keep`` as the indices of the C positions that predict
+        the completion: the LM head still projects only those, into a fresh aligned ``[B, C, V]`` tensor.
+        """
+        completion_length = inputs["completion_ids"].shape[1]
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)  # [B, L]
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        length = input_ids.shape[1]
+        keep = torch.arange(length - completion_length - 1, length - 1, device=input_ids.device)
+        with self.accelerator.autocast():
+            outputs = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                logits_to_keep=keep,
+                use_cache=False,
+                **forward_inputs,
+            )
+        aux_loss = None
+        if forward_inputs.get("output_router_logits"):
+            aux_loss = self._router_aux_loss(outputs.router_logits, attention_mask)
+        return outputs.logits, aux_loss
 
     def _token_weights(self, score, inputs, mask, advantages, old):
         """TRL's per-token factors of the policy term, which it applies before adding the KL: our ``is_weights``.
