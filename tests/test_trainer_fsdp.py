@@ -29,6 +29,8 @@ SETTINGS = dict(
     num_iterations=2,
     save_every=3,
     rewards=["tests.trainer_helpers:interrupting_reward"],
+    eval_size=9,  # held-out batches of 4: rank 0 runs 2 (5 problems), rank 1 runs 1, so FSDP must not gather per batch
+    eval_batch_size=4,
 )
 
 

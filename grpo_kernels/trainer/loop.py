@@ -610,18 +610,19 @@ class Trainer:
         cfg = self.cfg
         local = self.eval_examples[self.rank :: self.world]
         correct = 0
-        for i in range(0, len(local), cfg.eval_batch_size):
-            part = local[i : i + cfg.eval_batch_size]
-            with self._autocast(), fsdp.full_weights(self.model):  # ranks may run different numbers of batches
-                rollout = generate(
-                    self.model,
-                    self.tokenizer,
-                    [self._prompt_text(e.prompt) for e in part],
-                    num_generations=1,
-                    max_new_tokens=cfg.max_new_tokens,
-                    greedy=True,
-                )
-            correct += sum(answer_score(c, e.answer) == 1.0 for c, e in zip(rollout.completions, part, strict=True))
+        with fsdp.full_weights(self.model):  # gathered once: ranks may run different numbers of batches
+            for i in range(0, len(local), cfg.eval_batch_size):
+                part = local[i : i + cfg.eval_batch_size]
+                with self._autocast():
+                    rollout = generate(
+                        self.model,
+                        self.tokenizer,
+                        [self._prompt_text(e.prompt) for e in part],
+                        num_generations=1,
+                        max_new_tokens=cfg.max_new_tokens,
+                        greedy=True,
+                    )
+                correct += sum(answer_score(c, e.answer) == 1.0 for c, e in zip(rollout.completions, part, strict=True))
         correct, total = self.dist.sum([correct, len(local)])
         record = {
             "step": self.step,
