@@ -29,8 +29,8 @@ needs_deepspeed = pytest.mark.skipif(
     reason="DeepSpeed through accelerate needs a GPU (on CPU: the batch-size mismatch recorded in this file); "
     "unverified here",
 )
-ENGINES = [
-    "ddp",
+ENGINES = [  # about 50 s each on the shared 2-core machine: FSDP2 by default, the rest with -m slow
+    pytest.param("ddp", marks=pytest.mark.slow),
     "fsdp2",
     pytest.param("fsdp2_tied", marks=pytest.mark.slow),
     pytest.param("zero2", marks=[needs_deepspeed, pytest.mark.gpu]),
