@@ -78,7 +78,7 @@ def test_two_process_fsdp_matches_one_process_accumulating(tmp_path):
     print("max |fsdp - single| per tensor:", max(worst.values()))
 
 
-@pytest.mark.slow  # three 2-process runs: about 90 s on the shared 2-core machine
+@pytest.mark.slow  # three 2-process runs: about 120 s on the shared 2-core machine
 def test_fsdp_resumes_exactly_after_sigkill_of_every_process(tmp_path):
     straight = tmp_path / "straight"
     result = _torchrun(straight, grad_accum=2, **SETTINGS)
