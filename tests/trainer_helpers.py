@@ -39,8 +39,8 @@ def interrupting_reward(completions, **kwargs):
     if os.environ.get("GRPO_TEST_INTERRUPT_AT") == str(_calls["n"]):
         raise KeyboardInterrupt
     if os.environ.get("GRPO_TEST_BLOCK_AT") == str(_calls["n"]):
-        with open(os.environ["GRPO_TEST_MARKER"], "w") as f:
-            f.write(str(os.getpid()))
+        with open(os.environ["GRPO_TEST_MARKER"], "a") as f:  # a line per process (torchrun: one per rank)
+            f.write(f"{os.getpid()}\n")
         time.sleep(600)
     return digit_reward(completions, **kwargs)
 

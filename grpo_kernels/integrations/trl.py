@@ -186,10 +186,12 @@ class GRPOTrainer(TRLGRPOTrainer):
         super().__init__(*args, **kwargs)
         check_config(self.args, loss_path)
         self.loss_path, self.loss_path_reason = self._choose_loss_path(loss_path)
+        self._loss_in_head_forward = False
         if self.loss_path == "logits":
             check_config(self.args, "logits")
         else:
             _route_loss_through_forward(self._patched_model())
+            self._loss_in_head_forward = self._route_through_sharded_head()
 
     # ------------------------------------------------------------------------------------------------------------
     # which path
@@ -203,7 +205,7 @@ class GRPOTrainer(TRLGRPOTrainer):
         if requested == "logits":
             logger.info("grpo_kernels GRPOTrainer: the logits path computes the loss (loss_path='logits')")
             return "logits", "loss_path='logits' was asked for"
-        reason = self._fused_linear_unsupported()
+        reason = self._decided_by_rank_zero(self._fused_linear_unsupported())
         if reason is None:
             logger.info(
                 "grpo_kernels GRPOTrainer: the fused-linear path computes the loss (hidden states + LM head; the "
@@ -227,11 +229,9 @@ class GRPOTrainer(TRLGRPOTrainer):
         reads). So the head must be a plain ``nn.Linear`` whose weight is all there, and the model's logits must be
         exactly that projection: checked on a few tokens at construction.
         """
-        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-            return (
-                "it reads the LM head's weight directly, which FSDP and DeepSpeed ZeRO-3 shard; it is not tested "
-                "under FSDP or DeepSpeed"
-            )
+        sharding = self._sharded_engine_unsupported()
+        if sharding is not None:
+            return sharding
         model = self._patched_model()
         head = model.get_output_embeddings()
         if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
@@ -245,6 +245,13 @@ class GRPOTrainer(TRLGRPOTrainer):
             return "the LM head's weight is on the meta device (offloaded)"
         if model.base_model is model:
             return f"{type(model).__name__} has no separate backbone (base_model is the model itself)"
+        if self._sharded_engine() == "deepspeed_zero3":
+            # ZeRO-3 partitions the weights when the model is loaded and gathers them only inside the forwards of
+            # the engine it builds at train time: no forward can run here, so the probe is left out.
+            logger.info(
+                "grpo_kernels GRPOTrainer: DeepSpeed ZeRO-3: the construction-time probe of the logits is skipped"
+            )
+            return None
         return self._probe_fused_linear(model, head)
 
     @torch.no_grad()
@@ -324,6 +331,47 @@ class GRPOTrainer(TRLGRPOTrainer):
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         return loss + self.router_aux_loss_coef * aux_loss / normalizer
+
+    # ------------------------------------------------------------------------------------------------------------
+    # sharded engines: FSDP2 and DeepSpeed ZeRO-3 (see docs/fsdp.md)
+    # ------------------------------------------------------------------------------------------------------------
+    def _sharded_engine(self) -> str | None:
+        """``"fsdp2"``, ``"fsdp1"``, ``"deepspeed_zero3"``, ``"deepspeed"`` (ZeRO 0-2: every weight whole on every
+        rank) or None (a single process, DDP)."""
+        state = self.accelerator.state
+        if getattr(self, "is_fsdp_enabled", False):
+            return "fsdp2" if getattr(state.fsdp_plugin, "fsdp_version", 1) == 2 else "fsdp1"
+        if getattr(self, "is_deepspeed_enabled", False):
+            return "deepspeed_zero3" if state.deepspeed_plugin.zero_stage == 3 else "deepspeed"
+        return None
+
+    def _sharded_engine_unsupported(self) -> str | None:
+        if self._sharded_engine() == "fsdp1":
+            return (
+                "FSDP1 (fsdp_version=1) flattens the LM head's weight into a FlatParameter, so the fused pass "
+                "cannot read it; FSDP2 (fsdp_version=2) and DeepSpeed (every ZeRO stage) are supported"
+            )
+        return None
+
+    def _route_through_sharded_head(self) -> bool:
+        """Under FSDP2 and ZeRO-3 the fused pass runs inside the LM head's forward, where the engine has gathered
+        the head's full weight (FSDP2: the head's own group, or the root group when the head is in it; ZeRO-3: the
+        head's parameters, gathered by its forward pre-hook), and where its backward hooks reduce the gradient."""
+        if self._sharded_engine() not in ("fsdp2", "deepspeed_zero3"):
+            return False
+        _route_loss_through_forward(self._patched_model().get_output_embeddings())
+        return True
+
+    def _decided_by_rank_zero(self, reason: str | None) -> str | None:
+        """Rank 0's ``reason``: every process must take the same path (their models are the same; with
+        FSDP's cpu_ram_efficient_loading only rank 0 holds the weights when the trainer is built)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return reason
+        decided = [reason]
+        dist.broadcast_object_list(decided, src=0)
+        return decided[0]
 
     # ------------------------------------------------------------------------------------------------------------
     # the loss
@@ -435,6 +483,29 @@ class GRPOTrainer(TRLGRPOTrainer):
         aux_loss = None
         if model_kwargs.get("output_router_logits"):
             aux_loss = self._router_aux_loss(backbone_output.router_logits, attention_mask)
+        if self._loss_in_head_forward:  # FSDP2 / ZeRO-3: the head's weight is whole only inside its forward
+            lm_head = model.get_output_embeddings()
+            return lm_head(
+                hidden,
+                grpo_kernels_loss=functools.partial(
+                    self._fused_linear_head_loss,
+                    loss_args=loss_args,
+                    targets=targets,
+                    head=head,
+                    scale=scale,
+                    aux_loss=aux_loss,
+                ),
+            )
+        return self._fused_linear_head_loss(
+            None, hidden, loss_args=loss_args, targets=targets, head=head, scale=scale, weight=weight, aux_loss=aux_loss
+        )
+
+    def _fused_linear_head_loss(self, lm_head, hidden, *, loss_args, targets, head, scale, aux_loss, weight=None):
+        """The fused pass on ``hidden`` and the LM head's weight: ``weight``, or ``lm_head``'s own, read inside its
+        forward (FSDP2, ZeRO-3)."""
+        inputs, mask, advantages, old, mode = loss_args
+        if lm_head is not None:
+            weight, head = lm_head.weight, {**head, "bias": lm_head.bias}
 
         def score():  # 2 n H V more FLOPs and one tile of logits, no gradient
             return fused_linear_token_logprobs(

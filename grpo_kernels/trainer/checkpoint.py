@@ -52,9 +52,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """``state_dict()`` split into safetensors-storable tensors (``"<param>.<key>"``) and JSON (the rest)."""
-    sd = optimizer.state_dict()
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """``state_dict()`` (of an optimizer, or the dict itself) split into safetensors-storable tensors
+    (``"<param>.<key>"``) and JSON (the rest)."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for param, state in sd["state"].items():
         for key, value in state.items():

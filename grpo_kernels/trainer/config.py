@@ -142,6 +142,11 @@ class TrainConfig(_LossKnobs):
         "metrics, curves and final model)",
     )
     device: str = _opt("auto", "auto (CUDA when available), cpu or cuda")
+    fsdp: bool = _opt(
+        False,
+        "under torchrun, shard the policy with FSDP2 (fully_shard per decoder layer and the root) instead of DDP; "
+        "bf16 mixed precision on CUDA with --bf16",
+    )
     bf16: bool = _opt(True, "bf16 autocast on CUDA (ignored on CPU)")
     progress: bool = _opt(True, "progress bar")
     plot: bool = _opt(True, "write curves.png at the end")
@@ -207,6 +212,8 @@ def _check_options(cfg: TrainConfig) -> None:
         raise ValueError(f"--lora-alpha must be > 0, got {cfg.lora_alpha}")
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise ValueError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.fsdp and cfg.lora_r:
+        raise ValueError("--fsdp cannot be used with --lora-r (the adapters are not sharded); use DDP for LoRA")
     if cfg.lora_r and cfg.ref_sync_every:
         raise ValueError(
             "--ref-sync-every cannot be used with --lora-r: the reference is the base model with the "

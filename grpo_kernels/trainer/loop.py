@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ..api import group_advantages, grpo_loss, token_logprobs
 from ..config import KNOBS
+from . import fsdp
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -153,6 +154,8 @@ class Trainer:
                 raise ValueError(
                     f"--{name} {size} must be divisible by world size x --grad-accum = {self.world} x {cfg.grad_accum}"
                 )
+        if cfg.fsdp and self.world == 1:
+            raise ValueError("--fsdp shards the model over torchrun's processes: run it with --nproc_per_node >= 2")
         self.out = Path(cfg.output_dir)
         self.checkpoints = self.out / "checkpoints"
         seed_everything(cfg.seed)  # the same initial weights on every rank
@@ -162,7 +165,10 @@ class Trainer:
         # eval(): no dropout, during training too (as TRL does), so the log-probs of a batch do not depend on noise.
         self.model = model.to(self.device).eval()
         self.policy = self.model
-        if self.world > 1:
+        self.fsdp_bf16 = cfg.fsdp and self.device.type == "cuda" and cfg.bf16  # FSDP2 mixed precision: CUDA only
+        if cfg.fsdp:
+            fsdp.shard(self.model, bf16=self.fsdp_bf16)  # in place: self.model is the sharded module
+        elif self.world > 1:
             ids = [self.device] if self.device.type == "cuda" else None
             self.policy = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
@@ -317,6 +323,8 @@ class Trainer:
             if self.world > 1:
                 ids = [self.device] if self.device.type == "cuda" else None
                 self.policy = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        elif self.uses_reference and cfg.fsdp:
+            self.ref_model = fsdp.reference_copy(self.model, bf16=self.fsdp_bf16)
         elif self.uses_reference:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
 
@@ -370,7 +378,8 @@ class Trainer:
         if self.lora:
             with self.model.disable_adapter():
                 return self._logprobs(self.model, batch)
-        return self._logprobs(self.ref_model, batch)
+        with fsdp.full_weights(self.ref_model):
+            return self._logprobs(self.ref_model, batch)
 
     @torch.no_grad()
     def _ref_logits(self, batch: Rollout) -> Tensor:
@@ -378,7 +387,8 @@ class Trainer:
         if self.lora:
             with self.model.disable_adapter():
                 return self._completion_logits(self.model, batch)
-        return self._completion_logits(self.ref_model, batch)
+        with fsdp.full_weights(self.ref_model):
+            return self._completion_logits(self.ref_model, batch)
 
     @torch.no_grad()
     def _sync_reference(self, optimizer_step: int) -> bool:
@@ -402,12 +412,17 @@ class Trainer:
         return float(scaled.detach())
 
     def _sync(self, last_micro_batch: bool):
-        """DDP all-reduces the gradients only on the last micro-batch of an optimizer step."""
-        return nullcontext() if last_micro_batch or self.world == 1 else self.policy.no_sync()
+        """DDP all-reduces the gradients only on the last micro-batch of an optimizer step; FSDP reduce-scatters
+        on every one (its gradients stay sharded: see fsdp.py)."""
+        if last_micro_batch or self.world == 1 or self.cfg.fsdp:
+            return nullcontext()
+        return self.policy.no_sync()
 
     def _optimizer_step(self) -> float:
         limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self._trainable(), limit)
+        if fsdp.is_sharded(norm):  # a replicated DTensor: every rank holds the global norm
+            norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -454,7 +469,7 @@ class Trainer:
         torch.manual_seed(derived_seed(cfg.seed, self.step, micro_index))
         prompts = [self._prompt_text(e.prompt) for e in examples]
         start = time.perf_counter()
-        with self._autocast():
+        with self._autocast(), fsdp.full_weights(self.model):
             rollout = generate(
                 self.model,
                 self.tokenizer,
@@ -487,13 +502,15 @@ class Trainer:
             backend=cfg.backend,
             return_stats=True,
         )
+        with fsdp.full_weights(self.model if cfg.num_iterations > 1 else None):
+            old_logprobs = self._logprobs(self.model, rollout) if cfg.num_iterations > 1 else None
         return GroupBatch(
             rollout=rollout,
             rewards=rewards,
             advantages=adv.advantages.float(),
             group_std=adv.group_std,
             frac_zero_std=float(adv.frac_zero_std),
-            old_logprobs=self._logprobs(self.model, rollout) if cfg.num_iterations > 1 else None,
+            old_logprobs=old_logprobs,
             ref_logprobs=self._ref_logprobs(rollout) if self.uses_reference and not self.exact_kl else None,
             correct=[answer_score(c, a) == 1.0 for c, a in zip(rollout.completions, answers, strict=True)],
             generation_time=generation_time,
@@ -607,18 +624,19 @@ class Trainer:
         cfg = self.cfg
         local = self.eval_examples[self.rank :: self.world]
         correct = 0
-        for i in range(0, len(local), cfg.eval_batch_size):
-            part = local[i : i + cfg.eval_batch_size]
-            with self._autocast():
-                rollout = generate(
-                    self.model,
-                    self.tokenizer,
-                    [self._prompt_text(e.prompt) for e in part],
-                    num_generations=1,
-                    max_new_tokens=cfg.max_new_tokens,
-                    greedy=True,
-                )
-            correct += sum(answer_score(c, e.answer) == 1.0 for c, e in zip(rollout.completions, part, strict=True))
+        with fsdp.full_weights(self.model):  # gathered once: ranks may run different numbers of batches
+            for i in range(0, len(local), cfg.eval_batch_size):
+                part = local[i : i + cfg.eval_batch_size]
+                with self._autocast():
+                    rollout = generate(
+                        self.model,
+                        self.tokenizer,
+                        [self._prompt_text(e.prompt) for e in part],
+                        num_generations=1,
+                        max_new_tokens=cfg.max_new_tokens,
+                        greedy=True,
+                    )
+                correct += sum(answer_score(c, e.answer) == 1.0 for c, e in zip(rollout.completions, part, strict=True))
         correct, total = self.dist.sum([correct, len(local)])
         record = {
             "step": self.step,
@@ -635,8 +653,14 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         states = self.dist.gather_objects(rng)
+        gathered = {}  # --fsdp: every rank gathers the shards (collectives), rank 0 writes the full tensors
+        if self.cfg.fsdp:
+            gathered["model"] = fsdp.unique_tensors(fsdp.full_state_dict(self.model))
+            if self.ref_model is not None:
+                gathered["ref_model"] = fsdp.unique_tensors(fsdp.full_state_dict(self.ref_model))
+            gathered["optimizer"] = fsdp.full_optimizer_state(self.optimizer)
         if self.dist.main:
-            optimizer_tensors, optimizer_meta = optimizer_to_tensors(self.optimizer)
+            optimizer_tensors, optimizer_meta = optimizer_to_tensors(gathered.pop("optimizer", self.optimizer))
             rng_tensors = {f"rank{r}.{k}": s[k] for r, s in enumerate(states) for k in ("torch", "cuda") if k in s}
             state = {
                 "step": self.step,
@@ -649,7 +673,9 @@ class Trainer:
             }
             models = {"ref_model": self.ref_model} if self.ref_model is not None else {}
             tensors = {"optimizer": optimizer_tensors, "rng": rng_tensors}
-            if self.lora and self._base_on_disk:
+            if gathered:  # the sharded model and reference, gathered
+                models, tensors = {}, {**tensors, **gathered}
+            elif self.lora and self._base_on_disk:
                 tensors["adapter"] = adapter_state(self.model)
             else:
                 models["model"] = self.model
@@ -670,6 +696,9 @@ class Trainer:
         changed = sorted(k for k, v in state["config"].items() if k != "resume" and getattr(self.cfg, k, v) != v)
         if changed and self.dist.main:
             print(f"grpo-train: resuming {path} with changed settings: {', '.join(changed)}")
+        if state["config"].get("fsdp", False) != self.cfg.fsdp:
+            written = "with" if state["config"].get("fsdp", False) else "without"
+            raise CheckpointError(f"checkpoint {str(path)!r} was written {written} --fsdp; resume it the same way")
         self.step, self.evals = state["step"], state["evals"]
         if self.step < self.total_steps:  # a finished run resumed with more --steps: it ends somewhere else now
             self.evals.pop("after_grpo", None)
@@ -681,17 +710,25 @@ class Trainer:
                     f"resume it with the same (got {self.cfg.lora_r})"
                 )
             self._enter_grpo()
-        if "model" in files:
+        if "model" in files and self.cfg.fsdp:
+            fsdp.load_full_state_dict(self.model, load_file(str(files["model"])), where)
+        elif "model" in files:
             load_model(self.model, str(files["model"]), device=str(self.device))
         else:
             load_adapter_state(self.model, load_file(str(files["adapter"]), device=str(self.device)), where)
         if self.ref_model is not None:
             if "ref_model" not in files:
                 raise CheckpointError(f"{where} has no ref_model.safetensors but --beta > 0")
-            load_model(self.ref_model, str(files["ref_model"]), device=str(self.device))
+            if self.cfg.fsdp:
+                fsdp.load_full_state_dict(self.ref_model, load_file(str(files["ref_model"])), where)
+            else:
+                load_model(self.ref_model, str(files["ref_model"]), device=str(self.device))
         # The optimizer of the last completed step's phase; at the warm-up/GRPO boundary _begin_grpo replaces it.
         self.optimizer = self._optimizer(warm_up=self.step <= self.cfg.sft_steps)
-        self.optimizer.load_state_dict(optimizer_from_tensors(load_file(str(files["optimizer"])), state["optimizer"]))
+        optimizer_state = optimizer_from_tensors(load_file(str(files["optimizer"])), state["optimizer"])
+        if self.cfg.fsdp:
+            optimizer_state = fsdp.shard_optimizer_state(self.optimizer, optimizer_state)
+        self.optimizer.load_state_dict(optimizer_state)
         rng = load_file(str(files["rng"]))
         torch.set_rng_state(rng[f"rank{self.rank}.torch"])
         if self.device.type == "cuda" and f"rank{self.rank}.cuda" in rng:
@@ -746,12 +783,13 @@ class Trainer:
             "trainable_parameters": trainable,
             "parameters": total,
         }
+        full = fsdp.full_state_dict(self.model) if self.cfg.fsdp else None  # collective: before rank 0 alone
         if self.dist.main:
             final = self.out / "final"
             if self.lora:
                 save_final(self.model, final, self.cfg.model if self._base_on_disk else None)
             else:
-                self.model.save_pretrained(final)
+                self.model.save_pretrained(final, state_dict=full)
             self.tokenizer.save_pretrained(final)
             metrics = self.out / "metrics.jsonl"
             if self.cfg.plot and metrics.exists():

@@ -76,7 +76,13 @@ def generate(
         eos_token_id=eos,
         **sampling,
     )
-    sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    # An FSDP-sharded model: transformers turns synced_gpus on for it (one all-reduce per token until every rank has
+    # finished), which pairs up only if every rank calls generate equally often. The trainer generates on gathered
+    # weights (fsdp.full_weights), so no rank needs the others: off.
+    from torch.distributed.fsdp import FSDPModule
+
+    unsynced = {"synced_gpus": False} if isinstance(model, FSDPModule) else {}
+    sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, **unsynced)
     prompt_length = prompt_ids.shape[1]
     completion = sequences[:, prompt_length:]  # [B, C], C <= max_new_tokens (generate stops when all rows ended)
 
