@@ -23,10 +23,10 @@ Bytes communicated per forward (payload of each collective)::
 
     layout   ALL-GATHER  2 int64 per rank (16 B; plain tensors only: a DTensor carries its layout)
     MAX      [N]         4 N   (float32 partials; 8 N for float64 logits)
-    SUM      [2|3, N]    16 N (lp only) or 24 N (with the entropy), float64: combined without a float32 rounding
+    SUM      [2|3, N]    8 N (lp only) or 12 N (with the entropy)
     backward             nothing
-    N = 16384: 64 KiB + 384 KiB = 448 KiB of all-reduce payload; a ring all-reduce sends (and receives)
-               2 (P - 1) / P of it per rank: 784 KiB per rank for P = 8 (all-gathering the bf16 logits instead:
+    N = 16384: 64 KiB + 192 KiB = 256 KiB of all-reduce payload; a ring all-reduce sends (and receives)
+               2 (P - 1) / P of it per rank: 448 KiB per rank for P = 8 (all-gathering the bf16 logits instead:
                16384 * 151936 * 2 B = 4.6 GiB). :func:`communication` computes these; :data:`TRAFFIC` counts them.
 
 The fused-linear form (hidden states + an LM-head shard ``[V_local, H]``) adds, when ``hidden`` needs a gradient, one
@@ -217,7 +217,7 @@ def communication(n: int, world: int, *, with_entropy: bool = True, itemsize: in
     ranks, ``itemsize`` 4 (8 for float64 logits); ``hidden_size`` > 0 for the fused-linear form whose hidden states
     need a gradient (``n`` = the tokens that take part there). ``payload`` is what each all-reduce carries; a ring
     all-reduce sends (and receives) ``2 (world - 1) / world`` of it per rank. The backward sends nothing."""
-    payloads = [n * itemsize, (3 if with_entropy else 2) * n * 8]  # MAX in the partials' dtype, SUM in float64
+    payloads = [n * itemsize, (3 if with_entropy else 2) * n * itemsize]  # MAX, SUM
     if hidden_size:
         payloads.append(n * hidden_size * 4)  # d loss / d hidden, float32
     payload = sum(payloads)
@@ -230,15 +230,16 @@ def communication(n: int, world: int, *, with_entropy: bool = True, itemsize: in
 
 
 def memory_per_rank(n: int, vocab: int, world: int, *, itemsize: int = 2, inplace_backward: bool = False) -> dict:
-    """Bytes a rank holds for the logits path (the largest shard of an uneven split): its logits shard, its
-    gradient (0 with ``inplace_backward``) and the ``[N]`` float32 vectors of the combine and the loss (about 20)."""
+    """Bytes a rank holds for the logits path (the largest shard of an uneven split ``ceil(V / world)``): its logits
+    shard, its gradient (0 with ``inplace_backward``), and one ``[N]`` float32 vector (the combine and the loss math
+    hold a few tens of them, float64 ones counting twice), against the single-process logits."""
     local = -(-vocab // world)
     shard = n * local * itemsize
     return {
         "vocab_local": local,
         "logits_shard_bytes": shard,
         "grad_shard_bytes": 0 if inplace_backward else shard,
-        "vectors_bytes": 20 * n * 4,
+        "vector_bytes": n * 4,
         "single_process_logits_bytes": n * vocab * itemsize,
     }
 
@@ -248,10 +249,10 @@ def memory_per_rank(n: int, vocab: int, world: int, *, itemsize: int = 2, inplac
 # ----------------------------------------------------------------------------------------------------------------
 def combine(lp_r: Tensor, lse_r: Tensor, h_r: Tensor, ids: Tensor, shard: VocabShard, with_entropy: bool):
     """Global ``(lp, lse, H)`` ``[N]`` from this shard's partials (``ids`` local; ``H`` ``[0]`` unless
-    ``with_entropy``). Collectives: MAX of ``[N]`` in the partials' dtype, SUM of ``[2, N]`` (``[3, N]`` with the
-    entropy) in float64: the sums and ``t`` are formed and combined in float64 and rounded once at the end, so that
-    the result is within about one float32 rounding of the single-process kernel's (float32 on the wire measured
-    2.4e-6 relative on the loss)."""
+    ``with_entropy``). Collectives: MAX of ``[N]``, SUM of ``[2, N]`` (``[3, N]`` with the entropy), both in the
+    partials' dtype (float32; float64 for float64 logits). The arithmetic around them is float64 (``[N]`` vectors,
+    free); a float64 SUM on the wire was measured to change nothing (the difference from the single-process result is
+    the float32 rounding of each shard's ``lse_r``, about one ulp of the log-sum-exp), so it is not paid for."""
     valid = ids >= 0
     owner = valid & (ids < shard.local)
     top = lse_r.clone()
@@ -261,8 +262,9 @@ def combine(lp_r: Tensor, lse_r: Tensor, h_r: Tensor, ids: Tensor, shard: VocabS
     pieces = [e, torch.where(owner, lp_r.double() + shifted, 0.0)]  # t = u_y - M, from the owner
     if with_entropy:
         pieces.append(torch.where(e > 0, e * (shifted - h_r.double()), 0.0))  # e_r (lse_r - M - H_r)
-    packed = torch.stack(pieces)
-    _all_reduce(packed, dist.ReduceOp.SUM, shard.group)  # 16 N or 24 N bytes (float64)
+    packed = torch.stack(pieces).to(lse_r.dtype)
+    _all_reduce(packed, dist.ReduceOp.SUM, shard.group)  # 8 N or 12 N bytes (float32 partials)
+    packed = packed.double()
     log_s = torch.log(packed[0])
     acc = lse_r.dtype
     zero = torch.zeros((), dtype=acc, device=lse_r.device)

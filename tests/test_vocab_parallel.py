@@ -446,10 +446,10 @@ def test_vocab_parallel_matches_single_process(tmp_path):
         failures = [f"{world} ranks, rank {r}: {msg}" for r, res in enumerate(results) for msg in res["failures"]]
         assert not failures, "\n".join(failures)
         stats = {k: max(res["stats"].get(k, 0.0) for res in results) for k in results[0]["stats"]}
-        print(f"{world} ranks: largest relative deviation from the single-process result:", stats)
         # every case ran on every rank (the combinations LossConfig refuses are skipped identically)
         counts = {res["checked"] for res in results}
-        assert len(counts) == 1 and counts.pop() >= 70, [res["checked"] for res in results]
+        assert len(counts) == 1 and min(counts) >= 70, [res["checked"] for res in results]
+        print(f"{world} ranks, {min(counts)} cases; largest relative deviation from the single-process result:", stats)
 
 
 def test_vocab_parallel_bad_arguments_without_a_process_group():
