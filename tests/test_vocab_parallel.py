@@ -180,6 +180,24 @@ def _loss_case(rank, group, sizes, starts, backend, dtype, packed, tol, knobs, w
     return 1
 
 
+def _inplace_case(rank, group, sizes, starts):
+    """``inplace_backward=True`` on a shard: the gradient written over the shard's buffer equals the new-buffer one."""
+    x = _inputs(9, torch.float32, packed=False)
+    s, e = _shard(rank, sizes, starts)
+    vs = None if starts is None else s
+    kw = dict(mask=x["mask"], old_logprobs=x["old"], ref_logprobs=x["ref"], beta=0.04, return_entropy=True)
+    grads = []
+    for inplace in (False, True):
+        leaf = x["z"][..., s:e].clone().requires_grad_()
+        out = gk.grpo_loss(
+            leaf * 1.0, x["ids"], x["adv"], inplace_backward=inplace, vocab_parallel_group=group, vocab_start=vs, **kw
+        )
+        (out.loss + out.entropy.sum()).backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1]), (grads[0] - grads[1]).abs().max()
+    return 1
+
+
 def _logprob_run(z, x, backend, temperature, sl=slice(None), **shard):
     leaf = z.clone().requires_grad_()
     lp, h = gk.token_logprobs(
@@ -371,6 +389,7 @@ def _cases(rank, world, group):
         knobs = dict(loss_type="dapo", beta=0.04, bias_corrected_kl=True)
         case = partial(_loss_case, *shard, "torch", f32, False, 1e-6, knobs, with_is=True, temperature=0.7)
         out.append((f"loss {tag} is_weights temperature", case))
+        out.append((f"loss {tag} inplace_backward", partial(_inplace_case, *shard)))
         for tau in (1.0, 0.6):
             out.append((f"logprobs {tag} tau={tau}", partial(_logprob_case, *shard, "torch", f32, 1e-6, tau)))
         for knobs, coef in (
