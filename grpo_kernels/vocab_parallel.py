@@ -79,7 +79,7 @@ class VocabShard(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the shard: from a DTensor, or from (group, vocab_start) with the layout all-gathered once
+# the shard: from a DTensor, or from (group, vocab_start) with the layout all-gathered at each call
 # ----------------------------------------------------------------------------------------------------------------
 def is_dtensor(x) -> bool:
     try:
