@@ -13,6 +13,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+from . import vocab_parallel
 from ._inputs import (
     GRPOLossOutput,
     as_3d,
@@ -49,6 +50,8 @@ def token_logprobs(
     mask: Tensor | None = None,
     backend: str = "auto",
     ignore_index: int = -100,
+    vocab_parallel_group=None,
+    vocab_start: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token log-probabilities (and entropy) of ``token_ids`` under ``softmax(logits / temperature)``.
 
@@ -64,22 +67,41 @@ def token_logprobs(
         mask: optional ``[B, T]`` / ``[N]``; positions where ``mask == 0`` (or id == ``ignore_index``) are not
             computed: their outputs are 0 and their gradient rows are 0.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        vocab_parallel_group: a ``torch.distributed.ProcessGroup`` over which the vocabulary is split: ``logits``
+            is then this rank's shard ``[..., V_local]`` and ``token_ids`` stay global ids in ``[0, V)``
+            (docs/distributed.md). A DTensor sharded on its last dimension needs neither this nor ``vocab_start``.
+        vocab_start: global id of the shard's first column; default: after the shards of the lower group ranks
+            (``rank * V_local`` for even shards). Given on every rank of the group or on none.
 
     Returns:
         ``lp`` float32 with the shape of ``token_ids``, differentiable w.r.t. ``logits``; with
-        ``return_entropy=True``, ``(lp, H)``, both differentiable.
+        ``return_entropy=True``, ``(lp, H)``, both differentiable. With a vocabulary shard, the global values
+        (the same on every rank), differentiable w.r.t. the shard.
     """
+    shard = None
+    if vocab_parallel.wanted(logits, vocab_parallel_group, vocab_start):
+        logits, shard = vocab_parallel.resolve(logits, vocab_parallel_group, vocab_start)
     check_logits(logits)
     device = logits.device
     check_token_ids(token_ids, logits.shape[:-1], device, "logits")
     check_mask(mask, token_ids, device, "logits")
     check_number("temperature", temperature, low=0, low_inclusive=False)
-    name = resolve_backend(backend, device, float64=logits.dtype == torch.float64)
-
-    ids = kernel_token_ids(token_ids, mask, ignore_index, logits.shape[-1])
-    lp, _, entropy = logprobs_op.token_logprobs(
-        as_3d(logits), ids, temperature=temperature, with_entropy=bool(return_entropy), backend=name
+    float64 = logits.dtype == torch.float64
+    name = (
+        resolve_backend(backend, device, float64=float64)
+        if shard is None
+        else vocab_parallel.shard_backend(backend, device, float64)
     )
+
+    ids = kernel_token_ids(token_ids, mask, ignore_index, logits.shape[-1] if shard is None else shard.vocab)
+    if shard is None:
+        lp, _, entropy = logprobs_op.token_logprobs(
+            as_3d(logits), ids, temperature=temperature, with_entropy=bool(return_entropy), backend=name
+        )
+    else:
+        lp, entropy = vocab_parallel.token_logprobs(
+            logits, ids, shard, temperature=temperature, with_entropy=bool(return_entropy), backend=name
+        )
     lp = poison(lp, token_ids, ids, mask, ignore_index).view(token_ids.shape)
     if return_entropy:
         return lp, poison(entropy, token_ids, ids, mask, ignore_index).view(token_ids.shape)
@@ -220,6 +242,8 @@ def grpo_loss(
     backend: str = "auto",
     cu_seqlens: Tensor | None = None,
     ignore_index: int = -100,
+    vocab_parallel_group=None,
+    vocab_start: int | None = None,
     **knobs,
 ) -> GRPOLossOutput:
     """The GRPO policy loss from logits, fused: log-probs, ratio, clipping, KL and aggregation in one op.
@@ -283,6 +307,10 @@ def grpo_loss(
         cu_seqlens: ``[S+1]`` sequence offsets for packed ``[N, V]`` logits.
         sapo_temperature_pos / sapo_temperature_neg: SAPO's temperatures (TRL defaults 1.0 / 1.05).
         ignore_index: token id that marks a position as not taking part (default -100).
+        vocab_parallel_group, vocab_start: ``logits`` is this rank's vocabulary shard, as in :func:`token_logprobs`
+            (or a DTensor sharded on its last dimension); the loss, every metric and the per-token outputs are the
+            global ones, the same on every rank, and the gradient is this shard's. Forward: 2 all-reduces of
+            ``[N]``-sized vectors; backward: none (docs/distributed.md). Not with ``grad_in_forward``.
 
     Returns:
         :class:`GRPOLossOutput`.
@@ -306,6 +334,8 @@ def grpo_loss(
         loss_scale=loss_scale,
         backend=backend,
         ignore_index=ignore_index,
+        vocab_parallel_group=vocab_parallel_group,
+        vocab_start=vocab_start,
     )
 
 
@@ -331,8 +361,16 @@ def _grpo_loss(
     loss_scale,
     backend,
     ignore_index,
+    vocab_parallel_group=None,
+    vocab_start=None,
 ) -> GRPOLossOutput:
     """:func:`grpo_loss` once its configuration is built (:class:`GRPOLoss` builds it once, at construction)."""
+    shard = None
+    if vocab_parallel.wanted(logits, vocab_parallel_group, vocab_start):
+        logits, shard = vocab_parallel.resolve(logits, vocab_parallel_group, vocab_start)
+        if grad_in_forward:
+            raise ValueError("grad_in_forward=True is not supported with a vocabulary shard (vocab_parallel_group)")
+        backend = vocab_parallel.shard_backend(backend, logits.device, logits.dtype == torch.float64)
     check_logits(logits)
     base = logits._base if logits._base is not None else logits
     if inplace_backward and logits.requires_grad and (logits.is_leaf or (base.is_leaf and base.requires_grad)):
@@ -353,7 +391,7 @@ def _grpo_loss(
     inputs = prepare_loss_inputs(
         "logits",
         logits.shape[:-1],
-        logits.shape[-1],
+        logits.shape[-1] if shard is None else shard.vocab,
         logits.device,
         logits.dtype == torch.float64,
         token_ids,
@@ -370,6 +408,16 @@ def _grpo_loss(
     )
     inplace = bool(inplace_backward and logits.requires_grad)
     call = dict(batch=inputs.batch, config=config, with_entropy=bool(return_entropy), backend=inputs.backend)
+    if shard is not None:
+        if ref_logits is not None:
+            raise NotImplementedError(
+                "ref_logits (kl_estimator='exact') with vocab_parallel_group=: the exact KL over a vocabulary shard "
+                "is not implemented; use a sampled kl_estimator (k1/k2/k3/low_var_kl) with ref_logprobs"
+            )
+        out = vocab_parallel.grpo_loss(logits, shard=shard, inplace=inplace, **call)
+        loss, lp, entropy, per_token_loss, kl, flags = out
+        entropy = entropy if return_entropy else None
+        return loss_output(inputs, token_ids, mask, ignore_index, loss, lp, entropy, per_token_loss, kl, flags)
     if ref_logits is not None:
         out = grpo_loss_op.grpo_loss_exact_kl(as_3d(logits), as_3d(ref_logits), inplace_backward=inplace, **call)[:8]
     elif grad_in_forward and logits.requires_grad and torch.is_grad_enabled():
@@ -453,6 +501,8 @@ class GRPOLoss(ConfiguredLoss):
         is_weights: Tensor | None = None,
         num_items_in_batch: int | float | Tensor | None = None,
         cu_seqlens: Tensor | None = None,
+        vocab_parallel_group=None,
+        vocab_start: int | None = None,
     ) -> GRPOLossOutput:
         return _grpo_loss(
             logits,
@@ -466,6 +516,8 @@ class GRPOLoss(ConfiguredLoss):
             is_weights=is_weights,
             num_items_in_batch=num_items_in_batch,
             cu_seqlens=cu_seqlens,
+            vocab_parallel_group=vocab_parallel_group,
+            vocab_start=vocab_start,
             **self.options,
         )
 

@@ -623,3 +623,35 @@ def test_grpo_train_cli_kl_estimator_exact_logs_the_kl(tmp_path):
     assert main(args) == 0
     kls = [r["kl"] for r in read_metrics(out / "metrics.jsonl") if "kl" in r]
     assert len(kls) == 3 and abs(kls[0]) < 1e-6 and kls[-1] > 0
+
+
+def test_exact_kl_on_a_vocabulary_shard_is_refused(tmp_path):
+    """The exact KL is not implemented over a vocabulary shard: both entry points say so (a one-rank gloo group)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        b, t, v, h = 2, 3, 11, 4
+        logits = torch.randn(b, t, v)
+        ids = torch.randint(0, v, (b, t))
+        adv = torch.randn(b)
+        with pytest.raises(NotImplementedError, match="ref_logits.*vocab_parallel_group"):
+            grpo_loss(
+                logits, ids, adv, kl_estimator="exact", beta=0.04, ref_logits=logits.clone(), vocab_parallel_group=group
+            )
+        hidden, weight = torch.randn(b, t, h), torch.randn(v, h)
+        with pytest.raises(NotImplementedError, match="ref_hidden.*vocab_parallel_group"):
+            fused_linear_grpo_loss(
+                hidden,
+                weight,
+                ids,
+                adv,
+                kl_estimator="exact",
+                beta=0.04,
+                ref_hidden=hidden.clone(),
+                ref_weight=weight.clone(),
+                vocab_parallel_group=group,
+            )
+    finally:
+        dist.destroy_process_group()

@@ -146,7 +146,9 @@ def test_every_grpo_loss_knob_is_a_flag():
         "cu_seqlens",
         "ignore_index",
         "loss_scale",
-    }  # loss_scale: computed per step
+        "vocab_parallel_group",
+        "vocab_start",
+    }  # loss_scale: computed per step; vocab_parallel_group / vocab_start: where the logits are, not loss math
     knobs = set(inspect.signature(grpo_kernels.grpo_loss).parameters) - per_batch
     assert knobs == set(LOSS_KNOBS) | {"return_entropy", "max_completion_length"}  # --entropy, --max-new-tokens
     assert set(LOSS_KNOBS) <= {f.name for f in dataclasses.fields(TrainConfig)}

@@ -17,8 +17,10 @@ class Backend:
 
     ``logits`` always arrives 3-D ``[B, T, V]`` (``N = B * T``) with unit stride along V and any strides along B
     and T (a sliced ``logits[:, :-1]`` is not copied). ``token_ids`` is ``[N]`` int64 with ``-1`` where a
-    position does not take part (such rows are never read and produce 0). Outputs are float32 (float64 where a
-    backend supports float64 logits).
+    position does not take part (such rows are never read and produce 0), and ``V`` (the row length) where the
+    row's target lies in another vocabulary shard (:mod:`grpo_kernels.vocab_parallel`): the row is read as usual,
+    ``lp = -lse`` (the target logit taken as 0) and its gradient has no ``1[v = y]`` term. Outputs are float32
+    (float64 where a backend supports float64 logits).
 
     Required: :meth:`unavailable_reason`, :meth:`token_logprobs_forward`, :meth:`token_logprobs_backward`,
     :meth:`grpo_loss_forward`, :meth:`group_advantages`. Optional (a default here that is correct on every backend,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import vocab_parallel
 from .._inputs import (
     LOGITS_DTYPES,
     GRPOLossOutput,
@@ -147,6 +148,8 @@ def fused_linear_grpo_loss(
     logit_softcap: float | None = None,
     logit_scale: float = 1.0,
     chunk_tokens: int | None = None,
+    vocab_parallel_group=None,
+    vocab_start: int | None = None,
     **knobs,
 ) -> GRPOLossOutput:
     """:func:`grpo_kernels.grpo_loss` of ``logits = softcap(logit_scale * (hidden @ weight.T + bias))``, without
@@ -182,6 +185,12 @@ def fused_linear_grpo_loss(
             ``1 / logits_scaling``), > 0.
         chunk_tokens: tokens per tile; default :func:`default_chunk_tokens` (one tile of logits ~ 512 MiB).
         backend: which backend runs the per-tile loss and gradient passes: "auto", "torch", "triton" or "cuda".
+        vocab_parallel_group, vocab_start: ``weight`` (and ``bias``) is this rank's vocabulary shard ``[V_local, H]``
+            of the head, over that ``torch.distributed.ProcessGroup``, as in :func:`grpo_kernels.token_logprobs`;
+            ``hidden`` and ``token_ids`` (global ids) are the same on every rank. The loss and metrics are the
+            global ones; ``weight`` / ``bias`` get this shard's gradient and ``hidden`` the full one (its shares are
+            all-reduced in the forward, as a column-parallel head does). Two passes over the tiles
+            (docs/distributed.md).
 
     Compute dtype: autocast's dtype when autocast is on, else ``promote_types(hidden.dtype, weight.dtype)``; the
     matmuls accumulate in float32, ``dW`` and ``db`` are accumulated across tiles in float32 and returned in the
@@ -216,6 +225,8 @@ def fused_linear_grpo_loss(
         logit_softcap=logit_softcap,
         logit_scale=logit_scale,
         chunk_tokens=chunk_tokens,
+        vocab_parallel_group=vocab_parallel_group,
+        vocab_start=vocab_start,
     )
 
 
@@ -247,11 +258,21 @@ def _fused_linear_grpo_loss(
     logit_softcap,
     logit_scale,
     chunk_tokens,
+    vocab_parallel_group=None,
+    vocab_start=None,
 ) -> GRPOLossOutput:
     """:func:`fused_linear_grpo_loss` once its configuration is built."""
+    shard = None
+    if vocab_parallel_group is not None or vocab_start is not None:
+        weight, shard = vocab_parallel.resolve(weight, vocab_parallel_group, vocab_start, name="weight")
     _check_head(hidden, weight, bias, logit_softcap, logit_scale, chunk_tokens)
     entropy_coef = check_number("entropy_coef", entropy_coef)
     ref_hidden, ref_weight, ref_bias = _check_reference(config, hidden, weight, ref_hidden, ref_weight, ref_bias)
+    if shard is not None and ref_hidden is not None:
+        raise NotImplementedError(
+            "ref_hidden / ref_weight (kl_estimator='exact') with vocab_parallel_group=: the exact KL over a vocabulary "
+            "shard is not implemented; use a sampled kl_estimator (k1/k2/k3/low_var_kl) with ref_logprobs"
+        )
     ref_dtype = None if ref_hidden is None else compute_dtype(ref_hidden, ref_weight)
     if ref_dtype is not None and (ref_dtype == torch.float64) != (compute_dtype(hidden, weight) == torch.float64):
         raise TypeError(
@@ -264,10 +285,12 @@ def _fused_linear_grpo_loss(
         check_float("entropy_weights", entropy_weights)
         check_same_shape("entropy_weights", entropy_weights, token_ids.shape, "token_ids")
         entropy_weights = entropy_weights.detach().reshape(-1).to(acc_dtype(head["dtype"]))
+    if shard is not None:
+        backend = vocab_parallel.shard_backend(backend, hidden.device, head["dtype"] == torch.float64)
     inputs = prepare_loss_inputs(
         "hidden",
         hidden.shape[:-1],
-        weight.shape[0],
+        weight.shape[0] if shard is None else shard.vocab,
         hidden.device,
         head["dtype"] == torch.float64,
         token_ids,
@@ -285,6 +308,22 @@ def _fused_linear_grpo_loss(
     grad = torch.is_grad_enabled()
     needs = [grad and x is not None and x.requires_grad for x in (hidden, weight, bias)]
     with_entropy = bool(return_entropy) or entropy_coef != 0.0 or entropy_weights is not None
+    if shard is not None:
+        loss, lp, entropy, per_token_loss, kl, flags = vocab_parallel.fused_linear_grpo_loss(
+            hidden.reshape(-1, hidden.shape[-1]),
+            weight,
+            bias,
+            inputs.batch,
+            config,
+            shard,
+            entropy_weights=entropy_weights,
+            entropy_coef=entropy_coef,
+            with_entropy=with_entropy,
+            backend=inputs.backend,
+            **head,
+        )
+        entropy = entropy if return_entropy else None
+        return loss_output(inputs, token_ids, mask, ignore_index, loss, lp, entropy, per_token_loss, kl, flags)
     loss, lp, entropy, per_token_loss, kl, flags, *_ = op.fused_linear_grpo_loss(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
@@ -416,6 +455,8 @@ class FusedLinearGRPOLoss(ConfiguredLoss):
         num_items_in_batch: int | float | Tensor | None = None,
         cu_seqlens: Tensor | None = None,
         entropy_weights: Tensor | None = None,
+        vocab_parallel_group=None,
+        vocab_start: int | None = None,
     ) -> GRPOLossOutput:
         return _fused_linear_grpo_loss(
             hidden,
@@ -434,6 +475,8 @@ class FusedLinearGRPOLoss(ConfiguredLoss):
             num_items_in_batch=num_items_in_batch,
             cu_seqlens=cu_seqlens,
             entropy_weights=entropy_weights,
+            vocab_parallel_group=vocab_parallel_group,
+            vocab_start=vocab_start,
             **self.options,
         )
 

@@ -16,7 +16,9 @@
 // Non-finite values follow the torch path exactly: a NaN in a row makes lse, lp and H NaN; with the entropy a row
 // whose max is +-inf is NaN (as u - max is NaN somewhere); without it, logsumexp's rule (+inf -> lse = +inf, all
 // -inf -> lse = -inf); -inf logits contribute p = 0 (log p clamped at kLogpFloor, so 0 * log 0 = 0). Rows with
-// ids < 0 (not taking part) are never read: lp = H = 0, lse = 0, a gradient row of zeros.
+// ids < 0 (not taking part) are never read: lp = H = 0, lse = 0, a gradient row of zeros. An id equal to the row
+// length V marks a row whose target lies in another vocabulary shard (grpo_kernels/vocab_parallel.py): the row is
+// read as usual, lp = -lse (u_y taken as 0) and the gradient has no 1[v = y] term.
 //
 // Vectors are GCC/Clang vector extensions of 16 floats: AVX-512 registers where the CPU has them, two AVX2 or four
 // SSE/NEON registers elsewhere. exp is a degree-6 polynomial after Cody-Waite range reduction (max relative error
@@ -419,7 +421,7 @@ void forward_row(const typename D::T* z, int64_t vocab, int64_t target, float ta
     lse_d = row.m + std::log(row.s0);
   }
   const float row_lse = static_cast<float>(lse_d);
-  float u_y = load_one<D>(z + target);
+  float u_y = target < vocab ? load_one<D>(z + target) : 0.0f;  // target == vocab: owned by another vocabulary shard
   if (kTemperature) u_y = u_y * inv_tau;
   *lse = row_lse;
   *lp = std::isfinite(lse_d) ? static_cast<float>(static_cast<double>(u_y) - lse_d) : u_y - row_lse;
@@ -456,7 +458,8 @@ void backward_row(const typename D::T* z, typename D::T* out, int64_t vocab, int
     if (kEntropy) return -(((s + h_v) * gh_v + g_v) * vexp<true>(s));
     return vexp<true>(s) * neg_g;
   };
-  const vf target_z = load_tail<D>(z + target, 1, 0.0f);  // read before the loop: out may be z itself
+  const bool owns_target = target < vocab;  // target == vocab: the row's target is in another vocabulary shard
+  const vf target_z = owns_target ? load_tail<D>(z + target, 1, 0.0f) : splat(0.0f);  // read first: out may be z
   int64_t j = 0;
   if (stream) {  // a partial first vector up to the alignment of a vector's bytes, then non-temporal stores
     constexpr uintptr_t kAlign = kW * sizeof(typename D::T);
@@ -471,6 +474,7 @@ void backward_row(const typename D::T* z, typename D::T* out, int64_t vocab, int
   // the target's g, added in float32 before the rounding to the logits' dtype: its lane recomputed (lanes are
   // independent: the same value as in the loop) and stored again, after the streamed stores are ordered
   if (stream) store_fence();
+  if (!owns_target) return;
   vf w = grad(target_z);
   w[0] += g;
   store_tail<D>(out + target, 1, w);

@@ -69,8 +69,10 @@ def token_logprobs_forward(logits, token_ids, temperature, with_entropy):
     lse = _alloc.empty(n, dtype=acc, device=logits.device)
     entropy = _alloc.empty(n if with_entropy else 0, dtype=acc, device=logits.device)
     valid = token_ids >= 0
-    safe_ids = token_ids.clamp(min=0).unsqueeze(1)
-    for start, end, (block,) in _row_blocks([logits], _rows_per_block(logits.shape[-1])):
+    vocab = logits.shape[-1]
+    elsewhere = token_ids == vocab  # the target is in another vocabulary shard (vocab_parallel.py): u_y := 0
+    safe_ids = token_ids.clamp(min=0, max=vocab - 1).unsqueeze(1)
+    for start, end, (block,) in _row_blocks([logits], _rows_per_block(vocab)):
         u = block.to(acc)
         if temperature != 1.0:
             u = u / temperature
@@ -85,7 +87,8 @@ def token_logprobs_forward(logits, token_ids, temperature, with_entropy):
         else:
             block_lse = torch.logsumexp(u, dim=1)
         lse[start:end] = block_lse
-        lp[start:end] = u.gather(1, safe_ids[start:end]).squeeze(1) - block_lse
+        u_y = u.gather(1, safe_ids[start:end]).squeeze(1)
+        lp[start:end] = torch.where(elsewhere[start:end], 0.0, u_y) - block_lse
     zero = torch.zeros((), dtype=acc, device=logits.device)
     lp = torch.where(valid, lp, zero)
     if with_entropy:
@@ -104,7 +107,9 @@ def token_logprobs_backward(logits, token_ids, lse, entropy, grad_lp, grad_entro
         logits, token_ids, lse, entropy, g, g_h, temperature, out
     ):
         return
-    safe_ids = token_ids.clamp(min=0).unsqueeze(1)
+    vocab = logits.shape[-1]
+    safe_ids = token_ids.clamp(min=0, max=vocab - 1).unsqueeze(1)
+    g_target = torch.where(token_ids == vocab, zero, g)  # no 1[v = y] term where the target is in another shard
     all_valid = bool(valid.all())
     tensors = [logits] if out is logits else [logits, out]
     for start, end, blocks in _row_blocks(tensors, _rows_per_block(logits.shape[-1])):
@@ -124,7 +129,7 @@ def token_logprobs_backward(logits, token_ids, lse, entropy, grad_lp, grad_entro
             work.mul_(p).neg_()
         else:
             work.exp_().mul_(g_rows.neg())
-        work.scatter_add_(1, safe_ids[start:end], g_rows)
+        work.scatter_add_(1, safe_ids[start:end], g_target[start:end].unsqueeze(1))
         if not all_valid:
             work.masked_fill_(~valid[start:end].unsqueeze(1), 0.0)
         if work is not out_block:

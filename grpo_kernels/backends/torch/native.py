@@ -189,8 +189,9 @@ def usable(logits: torch.Tensor, *others: torch.Tensor) -> bool:
 
 
 def _ids_in_range(ids: torch.Tensor, vocab: int) -> bool:
-    """The kernels index the logits with the ids unchecked: refuse an out-of-range one (the torch path raises)."""
-    return ids.numel() == 0 or int(ids.max()) < vocab
+    """The kernels index the logits with the ids unchecked: refuse an out-of-range one (the torch path raises).
+    ``vocab`` itself is allowed: the vocabulary-parallel marker "target in another shard", never read."""
+    return ids.numel() == 0 or int(ids.max()) <= vocab
 
 
 def _f32_ptr(t: torch.Tensor | None) -> int | None:

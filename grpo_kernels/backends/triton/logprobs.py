@@ -14,7 +14,9 @@ Backward: one program per (row, vocabulary block), a read and a write of each el
 buffer itself (in place: each program reads its block before writing the same addresses, no other program touches
 them). Traffic: N * V * elt bytes read + N * V * elt bytes written.
 
-Rows with ``token_id < 0`` are never read: the forward writes 0s, the backward writes a zero gradient row.
+Rows with ``token_id < 0`` are never read: the forward writes 0s, the backward writes a zero gradient row. A row
+whose ``token_id == V`` has its target in another vocabulary shard (:mod:`grpo_kernels.vocab_parallel`): it is read
+as usual, ``lp = -lse`` and its gradient has no ``1[v = y]`` term (``cols == target`` is never true).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ LOGP_FLOOR = tl.constexpr(-1.0e4)
 @triton.jit
 def row_logprobs(
     row_ptr,  # first element of one row of the logits, [V]
-    target,  # int64 id in [0, V)
+    target,  # int64 id in [0, V], V = the target is in another vocabulary shard
     vocab,
     inv_temperature,
     WITH_ENTROPY: tl.constexpr,
@@ -66,7 +68,8 @@ def row_logprobs(
         m = m_new
     log_s = tl.log(s)
     lse = m + log_s
-    lp = tl.load(row_ptr + target).to(tl.float32) * inv_temperature - lse
+    # target == vocab: the target is in another vocabulary shard (vocab_parallel.py): u_y taken as 0, lp = -lse
+    lp = tl.load(row_ptr + target, mask=target < vocab, other=0.0).to(tl.float32) * inv_temperature - lse
     entropy = 0.0
     if WITH_ENTROPY:
         entropy = log_s - w / s
