@@ -333,7 +333,7 @@ class GRPOTrainer(TRLGRPOTrainer):
         return loss + self.router_aux_loss_coef * aux_loss / normalizer
 
     # ------------------------------------------------------------------------------------------------------------
-    # sharded engines: FSDP2 and DeepSpeed ZeRO-3 (see docs/fsdp.md)
+    # sharded engines: FSDP2 and DeepSpeed ZeRO-3 (see docs/distributed.md, section 2)
     # ------------------------------------------------------------------------------------------------------------
     def _sharded_engine(self) -> str | None:
         """``"fsdp2"``, ``"fsdp1"``, ``"deepspeed_zero3"``, ``"deepspeed"`` (ZeRO 0-2: every weight whole on every
