@@ -29,6 +29,7 @@ import math
 import torch
 
 from ... import _alloc
+from . import native
 from .logprobs import _row_blocks
 
 # Bytes of one block-sized float32 (float64) buffer. Up to four buffers and the two scaled inputs live at once:
@@ -86,6 +87,10 @@ def divergence_forward(student, teacher, token_ids, kind, beta, temperature, wit
     """``student``, ``teacher`` ``[B, T, V]`` -> ``(div, lp, lse, lse_ref, kl_student, kl_teacher)``, each ``[N]``
     (``lp`` ``[0]`` unless ``with_logprobs``), float32 (float64 when either input is float64); the log-sum-exps
     are always float64 (see :func:`_split`)."""
+    if kind in native.DIVERGENCE_KINDS and native.usable_pair(student, teacher):
+        out = native.divergence_forward(student, teacher, token_ids, kind, temperature, with_logprobs)
+        if out is not None:
+            return out
     n = token_ids.shape[0]
     acc, rows, buf = _plan(student, teacher, n)
     device = student.device
@@ -180,6 +185,16 @@ def divergence_backward(
     zero = torch.zeros((), dtype=acc, device=device)
     c = torch.where(valid, grad_div.to(acc), zero) / temperature  # 1/tau folded into the row scalars
     c_lp = None if grad_lp is None else torch.where(valid, grad_lp.to(acc), zero) / temperature
+    if (
+        kind in native.DIVERGENCE_KINDS
+        and out_teacher is None
+        and out_student is not None
+        and native.usable_pair(student, teacher, out_student)
+        and native.divergence_backward(
+            student, teacher, token_ids, lse, lse_ref, kl_student, c, c_lp, kind, temperature, out_student
+        )
+    ):
+        return
     (lse_hi, lse_lo), (lse_r_hi, lse_r_lo) = _split(lse, acc), _split(lse_ref, acc)
     k_s, k_t = kl_student.to(acc), kl_teacher.to(acc)
     # Row fixes, decided once per call (one host synchronisation each): rows that do not take part are zeroed;
