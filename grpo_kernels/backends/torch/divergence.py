@@ -16,6 +16,12 @@ difference, ``vecdot``; no ``logsumexp`` / ``logaddexp`` / ``einsum``, each seve
 Traffic: the forward reads both rows once; the backward reads both rows once and writes each requested gradient
 once; ``out_student`` may be the student's logits themselves (in place).
 
+On CPU tensors of float32 / bfloat16 / float16 (the two dtypes may differ) ``reverse_kl`` and ``forward_kl`` run
+the compiled passes of ``cpu_kernels.cpp`` instead (``native.py``; same results to float32 rounding, the same
+non-finite rows; the forward one read of both rows, the backward one read of both and one write of the student's
+gradient); ``jsd``, a requested teacher gradient, float64, other devices, or no compiler / ``GRPO_KERNELS_CPU_NATIVE=0``
+take the torch ops below, which are the specification the compiled passes are tested against.
+
 Conventions (as ``reference.vocab_divergence``): a vocabulary entry whose logit is -inf has probability 0 and
 contributes 0; KL(a||b) is +inf when b has a -inf logit where a has a finite one. A row whose student or teacher
 log-sum-exp is not finite (a NaN or +inf logit, or every logit -inf) gives NaN. Rows with ``token_id < 0`` are

@@ -15,6 +15,8 @@ The library is compiled with ``-march=native``, so its cache key includes the co
 model and flags (a home directory shared by different machines gets one library per kind of CPU). It is built
 into a temporary file and renamed into place: concurrent first uses (pytest-xdist, DDP ranks) are safe.
 float64 and non-CPU tensors never come here (the torch path is exact in float64 and runs on any device).
+The exact divergences ``reverse_kl`` and ``forward_kl`` (``divergence.py``; the student's gradient only) have
+passes here too; ``jsd`` and teacher gradients keep the torch ops.
 """
 
 from __future__ import annotations
