@@ -559,6 +559,301 @@ struct Backward {
   static void run(A... a) { backward<D, E, T>(a...); }
 };
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// divergences between a student row z and a teacher row z_r (divergence.py is the reference these match)
+// ---------------------------------------------------------------------------------------------------------------
+// u = z / tau, u_r = z_r / tau (both as z * (1 / tau), as above), p = softmax(u), q = softmax(u_r).
+//
+//   forward   per row pair, ONE read of both rows: blocks of kBlock logits of each row are read from memory into L1
+//             (their maxima), then exp-summed from L1 relative to the running maxima A, B (both rows' maxima so
+//             far): S = sum e, S_r = sum f, S_1 = sum w d with e = exp(u - A), f = exp(u_r - B) and, for
+//               reverse_kl  w = e, d = (u - A) - (u_r - B)      KL(p||q) = S_1 / S - log S + log S_r
+//               forward_kl  w = f, d = (u_r - B) - (u - A)      KL(q||p) = S_1 / S_r - log S_r + log S
+//             (differences taken relative to the maxima, as the torch path: errors scale with the logits' spread,
+//             not their offset); when a block raises A or B the row's sums are rescaled, S_1 by its shift too:
+//             S_1 <- exp(A - A') (S_1 + ((A - A') - (B - B')) S). lse = A + log S, lse_r = B + log S_r in double,
+//             lp = u_y - lse. Sums in float32 over kFlush vectors, then in double.
+//   backward  per row, one read of both rows and one write of the student's gradient (c = grad_div / tau,
+//             c_lp = grad_lp / tau, log p = (u - hi) - lo with hi + lo the float64 lse split in two floats):
+//               reverse_kl  d/dz = (nz(log p - log q) - K) p c - p c_lp + c_lp 1[v = y]
+//               forward_kl  d/dz = (p - q) c - p c_lp + c_lp 1[v = y]
+//             nz: NaN and -inf -> 0 (p = 0 there), +inf kept (u_r = -inf: K is +inf too, see below).
+//
+// Conventions (those of divergence.py, which the tests hold these to): a -inf logit has probability 0 and adds 0;
+// the KL is +inf when the weighting row has a finite logit where the other row's is -inf (whether or not its
+// probability underflowed); a row whose student or teacher has a NaN or +inf logit or only -inf logits has NaN lse
+// (that side), NaN KL and divergence, NaN lp (student side); its gradient row is NaN. A reverse-KL row with
+// K = +inf has a NaN gradient row where c != 0 and no divergence term (only the lp term) where c = 0. Rows with
+// ids < 0 are never read: 0 in every output and a zero gradient row.
+// A block's sums go to double every kFlush vectors: a float32 lane that holds a row's dominant term (p_y ~ 1) and
+// adds 128 small ones rounds each addition at ulp(1) (measured: lse off by 7e-7 on such a row, where the torch
+// path's cascaded sum is off by 1e-10); 8 additions keep it within ~1e-7.
+constexpr int64_t kFlush = 8;
+typedef double vd __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+
+struct WideSum {
+  vd lo = vd{}, hi = vd{};
+  void add(vf v) {
+    lo += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), vd);
+    hi += __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15), vd);
+  }
+  double sum() const {
+    const vd s = lo + hi;
+    double t = 0.0;
+    for (int i = 0; i < 8; ++i) t += s[i];
+    return t;
+  }
+};
+
+struct PairRow {
+  double m = -std::numeric_limits<double>::infinity(), m_r = m;  // the rows' maxima so far
+  float ref = 0.0f, ref_r = 0.0f;  // the references of the sums: the maxima, 0 while a row's maximum is -inf
+  double s0 = 0.0, s0_r = 0.0, s1 = 0.0;
+  bool bad = false, bad_r = false, infinite = false;
+};
+
+template <class D, class DR, bool kReverse>
+void pair_block(const typename D::T* z, const typename DR::T* zr, int64_t len, float inv_tau, PairRow& row) {
+  const float inf = std::numeric_limits<float>::infinity();
+  vf buf[kBlock / kW], buf_r[kBlock / kW];
+  const int64_t full = len / kW, tail = len % kW, count = full + (tail ? 1 : 0);
+  vf bmax = splat(-inf), bmax_r = splat(-inf);
+  vi nan_seen = vi{}, nan_seen_r = vi{};
+  for (int64_t j = 0; j < count; ++j) {
+    vf u = j < full ? D::load(z + j * kW) : load_tail<D>(z + j * kW, tail, -inf);
+    vf ur = j < full ? DR::load(zr + j * kW) : load_tail<DR>(zr + j * kW, tail, -inf);
+    u = u * splat(inv_tau);
+    ur = ur * splat(inv_tau);
+    buf[j] = u;
+    buf_r[j] = ur;
+    nan_seen |= (u != u);
+    nan_seen_r |= (ur != ur);
+    bmax = vmax(bmax, u);
+    bmax_r = vmax(bmax_r, ur);
+  }
+  for (int i = 0; i < kW; ++i) {
+    row.bad |= nan_seen[i] != 0;
+    row.bad_r |= nan_seen_r[i] != 0;
+  }
+  row.m = std::max<double>(row.m, hmax(bmax));
+  row.m_r = std::max<double>(row.m_r, hmax(bmax_r));
+  row.bad |= row.m == inf;
+  row.bad_r |= row.m_r == inf;
+  if (row.bad && row.bad_r) return;  // NaN results (finish); one bad row's sums go on, unused, for the other's lse
+  const float a = row.m == -inf ? 0.0f : static_cast<float>(row.m);
+  const float b = row.m_r == -inf ? 0.0f : static_cast<float>(row.m_r);
+  // rescale the row's sums to the new references (a row's sums are 0 while its maximum is -inf)
+  const double shift = static_cast<double>(row.ref) - a, shift_r = static_cast<double>(row.ref_r) - b;
+  if (kReverse ? row.s0 > 0.0 : row.s0_r > 0.0) {
+    const double c = std::exp(kReverse ? shift : shift_r);
+    row.s1 = c * (row.s1 + (kReverse ? shift - shift_r : shift_r - shift) * (kReverse ? row.s0 : row.s0_r));
+  } else {
+    row.s1 = 0.0;
+  }
+  if (row.s0 > 0.0) row.s0 *= std::exp(shift);
+  if (row.s0_r > 0.0) row.s0_r *= std::exp(shift_r);
+  row.ref = a;
+  row.ref_r = b;
+  const vf av = splat(a), bv = splat(b), ninf = splat(-inf), zero = vf{};
+  vf acc0 = vf{}, acc0_r = vf{}, acc1 = vf{};
+  WideSum w0, w0_r, w1;
+  vi flag = vi{};
+  for (int64_t j = 0; j < count; ++j) {
+    if (j % kFlush == 0 && j > 0) {  // float32 partial sums of kFlush vectors, then into double
+      w0.add(acc0);
+      w0_r.add(acc0_r);
+      w1.add(acc1);
+      acc0 = acc0_r = acc1 = vf{};
+    }
+    const vf u = buf[j], ur = buf_r[j];
+    const vf t = u - av, tr = ur - bv;  // <= 0, -inf for a -inf logit
+    const vf e = vexp<false>(vfloor(t)), f = vexp<false>(vfloor(tr));
+    acc0 += e;
+    acc0_r += f;
+    const vi u_ninf = (u == ninf), ur_ninf = (ur == ninf);
+    vf d = kReverse ? t - tr : tr - t;
+    d = (u_ninf | ur_ninf) ? zero : d;
+    flag |= kReverse ? (ur_ninf & ~u_ninf) : (u_ninf & ~ur_ninf);
+    acc1 += (kReverse ? e : f) * d;
+  }
+  for (int i = 0; i < kW; ++i) row.infinite |= flag[i] != 0;
+  w0.add(acc0);
+  w0_r.add(acc0_r);
+  w1.add(acc1);
+  row.s0 += w0.sum();
+  row.s0_r += w0_r.sum();
+  row.s1 += w1.sum();
+}
+
+template <class D, class DR, bool kReverse>
+void divergence_forward_row(const typename D::T* z, const typename DR::T* zr, int64_t vocab, int64_t target,
+                            float tau, float* div, float* lp, double* lse, double* lse_r, float* kl_s, float* kl_t) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
+  const float inv_tau = 1.0f / tau;
+  PairRow row;
+  for (int64_t start = 0; start < vocab; start += kBlock)
+    pair_block<D, DR, kReverse>(z + start, zr + start, std::min(kBlock, vocab - start), inv_tau, row);
+  const bool ok = !row.bad && row.m != -inf, ok_r = !row.bad_r && row.m_r != -inf;
+  const double lse_d = ok ? row.ref + std::log(row.s0) : nan;
+  const double lse_rd = ok_r ? row.ref_r + std::log(row.s0_r) : nan;
+  double kl = nan;
+  if (ok && ok_r) {
+    if (row.infinite) {
+      kl = inf;
+    } else if (kReverse) {
+      kl = row.s1 / row.s0 - std::log(row.s0) + std::log(row.s0_r);
+    } else {
+      kl = row.s1 / row.s0_r - std::log(row.s0_r) + std::log(row.s0);
+    }
+  }
+  *lse = lse_d;
+  *lse_r = lse_rd;
+  *div = static_cast<float>(kl);
+  *kl_s = kReverse ? static_cast<float>(kl) : 0.0f;
+  *kl_t = kReverse ? 0.0f : static_cast<float>(kl);
+  if (lp != nullptr) *lp = static_cast<float>(static_cast<double>(load_one<D>(z + target) * inv_tau) - lse_d);
+}
+
+template <class D, class DR, bool kReverse>
+void divergence_forward(const void* student, const Rows& rs, const void* teacher, const Rows& rt, const int64_t* ids,
+                        float tau, float* div, float* lp, double* lse, double* lse_r, float* kl_s, float* kl_t,
+                        int nthreads) {
+  const auto* z = static_cast<const typename D::T*>(student);
+  const auto* zr = static_cast<const typename DR::T*>(teacher);
+  parallel_rows(rs.rows, rs.vocab, nthreads, [&](int64_t n) {
+    if (ids[n] < 0) {
+      div[n] = kl_s[n] = kl_t[n] = 0.0f;
+      lse[n] = lse_r[n] = 0.0;
+      if (lp != nullptr) lp[n] = 0.0f;
+      return;
+    }
+    divergence_forward_row<D, DR, kReverse>(z + rs.offset(n), zr + rt.offset(n), rs.vocab, ids[n], tau, div + n,
+                                            lp == nullptr ? nullptr : lp + n, lse + n, lse_r + n, kl_s + n,
+                                            kl_t + n);
+  });
+}
+
+template <class D, class DR, bool kReverse>
+void divergence_backward_row(const typename D::T* z, const typename DR::T* zr, typename D::T* out, int64_t vocab,
+                             int64_t target, float tau, double lse, double lse_r, float k, float c, float c_lp,
+                             bool stream) {
+  const float inf = std::numeric_limits<float>::infinity();
+  if (!std::isfinite(k) && !std::isnan(k) && kReverse && c != 0.0f) {  // K = +inf moves with the logits: NaN
+    const vf nan = splat(std::numeric_limits<float>::quiet_NaN());
+    int64_t j = 0;
+    for (; j + kW <= vocab; j += kW) D::store(out + j, nan);
+    if (j < vocab) store_tail<D>(out + j, vocab - j, nan);
+    return;
+  }
+  // a reverse-KL row with K = +inf and c = 0 gets no divergence term at all (0 * inf would be NaN)
+  const bool with_div = !(kReverse && std::isinf(k));
+  const float inv_tau = 1.0f / tau;
+  const float hi = static_cast<float>(lse), lo = static_cast<float>(lse - static_cast<double>(hi));
+  const float hi_r = static_cast<float>(lse_r), lo_r = static_cast<float>(lse_r - static_cast<double>(hi_r));
+  const vf hi_v = splat(hi), lo_v = splat(lo), hi_rv = splat(hi_r), lo_rv = splat(lo_r);
+  const vf k_v = splat(k), c_v = splat(c), clp_v = splat(c_lp), ninf = splat(-inf), zero = vf{};
+  auto grad = [&](vf u, vf ur) {
+    u = u * splat(inv_tau);
+    ur = ur * splat(inv_tau);
+    const vf log_p = (u - hi_v) - lo_v, log_q = (ur - hi_rv) - lo_rv;
+    const vf p = vexp<true>(vfloor(log_p));
+    vf g = zero;
+    if (kReverse) {
+      if (with_div) {
+        vf d = log_p - log_q;
+        d = ((d != d) | (d == ninf)) ? zero : d;
+        g = ((d - k_v) * p) * c_v;
+      }
+    } else {
+      const vf q = vexp<true>(vfloor(log_q));
+      g = (p - q) * c_v;
+    }
+    return g - p * clp_v;
+  };
+  const vf target_u = load_tail<D>(z + target, 1, 0.0f), target_ur = load_tail<DR>(zr + target, 1, 0.0f);
+  int64_t j = 0;
+  if (stream) {
+    constexpr uintptr_t kAlign = kW * sizeof(typename D::T);
+    const int64_t head = std::min<int64_t>(
+        vocab, ((kAlign - reinterpret_cast<uintptr_t>(out) % kAlign) % kAlign) / sizeof(typename D::T));
+    if (head) store_tail<D>(out, head, grad(load_tail<D>(z, head, 0.0f), load_tail<DR>(zr, head, 0.0f)));
+    for (j = head; j + kW <= vocab; j += kW) D::stream(out + j, grad(D::load(z + j), DR::load(zr + j)));
+  } else {
+    for (; j + kW <= vocab; j += kW) D::store(out + j, grad(D::load(z + j), DR::load(zr + j)));
+  }
+  if (j < vocab)
+    store_tail<D>(out + j, vocab - j, grad(load_tail<D>(z + j, vocab - j, 0.0f), load_tail<DR>(zr + j, vocab - j, 0.0f)));
+  if (c_lp != 0.0f) {  // + c_lp at the target, in float32 before the rounding (its lane recomputed and stored again)
+    if (stream) store_fence();
+    vf w = grad(target_u, target_ur);
+    w[0] += c_lp;
+    store_tail<D>(out + target, 1, w);
+  }
+}
+
+template <class D, class DR, bool kReverse>
+void divergence_backward(const void* student, const Rows& rs, const void* teacher, const Rows& rt, void* grad_out,
+                         int64_t out_stride_b, int64_t out_stride_t, const int64_t* ids, const double* lse,
+                         const double* lse_r, const float* k, const float* c, const float* c_lp, float tau,
+                         int nthreads) {
+  const auto* z = static_cast<const typename D::T*>(student);
+  const auto* zr = static_cast<const typename DR::T*>(teacher);
+  auto* out = static_cast<typename D::T*>(grad_out);
+  const int64_t bytes = rs.rows * rs.vocab * static_cast<int64_t>(sizeof(typename D::T));
+  const bool stream = grad_out != student && bytes >= kStreamBytes;
+  const bool contiguous_out =
+      out_stride_t == rs.vocab && (rs.rows == rs.seq_len || out_stride_b == rs.seq_len * rs.vocab);
+  if (stream && contiguous_out) advise_huge_pages(grad_out, bytes);
+  parallel_rows(rs.rows, rs.vocab, nthreads, [&](int64_t n) {
+    typename D::T* o = out + (n / rs.seq_len) * out_stride_b + (n % rs.seq_len) * out_stride_t;
+    if (ids[n] < 0) {
+      std::memset(static_cast<void*>(o), 0, rs.vocab * sizeof(typename D::T));
+      return;
+    }
+    divergence_backward_row<D, DR, kReverse>(z + rs.offset(n), zr + rt.offset(n), o, rs.vocab, ids[n], tau, lse[n],
+                                             lse_r[n], k[n], c[n], c_lp == nullptr ? 0.0f : c_lp[n], stream);
+  });
+}
+
+// Calls f(D{}, DR{}) for the two dtype codes; 1 when either is not compiled in.
+template <class F>
+int dispatch_pair(int dtype, int dtype_r, F f) {
+  auto second = [&](auto d) {
+    switch (dtype_r) {
+      case kFloat32:
+        f(d, F32{});
+        return 0;
+      case kBFloat16:
+        f(d, BF16{});
+        return 0;
+#if defined(__FLT16_MAX__)
+      case kFloat16:
+        f(d, F16{});
+        return 0;
+#endif
+      default:
+        return 1;
+    }
+  };
+  switch (dtype) {
+    case kFloat32:
+      return second(F32{});
+    case kBFloat16:
+      return second(BF16{});
+#if defined(__FLT16_MAX__)
+    case kFloat16:
+      return second(F16{});
+#endif
+    default:
+      return 1;
+  }
+}
+
+enum Kind : int { kReverseKL = 0, kForwardKL = 1 };
+
 }  // namespace
 
 extern "C" {
@@ -591,6 +886,46 @@ int grpo_cpu_token_logprobs_backward(const void* logits, int dtype, int64_t batc
   const Rows r{batch * seq_len, seq_len, vocab, stride_b, stride_t};
   return dispatch<Backward>(dtype, gh != nullptr, temperature != 1.0f, logits, r, grad_out, out_stride_b,
                             out_stride_t, ids, lse, entropy, g, gh, temperature, nthreads);
+}
+
+// Divergence kind (0 reverse_kl, 1 forward_kl) of student [B, T, V] against teacher [B, T, V] (own strides, unit
+// along V, their own dtypes): div, kl_student, kl_teacher [N] float32, lse, lse_ref [N] float64, lp [N] (nullptr:
+// not computed). Returns 0, 1 for a dtype that is not compiled in, 2 for an unknown kind.
+int grpo_cpu_divergence_forward(const void* student, int dtype, int64_t s_stride_b, int64_t s_stride_t,
+                                const void* teacher, int dtype_r, int64_t t_stride_b, int64_t t_stride_t,
+                                int64_t batch, int64_t seq_len, int64_t vocab, const int64_t* ids, int kind,
+                                float temperature, float* div, float* lp, double* lse, double* lse_ref,
+                                float* kl_student, float* kl_teacher, int nthreads) {
+  if (kind != kReverseKL && kind != kForwardKL) return 2;
+  const Rows rs{batch * seq_len, seq_len, vocab, s_stride_b, s_stride_t};
+  const Rows rt{batch * seq_len, seq_len, vocab, t_stride_b, t_stride_t};
+  return dispatch_pair(dtype, dtype_r, [&](auto d, auto dr) {
+    using D = decltype(d);
+    using DR = decltype(dr);
+    auto run = kind == kReverseKL ? divergence_forward<D, DR, true> : divergence_forward<D, DR, false>;
+    run(student, rs, teacher, rt, ids, temperature, div, lp, lse, lse_ref, kl_student, kl_teacher, nthreads);
+  });
+}
+
+// The student's gradient into grad_out [B, T, V] (the student's dtype, its own strides; may be the student itself)
+// from lse, lse_ref [N] float64, k [N] (kl_student for reverse_kl, unused for forward_kl), c = grad_div / tau and
+// c_lp = grad_lp / tau [N] float32 (0 on rows with ids < 0; c_lp nullptr: no lp term). Returns as the forward.
+int grpo_cpu_divergence_backward(const void* student, int dtype, int64_t s_stride_b, int64_t s_stride_t,
+                                 const void* teacher, int dtype_r, int64_t t_stride_b, int64_t t_stride_t,
+                                 int64_t batch, int64_t seq_len, int64_t vocab, void* grad_out, int64_t out_stride_b,
+                                 int64_t out_stride_t, const int64_t* ids, const double* lse, const double* lse_ref,
+                                 const float* k, const float* c, const float* c_lp, int kind, float temperature,
+                                 int nthreads) {
+  if (kind != kReverseKL && kind != kForwardKL) return 2;
+  const Rows rs{batch * seq_len, seq_len, vocab, s_stride_b, s_stride_t};
+  const Rows rt{batch * seq_len, seq_len, vocab, t_stride_b, t_stride_t};
+  return dispatch_pair(dtype, dtype_r, [&](auto d, auto dr) {
+    using D = decltype(d);
+    using DR = decltype(dr);
+    auto run = kind == kReverseKL ? divergence_backward<D, DR, true> : divergence_backward<D, DR, false>;
+    run(student, rs, teacher, rt, grad_out, out_stride_b, out_stride_t, ids, lse, lse_ref, k, c, c_lp, temperature,
+        nthreads);
+  });
 }
 
 }  // extern "C"

@@ -16,6 +16,12 @@ difference, ``vecdot``; no ``logsumexp`` / ``logaddexp`` / ``einsum``, each seve
 Traffic: the forward reads both rows once; the backward reads both rows once and writes each requested gradient
 once; ``out_student`` may be the student's logits themselves (in place).
 
+On CPU tensors of float32 / bfloat16 / float16 (the two dtypes may differ) ``reverse_kl`` and ``forward_kl`` run
+the compiled passes of ``cpu_kernels.cpp`` instead (``native.py``; same results to float32 rounding, the same
+non-finite rows; the forward one read of both rows, the backward one read of both and one write of the student's
+gradient); ``jsd``, a requested teacher gradient, float64, other devices, or no compiler / ``GRPO_KERNELS_CPU_NATIVE=0``
+take the torch ops below, which are the specification the compiled passes are tested against.
+
 Conventions (as ``reference.vocab_divergence``): a vocabulary entry whose logit is -inf has probability 0 and
 contributes 0; KL(a||b) is +inf when b has a -inf logit where a has a finite one. A row whose student or teacher
 log-sum-exp is not finite (a NaN or +inf logit, or every logit -inf) gives NaN. Rows with ``token_id < 0`` are
@@ -29,6 +35,7 @@ import math
 import torch
 
 from ... import _alloc
+from . import native
 from .logprobs import _row_blocks
 
 # Bytes of one block-sized float32 (float64) buffer. Up to four buffers and the two scaled inputs live at once:
@@ -86,6 +93,10 @@ def divergence_forward(student, teacher, token_ids, kind, beta, temperature, wit
     """``student``, ``teacher`` ``[B, T, V]`` -> ``(div, lp, lse, lse_ref, kl_student, kl_teacher)``, each ``[N]``
     (``lp`` ``[0]`` unless ``with_logprobs``), float32 (float64 when either input is float64); the log-sum-exps
     are always float64 (see :func:`_split`)."""
+    if kind in native.DIVERGENCE_KINDS and native.usable_pair(student, teacher):
+        out = native.divergence_forward(student, teacher, token_ids, kind, temperature, with_logprobs)
+        if out is not None:
+            return out
     n = token_ids.shape[0]
     acc, rows, buf = _plan(student, teacher, n)
     device = student.device
@@ -180,6 +191,16 @@ def divergence_backward(
     zero = torch.zeros((), dtype=acc, device=device)
     c = torch.where(valid, grad_div.to(acc), zero) / temperature  # 1/tau folded into the row scalars
     c_lp = None if grad_lp is None else torch.where(valid, grad_lp.to(acc), zero) / temperature
+    if (
+        kind in native.DIVERGENCE_KINDS
+        and out_teacher is None
+        and out_student is not None
+        and native.usable_pair(student, teacher, out_student)
+        and native.divergence_backward(
+            student, teacher, token_ids, lse, lse_ref, kl_student, c, c_lp, kind, temperature, out_student
+        )
+    ):
+        return
     (lse_hi, lse_lo), (lse_r_hi, lse_r_lo) = _split(lse, acc), _split(lse_ref, acc)
     k_s, k_t = kl_student.to(acc), kl_teacher.to(acc)
     # Row fixes, decided once per call (one host synchronisation each): rows that do not take part are zeroed;

@@ -15,6 +15,8 @@ The library is compiled with ``-march=native``, so its cache key includes the co
 model and flags (a home directory shared by different machines gets one library per kind of CPU). It is built
 into a temporary file and renamed into place: concurrent first uses (pytest-xdist, DDP ranks) are safe.
 float64 and non-CPU tensors never come here (the torch path is exact in float64 and runs on any device).
+The exact divergences ``reverse_kl`` and ``forward_kl`` (``divergence.py``; the student's gradient only) have
+passes here too; ``jsd`` and teacher gradients keep the torch ops.
 """
 
 from __future__ import annotations
@@ -153,6 +155,21 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         f32,
         ctypes.c_int,
     ]
+    i32, f64p = ctypes.c_int, ptr
+    for name, args in (
+        (
+            "grpo_cpu_divergence_forward",
+            [ptr, i32, i64, i64, ptr, i32, i64, i64, i64, i64, i64, ptr, i32, f32]
+            + [ptr, ptr, f64p, f64p, ptr, ptr, i32],
+        ),
+        (
+            "grpo_cpu_divergence_backward",
+            [ptr, i32, i64, i64, ptr, i32, i64, i64, i64, i64, i64, ptr, i64, i64]
+            + [ptr, f64p, f64p, ptr, ptr, ptr, i32, f32, i32],
+        ),
+    ):
+        getattr(lib, name).restype = ctypes.c_int
+        getattr(lib, name).argtypes = args
     return lib, None
 
 
@@ -263,4 +280,99 @@ def token_logprobs_backward(logits, token_ids, lse, entropy, g, g_h, temperature
     )
     if status != 0:
         raise RuntimeError(f"grpo_cpu_token_logprobs_backward returned {status} for {logits.dtype}")
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the exact divergences (divergence.py): reverse_kl and forward_kl; jsd keeps the torch-ops path
+# ----------------------------------------------------------------------------------------------------------------
+DIVERGENCE_KINDS = {"reverse_kl": 0, "forward_kl": 1}
+
+
+def usable_pair(student: torch.Tensor, teacher: torch.Tensor, *outs: torch.Tensor) -> bool:
+    """Whether the compiled divergence passes take these tensors: as :func:`usable` for each (the student's and the
+    teacher's dtypes may differ; an output has the student's), the same ``[B, T, V]`` shape."""
+    return teacher.shape == student.shape and usable(student, *outs) and usable(teacher)
+
+
+def divergence_forward(student, teacher, token_ids, kind, temperature, with_logprobs):
+    """``(div, lp, lse, lse_ref, kl_student, kl_teacher)`` as ``divergence.divergence_forward`` (float32, the
+    log-sum-exps float64), or None when the ids are out of range."""
+    from ... import _alloc
+
+    batch, seq, vocab = student.shape
+    ids = token_ids.to(torch.int64).contiguous()
+    if not _ids_in_range(ids, vocab):
+        return None
+    n = ids.shape[0]
+    div, kl_s, kl_t = (_alloc.empty(n, dtype=torch.float32, device=student.device) for _ in range(3))
+    lse, lse_ref = (_alloc.empty(n, dtype=torch.float64, device=student.device) for _ in range(2))
+    lp = _alloc.empty(n if with_logprobs else 0, dtype=torch.float32, device=student.device)
+    status = library().grpo_cpu_divergence_forward(
+        student.data_ptr(),
+        _DTYPE_CODES[student.dtype],
+        student.stride(0),
+        student.stride(1),
+        teacher.data_ptr(),
+        _DTYPE_CODES[teacher.dtype],
+        teacher.stride(0),
+        teacher.stride(1),
+        batch,
+        seq,
+        vocab,
+        ids.data_ptr(),
+        DIVERGENCE_KINDS[kind],
+        float(temperature),
+        div.data_ptr(),
+        lp.data_ptr() if with_logprobs else None,
+        lse.data_ptr(),
+        lse_ref.data_ptr(),
+        kl_s.data_ptr(),
+        kl_t.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"grpo_cpu_divergence_forward returned {status} for {student.dtype}, {teacher.dtype}")
+    return div, lp, lse, lse_ref, kl_s, kl_t
+
+
+def divergence_backward(student, teacher, token_ids, lse, lse_ref, kl_student, c, c_lp, kind, temperature, out):
+    """Write the student's gradient into ``out`` from ``c = grad_div / tau`` and ``c_lp = grad_lp / tau`` (float32
+    ``[N]``, 0 on rows not taking part; ``c_lp`` None: no lp term); False (nothing written) when the ids are out of
+    range."""
+    batch, seq, vocab = student.shape
+    ids = token_ids.to(torch.int64).contiguous()
+    if not _ids_in_range(ids, vocab):
+        return False
+    lse, lse_ref = (t.to(torch.float64).contiguous() for t in (lse, lse_ref))
+    k = kl_student.to(torch.float32).contiguous()
+    c = c.to(torch.float32).contiguous()
+    c_lp = None if c_lp is None else c_lp.to(torch.float32).contiguous()
+    status = library().grpo_cpu_divergence_backward(
+        student.data_ptr(),
+        _DTYPE_CODES[student.dtype],
+        student.stride(0),
+        student.stride(1),
+        teacher.data_ptr(),
+        _DTYPE_CODES[teacher.dtype],
+        teacher.stride(0),
+        teacher.stride(1),
+        batch,
+        seq,
+        vocab,
+        out.data_ptr(),
+        out.stride(0),
+        out.stride(1),
+        ids.data_ptr(),
+        lse.data_ptr(),
+        lse_ref.data_ptr(),
+        k.data_ptr(),
+        c.data_ptr(),
+        _f32_ptr(c_lp),
+        DIVERGENCE_KINDS[kind],
+        float(temperature),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"grpo_cpu_divergence_backward returned {status} for {student.dtype}, {teacher.dtype}")
     return True
