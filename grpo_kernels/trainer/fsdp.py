@@ -20,7 +20,8 @@ every rank for the duration of those passes.
 
 Checkpoints are gathered (:func:`full_state_dict`, :func:`full_optimizer_state`): rank 0 writes the same
 single-file safetensors + manifest as a run without FSDP, through the same atomic rename (``checkpoint.py``), and
-every rank reads the full tensors back and keeps its shard (:func:`shard_like`). See docs/distributed.md (section 3) for the reason.
+every rank reads the full tensors back and keeps its shard (:func:`shard_like`). See docs/distributed.md (section 3)
+for the reason.
 """
 
 from __future__ import annotations
