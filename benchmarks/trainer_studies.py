@@ -2,10 +2,10 @@
 
     python -m benchmarks.trainer_studies OUT_DIR [--results DIR]
 
-Reads each sweep's ``sweep.json`` (``grpo-train sweep``'s own numbers) and each single run's ``metrics.jsonl``,
-``NAME.log`` (the parameter counts) and ``NAME.time`` (``/usr/bin/time -v``: wall time, CPU time, peak resident
-memory). Writes ``studies.md`` and copies the sweeps' tables, plots and JSON, the single runs' metrics and the
-machine description into ``--results`` (default: ``OUT_DIR/results``), the folder to commit.
+Reads each sweep's ``sweep.json`` and ``results.json`` (``grpo-train sweep``'s own numbers) and each single run's
+``metrics.jsonl``, ``NAME.log`` (the parameter counts) and ``NAME.time`` (``/usr/bin/time -v``: wall time, CPU time,
+peak resident memory). Writes ``studies.md`` and copies the sweeps' tables, plots and JSON, the single runs'
+metrics and the machine description into ``--results`` (default: ``OUT_DIR/results``), the folder to commit.
 """
 
 from __future__ import annotations
@@ -78,13 +78,13 @@ def _pct(values: list[float]) -> str:
 
 
 def _learning_speed(sweep: dict) -> list[str]:
-    """Mean GRPO training reward over the first and the second half of the steps, per setting (from sweep.json)."""
+    """Mean GRPO training reward over the first and the second half of the steps, per setting (results.json)."""
     lines = [
         "| setting | runs | reward, first half of the steps | reward, second half | completions per run |",
         "|---|---:|---:|---:|---:|",
     ]
     by_setting: dict[str, list[dict]] = {}
-    for run in sweep["results"]:
+    for run in sweep["runs"]:
         by_setting.setdefault(", ".join(map(str, run["setting"])), []).append(run)
     for setting, runs in by_setting.items():
         half = len(runs[0]["rewards"]) // 2
@@ -101,14 +101,14 @@ def summarise(out: Path, results: Path) -> str:
     lines = ["# grpo-train studies on the built-in task", "", "Machine and versions: `machine.txt`.", ""]
     for sweep_name, what in SWEEPS.items():
         sweep_dir = out / sweep_name
-        if not (sweep_dir / "sweep.json").exists():
+        if not (sweep_dir / "results.json").exists():
             lines += [f"## {sweep_name}: not finished", ""]
             continue
         target = results / sweep_name
         target.mkdir(exist_ok=True)
-        for file in ("sweep.md", "sweep.png", "sweep.json"):
+        for file in ("sweep.md", "sweep.png", "sweep.json", "results.json"):
             shutil.copy(sweep_dir / file, target / file)
-        sweep = json.loads((sweep_dir / "sweep.json").read_text())
+        sweep = json.loads((sweep_dir / "results.json").read_text())
         table = (sweep_dir / "sweep.md").read_text().split("\n", 2)[2]  # without its title
         lines += [f"## {sweep_name}: {what}", "", table.strip(), "", f"![{sweep_name}]({sweep_name}/sweep.png)", ""]
         lines += ["Mean training reward (all seeds) over the first and the second half of GRPO:", ""]
