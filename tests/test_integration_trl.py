@@ -50,27 +50,31 @@ def tokenizer():
     return make_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    """A 2-layer Qwen2 with random weights, saved once: each trainer (and TRL's reference model) loads it."""
+def save_tiny_qwen2(path, vocab_size, tie_word_embeddings=False):
+    """A 2-layer Qwen2 with random weights (seed 0), saved to ``path``: the model of the drop-in's parity tests."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=128,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=0,
         eos_token_id=1,
     )
-    path = tmp_path_factory.mktemp("tiny-qwen2")
     Qwen2ForCausalLM(config).save_pretrained(path)
-    return str(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    """The tiny Qwen2, saved once: each trainer (and TRL's reference model) loads it."""
+    return str(save_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), len(tokenizer)))
 
 
 def reward_len_e(completions, **kwargs):

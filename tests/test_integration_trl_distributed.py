@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_integration_trl import GRAD_RTOL, make_tokenizer, needs_trl
+from tests.test_integration_trl import GRAD_RTOL, make_tokenizer, needs_trl, save_tiny_qwen2
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -40,25 +40,7 @@ ENGINES = [  # about 50 s each on the shared 2-core machine: FSDP2 by default, t
 
 def _model_dir(tmp_path_factory, tied):
     """The 2-layer Qwen2 of test_integration_trl.py (same config; or with tied embeddings), saved."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        tie_word_embeddings=tied,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    return path
+    return save_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), len(make_tokenizer()), tie_word_embeddings=tied)
 
 
 @pytest.fixture(scope="module")
