@@ -319,10 +319,13 @@ class GRPOTrainer(TRLGRPOTrainer):
             recorded.pop(name, None)
         return recorded
 
-    def _router_aux_loss(self, router_logits, attention_mask) -> torch.Tensor:
-        """TRL 1.16's load-balancing loss of one forward: ``router_logits`` the per-layer router logits of the whole
-        prompt + completion, ``attention_mask`` ``[B, P + C]``."""
-        return router_aux_loss(self.model.config, router_logits, attention_mask)
+    def _router_aux_loss(self, forward_kwargs, output, attention_mask) -> torch.Tensor | None:
+        """TRL 1.16's load-balancing loss of one forward called with ``forward_kwargs`` (None unless they asked for
+        ``output_router_logits``): ``output.router_logits`` the per-layer router logits of the whole prompt +
+        completion, ``attention_mask`` ``[B, P + C]``."""
+        if not forward_kwargs.get("output_router_logits"):
+            return None
+        return router_aux_loss(self.model.config, output.router_logits, attention_mask)
 
     def _add_router_aux_loss(self, loss, aux_loss, mode):
         """TRL's ``loss + router_aux_loss_coef * aux / accumulation_steps`` (train) and its ``aux_loss`` metric."""
@@ -480,9 +483,7 @@ class GRPOTrainer(TRLGRPOTrainer):
             model_kwargs=model_kwargs,
             return_backbone_output=True,
         )
-        aux_loss = None
-        if model_kwargs.get("output_router_logits"):
-            aux_loss = self._router_aux_loss(backbone_output.router_logits, attention_mask)
+        aux_loss = self._router_aux_loss(model_kwargs, backbone_output, attention_mask)
         if self._loss_in_head_forward:  # FSDP2 / ZeRO-3: the head's weight is whole only inside its forward
             lm_head = model.get_output_embeddings()
             return lm_head(
@@ -575,10 +576,7 @@ class GRPOTrainer(TRLGRPOTrainer):
                 use_cache=False,
                 **forward_inputs,
             )
-        aux_loss = None
-        if forward_inputs.get("output_router_logits"):
-            aux_loss = self._router_aux_loss(outputs.router_logits, attention_mask)
-        return outputs.logits, aux_loss
+        return outputs.logits, self._router_aux_loss(forward_inputs, outputs, attention_mask)
 
     def _token_weights(self, score, inputs, mask, advantages, old):
         """TRL's per-token factors of the policy term, which it applies before adding the KL: our ``is_weights``.

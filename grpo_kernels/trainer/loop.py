@@ -21,6 +21,7 @@ the base model with the adapters disabled. Rewards come from rule-based function
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -373,22 +374,27 @@ class Trainer:
             backend=self.cfg.backend,
         )
 
-    def _ref_logprobs(self, batch: Rollout) -> Tensor:
-        """Log-probs under the reference policy: the frozen copy, or the base model with the adapters disabled."""
+    @contextlib.contextmanager
+    def _reference(self):
+        """The reference policy for a pass without gradients: the base model with the adapters disabled (LoRA), or
+        the frozen copy (its weights gathered whole under FSDP)."""
         if self.lora:
             with self.model.disable_adapter():
-                return self._logprobs(self.model, batch)
-        with fsdp.full_weights(self.ref_model):
-            return self._logprobs(self.ref_model, batch)
+                yield self.model
+        else:
+            with fsdp.full_weights(self.ref_model):
+                yield self.ref_model
+
+    def _ref_logprobs(self, batch: Rollout) -> Tensor:
+        """Log-probs under the reference policy."""
+        with self._reference() as reference:
+            return self._logprobs(reference, batch)
 
     @torch.no_grad()
     def _ref_logits(self, batch: Rollout) -> Tensor:
         """``[B, C, V]`` logits of the reference policy (``--kl-estimator exact``), aligned as the policy's."""
-        if self.lora:
-            with self.model.disable_adapter():
-                return self._completion_logits(self.model, batch)
-        with fsdp.full_weights(self.ref_model):
-            return self._completion_logits(self.ref_model, batch)
+        with self._reference() as reference:
+            return self._completion_logits(reference, batch)
 
     @torch.no_grad()
     def _sync_reference(self, optimizer_step: int) -> bool:
